@@ -1,0 +1,123 @@
+"""Pieces every VATT config shares: the pretraining recipe of the paper and the `runlocal` shrink.
+
+A config file picks its towers and calls `pretraining_config`; the size presets themselves live in
+vatt_jax/models/transformer.py (SIZES), never copied here.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None) -> set[str]:
+  """`--config=configs/x.py:runlocal,foo` → {'runlocal', 'foo'}."""
+  return {a.strip() for a in (arg or '').split(',') if a.strip()}
+
+
+def model_config(
+  *,
+  video_size: str = 'base',
+  audio_size: str = 'base',
+  text_size: str = 'small',
+  shared_size: str | None = None,
+) -> ml_collections.ConfigDict:
+  """The paper's VATT model: 32×224² video at 4×16×16, 3.2 s of 48 kHz audio at 128, 16 words."""
+  return ml_collections.ConfigDict(
+    dict(
+      name='vatt',
+      backbone='modality_agnostic' if shared_size else 'modality_specific',
+      shared_size=shared_size or '',
+      video=dict(
+        size=video_size,
+        num_frames=32,
+        frame_size=224,
+        patch_size=(4, 16, 16),
+        drop_token_rate=0.5,
+      ),
+      audio=dict(size=audio_size, num_samples=153_600, patch_size=128, drop_token_rate=0.5),
+      text=dict(
+        size=text_size,
+        vocab_size=2**16,
+        max_words=16,
+        num_narrations=5,  # its own caption and 4 temporal neighbours (MIL-NCE positives)
+        relative_buckets=32,
+        relative_max_distance=64,
+        bias_all_layers=False,  # paper: first layer only; official code/T5: all layers
+        norm_type='layernorm',  # official code: 'rmsnorm'
+        scale_logits=True,  # official code (T5): False
+      ),
+      head=dict(va_dim=512, vt_dim=256, relu_before_vt=False, bn_momentum=0.9, bn_epsilon=1e-5),
+      position_layernorm=False,  # official code: True
+      dropout_rate=0.1,
+      attention_dropout_rate=0.1,
+      dtype='float32',
+    )
+  )
+
+
+def pretraining_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The paper's pretraining recipe (appendix A.2): Adam 1e-4, 10k warm-up, quarter-period cosine to
+  5e-5 at 500k steps, batch 2048, NCE + MIL-NCE at τ = 0.07 with weights 1 and 1."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 500_000
+  config.batch_size = 2048
+  config.log_steps = 100
+  config.checkpoint_steps = 5000
+  config.keep_checkpoints = 3
+  config.model = model
+  config.data = ml_collections.ConfigDict(
+    dict(
+      name='synthetic',  # in-memory source until the raw-media pipelines land
+      num_classes=16,
+      noise=0.3,
+      missing_text_rate=0.1,
+      missing_audio_rate=0.0,
+    )
+  )
+  # The data shapes follow the model's, through references: override one and both move.
+  config.data.num_frames = model.video.get_ref('num_frames')
+  config.data.frame_size = model.video.get_ref('frame_size')
+  config.data.num_samples = model.audio.get_ref('num_samples')
+  config.data.max_words = model.text.get_ref('max_words')
+  config.data.num_narrations = model.text.get_ref('num_narrations')
+  config.data.vocab_size = model.text.get_ref('vocab_size')
+  config.loss = ml_collections.ConfigDict(
+    dict(name='vatt', temperature=0.07, weight_va=1.0, weight_vt=1.0)
+  )
+  config.optimizer = ml_collections.ConfigDict(
+    dict(
+      name='adam',
+      learning_rate=1e-4,
+      end_learning_rate=5e-5,
+      warmup_steps=10_000,
+      schedule='quarter_cosine',
+      b1=0.9,
+      b2=0.999,
+      eps=1e-7,  # the official (Keras) default; optax's own is 1e-8
+      weight_decay=0.0,
+      grad_clip_norm=0.0,
+    )
+  )
+  config.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: all devices on the data axis
+  return config
+
+
+def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any config to something that runs a few steps on a laptop CPU in seconds."""
+  m = config.model
+  for tower in (m.video, m.audio, m.text):
+    tower.size = 'tiny'
+  if m.backbone == 'modality_agnostic':
+    m.shared_size = 'tiny'
+  m.video.num_frames, m.video.frame_size, m.video.patch_size = 4, 32, (2, 16, 16)
+  m.audio.num_samples, m.audio.patch_size = 2048, 128
+  m.text.vocab_size, m.text.max_words, m.text.num_narrations = 128, 8, 2
+  m.head.va_dim, m.head.vt_dim = 32, 16
+  config.batch_size = 8
+  config.total_steps = 3
+  config.log_steps = 1
+  config.checkpoint_steps = 3
+  config.optimizer.warmup_steps = 1
+  config.data.num_classes = 4
+  return config

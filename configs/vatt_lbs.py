@@ -1,0 +1,22 @@
+r"""VATT-LBS pretraining: video Large, audio Base, text Small, modality-specific towers.
+
+The paper's recipe (Akbari et al. 2021, appendix A.2): 32 frames at 10 fps, 224², patches 4×16×16;
+3.2 s of 48 kHz audio in patches of 128; 16 words; DropToken 0.5; Adam 1e-4, 10k warm-up,
+quarter-period cosine to 5e-5 at 500k steps; batch 2048; NCE + MIL-NCE, τ = 0.07.
+
+  python scripts/train.py --config=configs/vatt_lbs.py --workdir=/tmp/vatt_lbs
+
+Hardware and time: the paper trained on 256 TPU v3 cores (MBS: < 3 days at batch 2048).
+Expected result (paper, after fine-tuning): Kinetics-400 top-1 82.1. Not yet reproduced here.
+Backbones: 410.5 M parameters without the text vocabulary (paper: 415 M); see model_summary.py.
+Variant `runlocal` shrinks it to a few CPU steps.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  config = common.pretraining_config(common.model_config(video_size='large'))
+  if 'runlocal' in common.parse_arg(arg):
+    common.runlocal(config)
+  return config

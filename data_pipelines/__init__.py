@@ -1,0 +1,37 @@
+"""Input pipelines: `build(config.data, split, ...)` → an iterator of numpy batch dicts.
+
+Batch layout (per host): video [B, T, H, W, 3] f32 in [-1, 1], audio [B, S] f32, text [B, K, W]
+int32, video_mask / audio_mask / text_mask [B], plus task fields (label, …). The iterator has
+get_state() / set_state() so its position can be checkpointed.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from data_pipelines import synthetic
+
+# One dict per kind: config.data.name → source class.
+SOURCES = {'synthetic': synthetic.SyntheticSource}
+
+
+def build(
+  cfg: ml_collections.ConfigDict,
+  split: str,
+  *,
+  batch_size: int,
+  seed: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+):
+  """Builds this host's share (batch_size / process_count) of the global batch stream."""
+  if cfg.name not in SOURCES:
+    raise ValueError(f'config data.name {cfg.name!r} is not one of {sorted(SOURCES)}')
+  return SOURCES[cfg.name](
+    cfg,
+    split,
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+  )

@@ -1,0 +1,84 @@
+r"""Prints parameters and forward GFLOPs per backbone for a config (nothing is allocated or run).
+
+  python scripts/model_summary.py --config=configs/vatt_mbs.py
+  python scripts/model_summary.py --config=configs/vatt_mbs.py --drop_token_rate=0.5 --json
+  python scripts/model_summary.py --config=configs/vatt_mbs.py --sweep   # the paper's Table 5 rates
+
+GFLOPs are XLA's cost analysis of one clip's training-shaped forward pass (2 FLOPs per
+multiply-add) with --drop_token_rate applied to video and audio (dropout off). Parameters of a
+backbone are tokenizer + positions + AGG + transformer + final norm; the text vocabulary table is
+reported apart (vocab_params) and the common-space heads too (heads_params).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vatt_jax.models.summary import summarize  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:variant]).')
+_DROP = flags.DEFINE_float('drop_token_rate', 0.0, 'DropToken rate applied for the FLOP count.')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
+_SWEEP = flags.DEFINE_bool('sweep', False, 'GFLOPs at DropToken 0 / 0.25 / 0.5 / 0.75 vs Table 5.')
+flags.mark_flag_as_required('config')
+
+# VATT paper, Table 5: VATT-MBS multimodal GFLOPs by DropToken rate.
+PAPER_TABLE5_GFLOPS = {0.0: 784.8, 0.25: 574.2, 0.5: 375.4, 0.75: 188.1}
+
+
+def _table(summary: dict) -> str:
+  rows = [f'{"backbone":<16}{"params (M)":>12}{"GFLOPs":>10}']
+  for name, b in summary['backbones'].items():
+    rows.append(f'{name:<16}{b["params"] / 1e6:>12.2f}{b["gflops"]:>10.1f}')
+  if 'shared_encoder' in summary:
+    rows.append(f'{"shared encoder":<16}{summary["shared_encoder"]["params"] / 1e6:>12.2f}{"":>10}')
+  rows.append(
+    f'{"total":<16}{summary["total_params"] / 1e6:>12.2f}{summary["total_gflops"]:>10.1f}'
+  )
+  rows.append(f'{"text vocabulary":<16}{summary["vocab_params"] / 1e6:>12.2f}')
+  rows.append(f'{"common space":<16}{summary["heads_params"] / 1e6:>12.2f}')
+  return '\n'.join(rows)
+
+
+def _sweep(model_cfg) -> dict:
+  results = {rate: summarize(model_cfg, rate)['total_gflops'] for rate in PAPER_TABLE5_GFLOPS}
+  return {
+    str(rate): {
+      'gflops': gflops,
+      'ratio': gflops / results[0.0],
+      'paper_gflops': PAPER_TABLE5_GFLOPS[rate],
+      'paper_ratio': PAPER_TABLE5_GFLOPS[rate] / PAPER_TABLE5_GFLOPS[0.0],
+    }
+    for rate, gflops in results.items()
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  model_cfg = _CONFIG.value.model
+  if _SWEEP.value:
+    sweep = _sweep(model_cfg)
+    if _JSON.value:
+      print(json.dumps(sweep))
+      return
+    print(f'{"DropToken":<10}{"GFLOPs":>10}{"ratio":>8}{"paper GFLOPs":>14}{"paper ratio":>13}')
+    for rate, r in sweep.items():
+      print(
+        f'{float(rate):<10.2f}{r["gflops"]:>10.1f}{r["ratio"]:>8.3f}'
+        f'{r["paper_gflops"]:>14.1f}{r["paper_ratio"]:>13.3f}'
+      )
+    return
+  summary = summarize(model_cfg, _DROP.value)
+  print(json.dumps(summary) if _JSON.value else _table(summary))
+
+
+if __name__ == '__main__':
+  app.run(main)

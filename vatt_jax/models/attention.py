@@ -1,0 +1,142 @@
+"""Multi-head self-attention and the T5 relative position bias.
+
+Dense attention goes through `jax.nn.dot_product_attention`, so XLA's fused kernel (and cuDNN flash
+attention on GPUs) is used whenever attention-probability dropout is off. With attention dropout in
+training, the probabilities have to be materialised, so an explicit einsum path is taken instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """Self-attention over a token sequence.
+
+  Attributes:
+    num_heads: number of heads; the width must divide by it.
+    attention_dropout_rate: dropout on the attention probabilities (training only).
+    scale_logits: divide logits by sqrt(d_head) (the T5 text tower does not).
+    dtype: compute dtype of the projections; softmax is always float32.
+  """
+
+  num_heads: int
+  attention_dropout_rate: float = 0.0
+  scale_logits: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    deterministic: bool = True,
+  ) -> jax.Array:
+    """Attends every token to every unmasked token.
+
+    Args:
+      x: [B, N, D] tokens.
+      mask: [B, N] bool, True where a token may be attended to (a key mask), or None.
+      bias: [1 or B, H, N, N] additive logit bias (relative positions), or None.
+      deterministic: disables attention dropout.
+
+    Returns:
+      [B, N, D].
+    """
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
+    head_dim = width // self.num_heads
+    dense = lambda name: nn.DenseGeneral(  # noqa: E731
+      features=(self.num_heads, head_dim),
+      kernel_init=nn.initializers.xavier_uniform(),
+      dtype=self.dtype,
+      name=name,
+    )
+    q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)  # [B, N, H, Dh]
+    scale = 1.0 / math.sqrt(head_dim) if self.scale_logits else 1.0
+    key_mask = None if mask is None else mask[:, None, None, :].astype(bool)  # [B, 1, 1, N]
+
+    if deterministic or self.attention_dropout_rate == 0.0:
+      out = jax.nn.dot_product_attention(
+        q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=key_mask, scale=scale
+      )
+    else:
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * scale
+      if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+      if key_mask is not None:
+        logits = jnp.where(key_mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1)
+      probs = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=False)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
+
+    return nn.DenseGeneral(
+      features=width,
+      axis=(-2, -1),
+      kernel_init=nn.initializers.xavier_uniform(),
+      dtype=self.dtype,
+      name='out',
+    )(out)
+
+
+def relative_position_bucket(
+  relative_position: jax.Array, *, num_buckets: int = 32, max_distance: int = 128
+) -> jax.Array:
+  """T5's bidirectional bucketing of `key_position - query_position`.
+
+  Half the buckets are for keys after the query, half for keys before it; within each half,
+  distances below num_buckets/4 get a bucket each, larger ones share log-spaced buckets up to
+  max_distance, beyond which all share the last.
+
+  Args:
+    relative_position: int array of key_position - query_position.
+  Returns:
+    int32 array of the same shape, values in [0, num_buckets).
+  """
+  half = num_buckets // 2
+  bucket = (relative_position > 0).astype(jnp.int32) * half
+  distance = jnp.abs(relative_position)
+  max_exact = half // 2
+  is_small = distance < max_exact
+  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(
+    max_distance / max_exact
+  )
+  large = max_exact + (log_ratio * (half - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, half - 1)
+  return bucket + jnp.where(is_small, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+  """Learnable T5 relative position bias: one scalar per (bucket, head).
+
+  Returns a [1, H, N, N] bias to add to attention logits.
+  """
+
+  num_heads: int
+  num_buckets: int = 32
+  max_distance: int = 64
+
+  @nn.compact
+  def __call__(self, length: int) -> jax.Array:
+    positions = jnp.arange(length)
+    relative = positions[None, :] - positions[:, None]  # [query, key]: key - query
+    buckets = relative_position_bucket(
+      relative, num_buckets=self.num_buckets, max_distance=self.max_distance
+    )
+    table = self.param(
+      'rel_embedding',
+      nn.initializers.normal(stddev=1.0 / math.sqrt(self.num_buckets)),
+      (self.num_buckets, self.num_heads),
+    )
+    bias = jnp.take(table, buckets, axis=0)  # [N, N, H]
+    return jnp.transpose(bias, (2, 0, 1))[None]

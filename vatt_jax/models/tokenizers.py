@@ -1,0 +1,157 @@
+"""Raw-signal tokenizers (voxel, waveform, word) and DropToken.
+
+Each tokenizer maps one modality's raw input to a [B, N, D] token sequence that already carries its
+absolute positions (none for text, whose positions enter as a relative attention bias).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _position_init(width: int):
+  # Truncated normal with std width**-0.5, as the official VATT code initialises its buckets.
+  return nn.initializers.truncated_normal(stddev=width**-0.5)
+
+
+def num_kept_tokens(num_tokens: int, drop_rate: float) -> int:
+  """How many tokens DropToken keeps: int((1 - rate) * N), at least one; static under jit."""
+  if not 0.0 <= drop_rate < 1.0:
+    raise ValueError(f'drop_token_rate must be in [0, 1), got {drop_rate}')
+  # The small epsilon guards int() against 0.25 * 1568 = 391.99999... style round-off.
+  return max(1, int((1.0 - drop_rate) * num_tokens + 1e-6))
+
+
+def drop_token(tokens: jax.Array, drop_rate: float, rng: jax.Array) -> jax.Array:
+  """Keeps a random subset of tokens, the same subset for every example of the batch.
+
+  Args:
+    tokens: [B, N, D].
+    drop_rate: fraction of the N tokens to drop.
+    rng: PRNG key; one permutation is drawn for the whole batch (as the official VATT code does).
+  Returns:
+    [B, num_kept_tokens(N, drop_rate), D], kept tokens in their original order.
+  """
+  num_tokens = tokens.shape[1]
+  kept = num_kept_tokens(num_tokens, drop_rate)
+  if kept == num_tokens:
+    return tokens
+  index = jnp.sort(jax.random.permutation(rng, num_tokens)[:kept])
+  return jnp.take(tokens, index, axis=1)
+
+
+class VoxelTokenizer(nn.Module):
+  """Non-overlapping t×h×w×3 voxel patches → width, plus factorized learned positions.
+
+  e(i, j, k) = temporal_i + horizontal_j + vertical_k (paper eq. 1): ⌈T/t⌉ + ⌈H/h⌉ + ⌈W/w⌉ vectors.
+
+  Attributes:
+    width: token width d.
+    patch_size: (t, h, w).
+    grid: (⌈T/t⌉, ⌈H/h⌉, ⌈W/w⌉) the position tables are sized for.
+    position_layernorm: LayerNorm on the summed position table (official-code option).
+  """
+
+  width: int
+  patch_size: Sequence[int]
+  grid: Sequence[int]
+  position_layernorm: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, video: jax.Array) -> jax.Array:
+    """video: [B, T, H, W, C] in [-1, 1]. Returns [B, nt·nh·nw, width]."""
+    if video.ndim != 5:
+      raise ValueError(f'video must be [B, T, H, W, C], got shape {video.shape}')
+    batch, *dims, channels = video.shape
+    pt, ph, pw = self.patch_size
+    grid = tuple(math.ceil(d / p) for d, p in zip(dims, (pt, ph, pw), strict=True))
+    if grid != tuple(self.grid):
+      raise ValueError(
+        f'video of {tuple(dims)} frames×pixels gives a {grid} patch grid, but the position '
+        f'tables are sized for {tuple(self.grid)} (config model.video: num_frames / frame_size '
+        'and patch_size)'
+      )
+    pad = (
+      [(0, 0)]
+      + [(0, g * p - d) for g, p, d in zip(grid, (pt, ph, pw), dims, strict=True)]
+      + [(0, 0)]
+    )
+    video = jnp.pad(video, pad)  # ⌈·⌉ patching: zero-pad a ragged edge
+    nt, nh, nw = grid
+    patches = video.reshape(batch, nt, pt, nh, ph, nw, pw, channels)
+    patches = patches.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(batch, nt, nh, nw, -1)
+    tokens = nn.Dense(
+      self.width, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, name='patch'
+    )(patches.astype(self.dtype))
+
+    init = _position_init(self.width)
+    temporal = self.param('temporal_position', init, (nt, self.width))
+    horizontal = self.param('horizontal_position', init, (nh, self.width))
+    vertical = self.param('vertical_position', init, (nw, self.width))
+    positions = temporal[:, None, None] + horizontal[None, :, None] + vertical[None, None, :]
+    if self.position_layernorm:
+      positions = nn.LayerNorm(epsilon=1e-6, name='position_norm')(positions)
+    tokens = tokens + positions.astype(tokens.dtype)
+    return tokens.reshape(batch, nt * nh * nw, self.width)
+
+
+class WaveformTokenizer(nn.Module):
+  """Waveform segments of t′ samples → width, plus one learned position per segment."""
+
+  width: int
+  patch_size: int
+  num_patches: int
+  position_layernorm: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, audio: jax.Array) -> jax.Array:
+    """audio: [B, S] (or [B, S, 1]) in [-1, 1]. Returns [B, ⌈S/t′⌉, width]."""
+    if audio.ndim == 3 and audio.shape[-1] == 1:
+      audio = audio[..., 0]
+    if audio.ndim != 2:
+      raise ValueError(f'audio must be [B, S] mono samples, got shape {audio.shape}')
+    batch, samples = audio.shape
+    num_patches = math.ceil(samples / self.patch_size)
+    if num_patches != self.num_patches:
+      raise ValueError(
+        f'audio of {samples} samples gives {num_patches} patches of {self.patch_size}, but the '
+        f'position table has {self.num_patches} (config model.audio: num_samples / patch_size)'
+      )
+    audio = jnp.pad(audio, ((0, 0), (0, num_patches * self.patch_size - samples)))
+    patches = audio.reshape(batch, num_patches, self.patch_size)
+    tokens = nn.Dense(
+      self.width, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, name='patch'
+    )(patches.astype(self.dtype))
+    positions = self.param('position', _position_init(self.width), (num_patches, self.width))
+    if self.position_layernorm:
+      positions = nn.LayerNorm(epsilon=1e-6, name='position_norm')(positions)
+    return tokens + positions[None].astype(tokens.dtype)
+
+
+class WordTokenizer(nn.Module):
+  """Token ids → a learnable embedding table (one-hot × W_tp). No absolute positions.
+
+  Id 0 is padding; the returned mask is False there.
+  """
+
+  width: int
+  vocab_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ids: [B, W] int. Returns tokens [B, W, width] and mask [B, W] bool."""
+    if ids.ndim != 2:
+      raise ValueError(f'text ids must be [B, W], got shape {ids.shape}')
+    embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name='vocabulary')
+    return embed(ids), ids != 0

@@ -1,0 +1,143 @@
+"""Pre-LayerNorm Transformer encoder and the VATT size presets (paper Table 7)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vatt_jax.models.attention import MultiHeadSelfAttention
+
+Dtype = Any
+
+LAYER_NORM_EPSILON = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSize:
+  num_layers: int
+  width: int
+  mlp_dim: int
+  num_heads: int
+
+
+# The one place the sizes live. "tiny" is ours, for tests and the CPU demo.
+SIZES: dict[str, EncoderSize] = {
+  'tiny': EncoderSize(num_layers=2, width=64, mlp_dim=256, num_heads=4),
+  'small': EncoderSize(num_layers=6, width=512, mlp_dim=2048, num_heads=8),
+  'base': EncoderSize(num_layers=12, width=768, mlp_dim=3072, num_heads=12),
+  'medium': EncoderSize(num_layers=12, width=1024, mlp_dim=4096, num_heads=16),
+  'large': EncoderSize(num_layers=24, width=1024, mlp_dim=4096, num_heads=16),
+}
+
+
+def get_size(name: str) -> EncoderSize:
+  try:
+    return SIZES[name.lower()]
+  except KeyError:
+    raise ValueError(f'unknown model size {name!r}; known sizes: {sorted(SIZES)}') from None
+
+
+def _norm(norm_type: str, name: str) -> nn.Module:
+  if norm_type == 'layernorm':
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=jnp.float32, name=name)
+  if norm_type == 'rmsnorm':
+    return nn.RMSNorm(epsilon=LAYER_NORM_EPSILON, dtype=jnp.float32, name=name)
+  raise ValueError(f"norm_type must be 'layernorm' or 'rmsnorm', got {norm_type!r}")
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    width = x.shape[-1]
+    dense = lambda features, name: nn.Dense(  # noqa: E731
+      features,
+      kernel_init=nn.initializers.xavier_uniform(),
+      bias_init=nn.initializers.normal(stddev=1e-6),
+      dtype=self.dtype,
+      name=name,
+    )
+    y = dense(self.mlp_dim, 'fc1')(x)
+    y = nn.gelu(y, approximate=False)  # exact GELU, as the official VATT code
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    return dense(width, 'fc2')(y)
+
+
+class EncoderBlock(nn.Module):
+  """x + MHA(LN(x)); then x + MLP(LN(x))."""
+
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  norm_type: str = 'layernorm'
+  scale_logits: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, bias=None, deterministic: bool = True):
+    y = _norm(self.norm_type, 'norm_attention')(x).astype(self.dtype)
+    y = MultiHeadSelfAttention(
+      num_heads=self.num_heads,
+      attention_dropout_rate=self.attention_dropout_rate,
+      scale_logits=self.scale_logits,
+      dtype=self.dtype,
+      name='attention',
+    )(y, mask=mask, bias=bias, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = _norm(self.norm_type, 'norm_mlp')(x).astype(self.dtype)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='mlp')(
+      y, deterministic=deterministic
+    )
+    return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+  """A stack of pre-LN blocks followed by a final norm.
+
+  Attributes:
+    size: layers, width, MLP width and heads.
+    bias_all_layers: add the attention bias to every layer (T5 / official VATT text tower) rather
+      than only to the first (the paper's wording).
+  """
+
+  size: EncoderSize
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  norm_type: str = 'layernorm'
+  scale_logits: bool = True
+  bias_all_layers: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    deterministic: bool = True,
+  ) -> jax.Array:
+    """x: [B, N, width]; mask: [B, N] bool (True = attend); bias: [1|B, H, N, N]. Returns [B, N, width]."""
+    if x.shape[-1] != self.size.width:
+      raise ValueError(f'encoder of width {self.size.width} got tokens of width {x.shape[-1]}')
+    for i in range(self.size.num_layers):
+      layer_bias = bias if (i == 0 or self.bias_all_layers) else None
+      x = EncoderBlock(
+        mlp_dim=self.size.mlp_dim,
+        num_heads=self.size.num_heads,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        norm_type=self.norm_type,
+        scale_logits=self.scale_logits,
+        dtype=self.dtype,
+        name=f'block_{i:02d}',
+      )(x, mask=mask, bias=layer_bias, deterministic=deterministic)
+    return _norm(self.norm_type, 'final_norm')(x)

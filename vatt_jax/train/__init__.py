@@ -1,0 +1,1 @@
+"""Training: state, the jitted step, sharding and the loop."""

@@ -1,0 +1,68 @@
+"""The pure, jit-able training step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from vatt_jax.train.state import TrainState
+
+
+def make_train_step(
+  model: nn.Module,
+  loss_fn: Callable,
+  tx: optax.GradientTransformation,
+  schedule: Callable,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Returns train_step(state, batch) -> (state, metrics).
+
+  The loss sees the global batch (all devices' samples), so contrastive negatives span it. A step
+  whose loss or gradient is not finite is not applied (the official VATT code silently zeroes NaN;
+  we report it): the state advances only its step and rejected-step counters.
+  """
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    dropout_rng, droptoken_rng = jax.random.split(step_rng)
+
+    def compute_loss(params):
+      out, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats},
+        batch,
+        train=True,
+        rngs={'dropout': dropout_rng, 'droptoken': droptoken_rng},
+        mutable=['batch_stats'],
+      )
+      loss, terms = loss_fn(out, batch)
+      return loss, (terms, updates['batch_stats'])
+
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+      state.params
+    )
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      batch_stats=keep(batch_stats, state.batch_stats),
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+      'loss': loss,
+      **terms,
+      'grad_norm': grad_norm,
+      'learning_rate': schedule(state.step),
+      'nonfinite_steps': new_state.nonfinite_steps,
+    }
+    return new_state, metrics
+
+  return train_step
