@@ -22,7 +22,8 @@ def make_train_step(
 
   The loss sees the global batch (all devices' samples), so contrastive negatives span it. A step
   whose loss or gradient is not finite is not applied (the official VATT code silently zeroes NaN;
-  we report it): the state advances only its step and rejected-step counters.
+  we report it): the state advances only its step and rejected-step counters, and the learning-rate
+  schedule (driven by optax's count of applied updates) does not move.
   """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -60,7 +61,8 @@ def make_train_step(
       'loss': loss,
       **terms,
       'grad_norm': grad_norm,
-      'learning_rate': schedule(state.step),
+      # optax counts applied updates only, so a rejected step does not advance the schedule.
+      'learning_rate': schedule(state.step - state.nonfinite_steps),
       'nonfinite_steps': new_state.nonfinite_steps,
     }
     return new_state, metrics
