@@ -7,8 +7,9 @@ Adam 1e-3 with 30 warm-up steps and a quarter-period cosine; NCE + MIL-NCE as th
   make demo            # or:
   python scripts/train.py --config=configs/demo_tiny.py --workdir=demo/run
 
-Hardware and time: 2 CPU cores, about 2 minutes for 300 steps at batch 32.
-Measured: the loss falls from ≈ 4.4 (chance for 32 clips) to ≈ 2.2 on the synthetic source.
+Hardware and time: 2 CPU cores, about 70 s for 300 steps at batch 32 (compilation included).
+Measured: the loss falls from 4.36 at step 25 to 2.01 at step 300 on the synthetic source
+(chance for 32 clips: log 64 ≈ 4.2).
 """
 
 from configs import common

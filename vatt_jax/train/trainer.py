@@ -72,13 +72,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
   history = []
   metrics_path = os.path.join(workdir, METRICS_FILENAME)
-  batch, start, wait = first, time.perf_counter(), 0.0
+  batch, window_start, window_wait, window_steps = first, time.perf_counter(), 0.0, 0
   for step in range(1, config.total_steps + 1):
     state, metrics = train_step(state, sharding.put_batch(batch, mesh))
+    window_steps += 1
     if step % config.log_steps == 0 or step == config.total_steps:
       record = {'step': step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-      elapsed = time.perf_counter() - start
-      record['clips_per_second'] = step * config.batch_size / elapsed
+      # Throughput over the steps since the last log line (the first window includes compilation).
+      elapsed = time.perf_counter() - window_start
+      record['clips_per_second'] = window_steps * config.batch_size / elapsed
+      record['data_wait_fraction'] = window_wait / elapsed
       history.append(record)
       terms = ' '.join(f'{k}={record[k]:.4f}' for k in sorted(record) if k.startswith('loss'))
       logging.info(
@@ -89,15 +92,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         record['learning_rate'],
         record['grad_norm'],
         record['clips_per_second'],
-        100 * wait / elapsed,
+        100 * record['data_wait_fraction'],
       )
       if not np.isfinite(record['loss']):
         logging.warning('step %d: non-finite loss; the update was not applied', step)
       if jax.process_index() == 0:
         with open(metrics_path, 'a') as f:
           f.write(json.dumps(record) + '\n')
+      window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
     if step < config.total_steps:
       t0 = time.perf_counter()
       batch = next(data)
-      wait += time.perf_counter() - t0
+      window_wait += time.perf_counter() - t0
   return history
