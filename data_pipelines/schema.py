@@ -1,0 +1,157 @@
+"""The shard record format: one `tf.train.SequenceExample` per media file.
+
+Context (per file):
+  clip/media_id        bytes    a stable id (the manifest's media path, relative to the manifest)
+  clip/duration        float    seconds
+  image/frame_rate     float    frames per second as stored (after resampling on ingest)
+  image/height, image/width  int64  stored frame size (0 when there are no frames)
+  audio/sample_rate    int64    Hz; 0 when the file has no audio
+  clip/label/index     int64[]  zero or more class labels
+  flags/has_video, flags/has_audio, flags/has_captions  int64 0/1
+Feature lists (per time step):
+  image/encoded        bytes, one JPEG per frame
+  audio/waveform       float, a single step holding every mono sample in [-1, 1] (absent: no steps)
+  caption/string       bytes, one UTF-8 caption per step
+  caption/start, caption/end  float, one value per caption step (seconds)
+
+A file without audio or captions is a valid record: its flags say so and the pipelines mask what is
+missing. docs/DATA.md documents the same thing for people.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+MEDIA_ID = 'clip/media_id'
+DURATION = 'clip/duration'
+FRAME_RATE = 'image/frame_rate'
+HEIGHT = 'image/height'
+WIDTH = 'image/width'
+SAMPLE_RATE = 'audio/sample_rate'
+LABELS = 'clip/label/index'
+HAS_VIDEO = 'flags/has_video'
+HAS_AUDIO = 'flags/has_audio'
+HAS_CAPTIONS = 'flags/has_captions'
+FRAMES = 'image/encoded'
+WAVEFORM = 'audio/waveform'
+CAPTION = 'caption/string'
+CAPTION_START = 'caption/start'
+CAPTION_END = 'caption/end'
+
+
+@dataclasses.dataclass
+class Caption:
+  start: float
+  end: float
+  text: str
+
+
+@dataclasses.dataclass
+class Record:
+  """One media file, decoded. frames: JPEG bytes per frame; waveform: [S] float32 mono or None."""
+
+  media_id: str
+  duration: float
+  frame_rate: float = 0.0
+  frames: Sequence[bytes] = ()
+  height: int = 0
+  width: int = 0
+  waveform: np.ndarray | None = None
+  sample_rate: int = 0
+  captions: Sequence[Caption] = ()
+  labels: Sequence[int] = ()
+
+
+def encode(record: Record) -> bytes:
+  """Serialises a Record to SequenceExample bytes (TensorFlow imported lazily)."""
+  import tensorflow as tf
+
+  def ints(values):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
+
+  def floats(values):
+    return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
+
+  def raw(values):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+
+  has_audio = record.waveform is not None and len(record.waveform) > 0
+  context = {
+    MEDIA_ID: raw([record.media_id.encode()]),
+    DURATION: floats([record.duration]),
+    FRAME_RATE: floats([record.frame_rate]),
+    HEIGHT: ints([record.height]),
+    WIDTH: ints([record.width]),
+    SAMPLE_RATE: ints([record.sample_rate if has_audio else 0]),
+    LABELS: ints(record.labels),
+    HAS_VIDEO: ints([int(len(record.frames) > 0)]),
+    HAS_AUDIO: ints([int(has_audio)]),
+    HAS_CAPTIONS: ints([int(len(record.captions) > 0)]),
+  }
+  lists = {
+    FRAMES: [raw([f]) for f in record.frames],
+    WAVEFORM: [floats(np.asarray(record.waveform, np.float32))] if has_audio else [],
+    CAPTION: [raw([c.text.encode()]) for c in record.captions],
+    CAPTION_START: [floats([c.start]) for c in record.captions],
+    CAPTION_END: [floats([c.end]) for c in record.captions],
+  }
+  example = tf.train.SequenceExample(
+    context=tf.train.Features(feature=context),
+    feature_lists=tf.train.FeatureLists(
+      feature_list={k: tf.train.FeatureList(feature=v) for k, v in lists.items()}
+    ),
+  )
+  return example.SerializeToString()
+
+
+def parse(serialized):
+  """Parses SequenceExample bytes (a scalar tf.string) into a dict of tensors.
+
+  Returns: media_id (), duration (), frame_rate (), height (), width (), sample_rate () int64,
+  labels [n] int64, has_video/has_audio/has_captions () int64, frames [F] string (JPEG),
+  waveform [S] float32 (empty if none), captions [C] string, caption_start/caption_end [C] float32.
+  """
+  import tensorflow as tf
+
+  context_spec = {
+    MEDIA_ID: tf.io.FixedLenFeature([], tf.string),
+    DURATION: tf.io.FixedLenFeature([], tf.float32),
+    FRAME_RATE: tf.io.FixedLenFeature([], tf.float32),
+    HEIGHT: tf.io.FixedLenFeature([], tf.int64),
+    WIDTH: tf.io.FixedLenFeature([], tf.int64),
+    SAMPLE_RATE: tf.io.FixedLenFeature([], tf.int64),
+    LABELS: tf.io.VarLenFeature(tf.int64),
+    HAS_VIDEO: tf.io.FixedLenFeature([], tf.int64),
+    HAS_AUDIO: tf.io.FixedLenFeature([], tf.int64),
+    HAS_CAPTIONS: tf.io.FixedLenFeature([], tf.int64),
+  }
+  sequence_spec = {
+    FRAMES: tf.io.FixedLenSequenceFeature([], tf.string, allow_missing=True),
+    WAVEFORM: tf.io.RaggedFeature(tf.float32),
+    CAPTION: tf.io.FixedLenSequenceFeature([], tf.string, allow_missing=True),
+    CAPTION_START: tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),
+    CAPTION_END: tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),
+  }
+  context, sequence = tf.io.parse_single_sequence_example(
+    serialized, context_features=context_spec, sequence_features=sequence_spec
+  )
+  return {
+    'media_id': context[MEDIA_ID],
+    'duration': context[DURATION],
+    'frame_rate': context[FRAME_RATE],
+    'height': context[HEIGHT],
+    'width': context[WIDTH],
+    'sample_rate': context[SAMPLE_RATE],
+    'labels': tf.sparse.to_dense(context[LABELS]),
+    'has_video': context[HAS_VIDEO],
+    'has_audio': context[HAS_AUDIO],
+    'has_captions': context[HAS_CAPTIONS],
+    'frames': sequence[FRAMES],
+    'waveform': sequence[WAVEFORM].flat_values,
+    'captions': sequence[CAPTION],
+    'caption_start': sequence[CAPTION_START],
+    'caption_end': sequence[CAPTION_END],
+  }
