@@ -68,11 +68,18 @@ def pretraining_config(model: ml_collections.ConfigDict) -> ml_collections.Confi
   config.model = model
   config.data = ml_collections.ConfigDict(
     dict(
-      name='synthetic',  # in-memory source until the raw-media pipelines land
-      num_classes=16,
-      noise=0.3,
-      missing_text_rate=0.1,
-      missing_audio_rate=0.0,
+      name='shards',  # record shards made by scripts/prepare_data.py
+      path='',  # shards are read from {path}/{split}/*.tfrecord
+      tokenizer='',  # sentencepiece .model; '' means {path}/tokenizer.model
+      fps=10.0,  # clips are sampled at this rate, whatever rate was stored
+      sample_rate=48_000,  # must be the rate the shards store (prepare_data --sample_rate)
+      shuffle_buffer=2048,
+      cycle_length=8,  # shards read round-robin at a time
+      deterministic=False,  # True: same batches for the same seed (a little slower)
+      on_bad_input='skip',  # 'skip' (and count) or 'fatal'
+      eval_clips=4,  # uniformly spaced clips per video in evaluation mode
+      # The synthetic source (runlocal, tests): concepts a model can learn.
+      synthetic=dict(num_classes=16, noise=0.3, missing_text_rate=0.1, missing_audio_rate=0.0),
     )
   )
   # The data shapes follow the model's, through references: override one and both move.
@@ -119,5 +126,6 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.log_steps = 1
   config.checkpoint_steps = 3
   config.optimizer.warmup_steps = 1
-  config.data.num_classes = 4
+  config.data.name = 'synthetic'  # no shards needed on a laptop
+  config.data.synthetic.num_classes = 4
   return config

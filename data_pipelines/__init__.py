@@ -11,8 +11,15 @@ import ml_collections
 
 from data_pipelines import synthetic
 
-# One dict per kind: config.data.name → source class.
-SOURCES = {'synthetic': synthetic.SyntheticSource}
+
+def _shards(*args, **kwargs):
+  from data_pipelines import pretrain  # TensorFlow loads only when shards are read
+
+  return pretrain.ShardSource(*args, **kwargs)
+
+
+# One dict per kind: config.data.name → source.
+SOURCES = {'synthetic': synthetic.SyntheticSource, 'shards': _shards}
 
 
 def build(

@@ -41,23 +41,25 @@ class SyntheticSource:
       raise ValueError(
         f'global batch_size {batch_size} does not divide over {process_count} processes'
       )
-    if cfg.vocab_size < 2 * cfg.num_classes + 2:
+    self.cfg, self.concepts = cfg, cfg.synthetic
+    num_classes = self.concepts.num_classes
+    if cfg.vocab_size < 2 * num_classes + 2:
       raise ValueError(
-        f'config data.vocab_size={cfg.vocab_size} is too small for {cfg.num_classes} classes'
+        f'config data.vocab_size={cfg.vocab_size} is too small for {num_classes} classes '
+        '(config data.synthetic.num_classes)'
       )
-    self.cfg = cfg
     self.local_batch_size = batch_size // process_count
     self._stream = (seed, _SPLIT_IDS[split], process_index)
     self._step = 0
     height, width = (cfg.frame_size,) * 2 if isinstance(cfg.frame_size, int) else cfg.frame_size
     self._frame_shape = (cfg.num_frames, height, width, 3)
-    concepts = np.random.default_rng([seed, 12345])  # identical on every host and split
+    rng = np.random.default_rng([seed, 12345])  # the concepts: identical on every host and split
     coarse = (max(1, cfg.num_frames // 4), max(1, height // 8), max(1, width // 8), 3)
-    self._video_templates = concepts.uniform(-0.8, 0.8, (cfg.num_classes, *coarse))
-    self._tones = concepts.uniform(0.002, 0.05, (cfg.num_classes, 2))  # cycles per sample
+    self._video_templates = rng.uniform(-0.8, 0.8, (num_classes, *coarse))
+    self._tones = rng.uniform(0.002, 0.05, (num_classes, 2))  # cycles per sample
     # Words 1 .. vocab-1: each class owns a disjoint slice; the rest are shared filler words.
-    per_class = max(2, (cfg.vocab_size - 1) // (2 * cfg.num_classes))
-    self._class_words = 1 + np.arange(cfg.num_classes * per_class).reshape(cfg.num_classes, -1)
+    per_class = max(2, (cfg.vocab_size - 1) // (2 * num_classes))
+    self._class_words = 1 + np.arange(num_classes * per_class).reshape(num_classes, -1)
 
   def get_state(self) -> dict:
     return {'step': self._step}
@@ -81,30 +83,30 @@ class SyntheticSource:
     return out[:t, :h, :w]
 
   def _batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    cfg, batch = self.cfg, self.local_batch_size
-    labels = rng.integers(0, cfg.num_classes, batch)
+    cfg, concepts, batch = self.cfg, self.concepts, self.local_batch_size
+    labels = rng.integers(0, self.concepts.num_classes, batch)
     video = np.stack([self._upsample(self._video_templates[c]) for c in labels])
     video = video + rng.uniform(-0.2, 0.2, (batch, 1, 1, 1, 1))  # brightness
-    video = video + cfg.noise * rng.standard_normal(video.shape)
+    video = video + concepts.noise * rng.standard_normal(video.shape)
 
     t = np.arange(cfg.num_samples)
     phase = rng.uniform(0, 2 * np.pi, (batch, 2, 1))
     tones = np.sin(2 * np.pi * self._tones[labels][:, :, None] * t + phase).mean(axis=1)
-    audio = 0.8 * tones + cfg.noise * rng.standard_normal((batch, cfg.num_samples))
+    audio = 0.8 * tones + concepts.noise * rng.standard_normal((batch, cfg.num_samples))
 
     text = np.zeros((batch, cfg.num_narrations, cfg.max_words), np.int32)
     for b, c in enumerate(labels):
       for k in range(cfg.num_narrations):
         # Its own caption names its concept; each neighbour does so only half the time.
-        concept = c if (k == 0 or rng.random() < 0.5) else rng.integers(cfg.num_classes)
+        concept = c if (k == 0 or rng.random() < 0.5) else rng.integers(self.concepts.num_classes)
         length = rng.integers(max(1, cfg.max_words // 2), cfg.max_words + 1)
         words = rng.choice(self._class_words[concept], length)
         filler = rng.random(length) < 0.3
         words[filler] = rng.integers(1, cfg.vocab_size, filler.sum())
         text[b, k, :length] = words
 
-    audio_mask = (rng.random(batch) >= cfg.missing_audio_rate).astype(np.float32)
-    text_mask = (rng.random(batch) >= cfg.missing_text_rate).astype(np.float32)
+    audio_mask = (rng.random(batch) >= concepts.missing_audio_rate).astype(np.float32)
+    text_mask = (rng.random(batch) >= concepts.missing_text_rate).astype(np.float32)
     audio[audio_mask == 0] = 0.0  # missing media arrive as zeros, flagged by the mask
     text[text_mask == 0] = 0
     return {

@@ -1,4 +1,4 @@
-"""The synthetic source: shapes, ranges, determinism, checkpointable position, host sharding."""
+"""The synthetic source (runlocal and unit tests): shapes, ranges, determinism, checkpointable position, host sharding."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tests.conftest import ROOT, load_config
 
 def _source(batch_size=8, **kwargs):
   config = load_config(ROOT / 'configs' / 'demo_tiny.py')
+  config.data.name = 'synthetic'
   return data_pipelines.build(config.data, 'train', batch_size=batch_size, **kwargs), config
 
 
@@ -64,6 +65,7 @@ def test_hosts_read_different_shares():
 
 def test_bad_arguments_are_named():
   config = load_config(ROOT / 'configs' / 'demo_tiny.py')
+  config.data.name = 'synthetic'
   with pytest.raises(ValueError, match='batch_size'):
     data_pipelines.build(config.data, 'train', batch_size=7, process_count=2)
   with pytest.raises(ValueError, match='split'):

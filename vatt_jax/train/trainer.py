@@ -104,4 +104,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       t0 = time.perf_counter()
       batch = next(data)
       window_wait += time.perf_counter() - t0
+  counts = getattr(data, 'counts', None)
+  if counts:
+    logging.info('input: %s', dict(counts))
+  if hasattr(data, 'close'):
+    data.close()
   return history

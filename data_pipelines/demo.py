@@ -1,0 +1,437 @@
+"""The bundled demo dataset: real mp4 files of handwritten digits moving over textured backgrounds.
+
+Each video (default 64×64 px at 10 fps, H.264 yuv420p + mono 48 kHz AAC) is 3–4 segments of
+1.8–2.2 s. A segment shows one scikit-learn `load_digits` digit (8×8, upscaled to 3/8 of the frame)
+crossing the frame left/right/up/down at constant speed, while the audio plays that digit's
+three-tone chord (DIGIT_TONES, Hz) with 20 ms fades and a little noise. Every segment has a caption
+naming digit and direction. So video, audio and text share two measurable concepts per segment.
+
+Layout under output_dir: media/{split}/{id}.mp4, {split}.jsonl (one row per video: media path
+relative to the manifest, duration s, captions [{start, end, text}], label = first segment's digit,
+segments [{start, end, digit, direction}], noise = what was corrupted), retrieval_{split}.jsonl
+(one row per segment with its clean caption), dataset_info.json and README.txt.
+
+Optional noise (fractions, exact counts per split, chosen from the seed) corrupts captions or audio
+for robustness experiments; the clean content of every video does not depend on it. Same arguments
+→ byte-identical manifests and identical decoded media (mp4 bytes carry encoder metadata).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import pathlib
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+SPLITS = ('train', 'val', 'test')
+DEFAULT_NUM_VIDEOS = {'train': 96, 'val': 24, 'test': 24}
+DIRECTIONS = ('left', 'right', 'up', 'down')
+DIGIT_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
+# Three tones per digit on three disjoint ladders: every one of the 30 tones is ≥ 50 Hz from any
+# other (separable after AAC and a 1.5 s FFT), and all sit below 3 kHz, which AAC keeps intact.
+DIGIT_TONES = tuple((250 + 50 * d, 900 + 70 * d, 1800 + 110 * d) for d in range(10))
+NUM_SEGMENTS = (3, 4)  # inclusive range; with ~2 s segments a video lasts 5.4–8.8 s
+SEGMENT_SECONDS = (1.8, 2.2)  # inclusive range, rounded to whole frames
+FADE_SECONDS = 0.02
+_SEGMENT_KEYS = ('start', 'end', 'digit', 'direction')  # a segment as the manifest shows it
+_RETRIEVAL_KEYS = ('start', 'end', 'caption', 'digit', 'direction')
+
+_DIRECTION_PHRASES = {
+  'left': ('to the left', 'left', 'leftwards'),
+  'right': ('to the right', 'right', 'rightwards'),
+  'up': ('up', 'upwards', 'towards the top'),
+  'down': ('down', 'downwards', 'towards the bottom'),
+}
+_VERBS = (('moves', 'moving'), ('drifts', 'drifting'), ('slides', 'sliding'), ('glides', 'gliding'))
+_TEMPLATES = (
+  '{a} {word} {verb} {dir}',
+  'the digit {num} {verb} {dir}',
+  '{word} {verbing} {dir}',
+  'a handwritten {word} {verb} {dir} over a textured background',
+  'the number {word} {verb} {dir}',
+  'we see {a} {word} {verbing} {dir}',
+)
+# Irrelevant captions name no digit, number or direction (caption_irrelevant noise).
+_IRRELEVANT = (
+  'chop the onions and fry them gently in butter',
+  'the soup simmers slowly on the stove',
+  'whisk the eggs with a pinch of salt',
+  'heavy rain is expected along the coast tonight',
+  'the sky clears in the afternoon with a light breeze',
+  'knead the dough and let it rest for an hour',
+  'a warm front brings humid air and scattered showers',
+  'season the sauce with pepper and fresh basil',
+  'fog lingers over the valley this morning',
+  'bake the bread until the crust turns golden',
+  'strong winds are forecast for the weekend',
+  'slice the tomatoes thinly and drizzle with olive oil',
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseConfig:
+  """Fractions in [0, 1]. Caption fractions count captions, the others videos, per split."""
+
+  caption_irrelevant: float = 0.0  # caption text replaced by a cooking/weather sentence
+  caption_shift: float = 0.0  # caption moved by ± its segment's length (staying inside the video)
+  caption_swap: float = 0.0  # a video's caption texts rotated among its segments
+  audio_swap: float = 0.0  # a video's audio track taken from another video of the split
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if not 0.0 <= value <= 1.0:
+        raise ValueError(f'--{field.name} must be a fraction in [0, 1], got {value}')
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bilinear (corner-aligned) resize of [h, w] or [h, w, C] to [height, width(, C)]."""
+  h, w = image.shape[:2]
+  ys, xs = np.linspace(0, h - 1, height), np.linspace(0, w - 1, width)
+  y0, x0 = np.minimum(ys.astype(int), h - 2), np.minimum(xs.astype(int), w - 2)
+  wy, wx = (ys - y0)[:, None], (xs - x0)[None, :]
+  if image.ndim == 3:
+    wy, wx = wy[..., None], wx[..., None]
+  top = image[y0][:, x0] * (1 - wx) + image[y0][:, x0 + 1] * wx
+  bottom = image[y0 + 1][:, x0] * (1 - wx) + image[y0 + 1][:, x0 + 1] * wx
+  return top * (1 - wy) + bottom * wy
+
+
+def _digit_pools() -> tuple[np.ndarray, dict[str, list[np.ndarray]]]:
+  """Images [1797, 8, 8] in 0..16 and, per split and digit, the indices that split may use."""
+  from sklearn.datasets import load_digits  # slow import: only the planning process needs it
+
+  digits = load_digits()
+  # A fixed (seed-independent) 70/15/15 partition, so val/test never reuse a train handwriting.
+  order = np.random.default_rng(1234).permutation(len(digits.target))
+  cuts = np.split(order, [int(0.7 * len(order)), int(0.85 * len(order))])
+  pools = {
+    s: [np.sort(c[digits.target[c] == d]) for d in range(10)]
+    for s, c in zip(SPLITS, cuts, strict=True)
+  }
+  return digits.images, pools
+
+
+def _caption(rng: np.random.Generator, digit: int, direction: str) -> str:
+  verb, verbing = _VERBS[rng.integers(len(_VERBS))]
+  return _TEMPLATES[rng.integers(len(_TEMPLATES))].format(
+    a='an' if digit == 8 else 'a',
+    word=DIGIT_WORDS[digit],
+    num=digit,
+    verb=verb,
+    verbing=verbing,
+    dir=_DIRECTION_PHRASES[direction][rng.integers(3)],
+  )
+
+
+def _plan_video(seed: int, split: str, index: int, fps: int, pools, images) -> dict:
+  """Everything needed to render one clean video, drawn from its own stream (seed, split, index)."""
+  rng = np.random.default_rng([seed, SPLITS.index(split), index])
+  num_segments = int(rng.integers(NUM_SEGMENTS[0], NUM_SEGMENTS[1] + 1))
+  lo, hi = round(SEGMENT_SECONDS[0] * fps), round(SEGMENT_SECONDS[1] * fps)
+  digits = rng.choice(10, num_segments, replace=False)  # distinct, so the label is unambiguous
+  segments, frame = [], 0
+  for digit in digits.tolist():
+    num_frames = int(rng.integers(lo, hi + 1))
+    pool = pools[split][digit]
+    direction = DIRECTIONS[rng.integers(4)]
+    segments.append(
+      dict(
+        start=round(frame / fps, 4),
+        end=round((frame + num_frames) / fps, 4),
+        digit=digit,
+        direction=direction,
+        num_frames=num_frames,
+        caption=_caption(rng, digit, direction),
+        pixels=images[pool[rng.integers(len(pool))]],
+        cross=float(rng.random()),  # position across the motion axis, as a fraction of the room
+        colour=rng.uniform(215, 255, 3),  # bright, so the digit stands out from any background
+      )
+    )
+    frame += num_frames
+  video_id = f'{split}_{index:05d}'
+  return dict(
+    id=video_id,
+    media=f'media/{split}/{video_id}.mp4',
+    duration=round(frame / fps, 4),
+    fps=fps,
+    segments=segments,
+    background_seed=int(rng.integers(2**63)),
+    audio_seed=int(rng.integers(2**63)),
+  )
+
+
+def _pick(rng: np.random.Generator, n: int, fraction: float) -> list[int]:
+  """Exactly round(fraction · n) distinct indices out of n, in a random order."""
+  return rng.permutation(n)[: int(np.floor(fraction * n + 0.5))].tolist()
+
+
+def _apply_noise(videos: list[dict], rows: list[dict], noise: NoiseConfig, seed: int, split: str):
+  """Corrupts manifest rows in place; one stream per noise kind so switches don't interact."""
+  streams = {
+    k: np.random.default_rng([seed, SPLITS.index(split), 1000 + i])
+    for i, k in enumerate(('caption_irrelevant', 'caption_shift', 'caption_swap', 'audio_swap'))
+  }
+  for v in _pick(streams['caption_swap'], len(rows), noise.caption_swap):
+    m = len(rows[v]['captions'])
+    perm = np.roll(np.arange(m), int(streams['caption_swap'].integers(1, m))).tolist()
+    texts = [c['text'] for c in rows[v]['captions']]
+    for caption, source in zip(rows[v]['captions'], perm, strict=True):
+      caption['text'] = texts[source]
+    rows[v]['noise']['caption_swap'] = perm
+  flat = [(v, c) for v, row in enumerate(rows) for c in range(len(row['captions']))]
+  for i in sorted(_pick(streams['caption_irrelevant'], len(flat), noise.caption_irrelevant)):
+    v, c = flat[i]
+    rows[v]['captions'][c]['text'] = _IRRELEVANT[streams['caption_irrelevant'].integers(12)]
+    rows[v]['noise'].setdefault('caption_irrelevant', []).append(c)
+  for i in sorted(_pick(streams['caption_shift'], len(flat), noise.caption_shift)):
+    v, c = flat[i]
+    caption, duration = rows[v]['captions'][c], rows[v]['duration']
+    length = round(caption['end'] - caption['start'], 4)
+    # Only moves that leave at least a sliver of the caption inside the video.
+    moves = [b for b in (-length, length) if 0 <= caption['start'] + b < duration - 0.1]
+    by = moves[streams['caption_shift'].integers(len(moves))]
+    caption['start'] = round(caption['start'] + by, 4)
+    caption['end'] = round(min(caption['end'] + by, duration), 4)
+    rows[v]['noise'].setdefault('caption_shift', []).append(dict(index=c, by=by))
+  chosen = _pick(streams['audio_swap'], len(rows), noise.audio_swap)
+  for j, v in enumerate(chosen):
+    if len(chosen) > 1:  # a cycle through the chosen videos: nobody keeps its own audio
+      source = chosen[(j + 1) % len(chosen)]
+    elif len(rows) > 1:
+      source = (v + 1 + int(streams['audio_swap'].integers(len(rows) - 1))) % len(rows)
+    else:
+      break  # a split of one video has nothing to swap with
+    videos[v]['audio_source'] = {
+      k: videos[source][k] for k in ('segments', 'duration', 'audio_seed')
+    }
+    rows[v]['noise']['audio_swap'] = rows[source]['media']
+
+
+def plan(
+  num_videos: Mapping[str, int] = DEFAULT_NUM_VIDEOS,
+  *,
+  seed: int = 0,
+  fps: int = 10,
+  noise: NoiseConfig = NoiseConfig(),
+) -> dict[str, tuple[list[dict], list[dict]]]:
+  """Per split: (render specs, manifest rows), without writing anything (cheap: no encoding)."""
+  for split in SPLITS:
+    n = num_videos.get(split, 0)
+    if not isinstance(n, int | np.integer) or n < 0:
+      raise ValueError(f'--num_{split} must be a non-negative integer, got {n!r}')
+  if set(num_videos) - set(SPLITS):
+    raise ValueError(f'num_videos splits must be among {SPLITS}, got {sorted(num_videos)}')
+  if fps < 1:
+    raise ValueError(f'--fps must be a positive integer, got {fps}')
+  if seed < 0:
+    raise ValueError(f'--seed must be >= 0, got {seed}')
+  images, pools = _digit_pools()
+  result = {}
+  for split in SPLITS:
+    videos = [
+      _plan_video(seed, split, i, fps, pools, images) for i in range(num_videos.get(split, 0))
+    ]
+    rows = []
+    for video in videos:
+      segs = video['segments']
+      rows.append(
+        dict(
+          id=video['id'],
+          media=video['media'],
+          duration=video['duration'],
+          captions=[dict(start=s['start'], end=s['end'], text=s['caption']) for s in segs],
+          label=segs[0]['digit'],
+          segments=[{k: s[k] for k in _SEGMENT_KEYS} for s in segs],
+          noise={},
+        )
+      )
+    _apply_noise(videos, rows, noise, seed, split)
+    result[split] = (videos, rows)
+  return result
+
+
+def _background(seed: int, size: int) -> np.ndarray:
+  """A smooth colour texture [size, size, 3] in [25, 135]: two octaves of bilinear value noise."""
+  rng = np.random.default_rng(seed)
+  texture = sum(w * _resize(rng.random((n, n, 3)), size, size) for n, w in ((4, 1.0), (9, 0.5)))
+  texture = (texture - texture.min()) / (np.ptp(texture) + 1e-6)
+  return 25.0 + 110.0 * texture
+
+
+def render_frames(video: dict, size: int) -> np.ndarray:
+  """Frames [T, size, size, 3] uint8 of a planned video: the digit crosses the frame per segment."""
+  background = _background(video['background_seed'], size)
+  d = size * 3 // 8
+  lo, hi = size // 16, size - d - size // 16  # the digit's top-left corner stays in [lo, hi]
+  frames = []
+  for seg in video['segments']:
+    alpha = np.clip(_resize(seg['pixels'] / 16.0, d, d) * 1.5, 0.0, 1.0)[..., None]
+    cross = round(lo + seg['cross'] * (hi - lo))
+    for progress in np.linspace(0.0, 1.0, seg['num_frames']):
+      if seg['direction'] in ('left', 'up'):
+        progress = 1.0 - progress
+      main = round(lo + progress * (hi - lo))
+      y, x = (cross, main) if seg['direction'] in ('left', 'right') else (main, cross)
+      frame = background.copy()
+      patch = frame[y : y + d, x : x + d]
+      frame[y : y + d, x : x + d] = patch * (1 - alpha) + seg['colour'] * alpha
+      frames.append(frame)
+  return np.clip(np.stack(frames) + 0.5, 0, 255).astype(np.uint8)
+
+
+def synthesize_audio(video: dict, sample_rate: int, num_samples: int) -> np.ndarray:
+  """Mono waveform [num_samples] float32 in [-1, 1]: each segment's digit chord, tiled if short."""
+  rng = np.random.default_rng(video['audio_seed'])
+  total = int(round(video['duration'] * sample_rate))
+  wave = np.zeros(total)
+  fade = int(FADE_SECONDS * sample_rate)
+  ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(fade) / fade)  # raised cosine: no clicks at edges
+  gain = rng.uniform(0.4, 0.6)
+  for seg in video['segments']:
+    a, b = int(round(seg['start'] * sample_rate)), int(round(seg['end'] * sample_rate))
+    t = np.arange(b - a) / sample_rate
+    chord = sum(
+      np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi)) for f in DIGIT_TONES[seg['digit']]
+    )
+    envelope = np.ones(b - a)
+    envelope[:fade], envelope[-fade:] = ramp, ramp[::-1]
+    wave[a:b] = gain * chord / 3 * envelope
+  wave += rng.normal(0.0, 0.01, total)
+  return np.clip(np.resize(wave, num_samples), -1, 1).astype(np.float32)
+
+
+def _encode(path: str, frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int) -> None:
+  """Writes H.264 (yuv420p, crf 18) + mono AAC (96 kb/s) mp4; via a temp file so never half-written."""
+  import av
+
+  tmp = path + '.part'
+  with av.open(tmp, 'w', format='mp4') as container:
+    # One x264 thread: parallelism comes from encoding many videos at once.
+    video = container.add_stream(
+      'libx264', rate=fps, options={'crf': '18', 'preset': 'veryfast', 'threads': '1'}
+    )
+    video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
+    sound = container.add_stream('aac', rate=sample_rate, layout='mono')
+    sound.bit_rate = 96_000
+    for i, image in enumerate(frames):
+      frame = av.VideoFrame.from_ndarray(image, format='rgb24')
+      frame.pts = i
+      container.mux(video.encode(frame))
+    container.mux(video.encode())
+    for start in range(0, len(audio), 1024):  # AAC's frame size
+      frame = av.AudioFrame.from_ndarray(
+        audio[None, start : start + 1024], format='fltp', layout='mono'
+      )
+      frame.sample_rate, frame.pts = sample_rate, start
+      container.mux(sound.encode(frame))
+    container.mux(sound.encode())
+  os.replace(tmp, path)
+
+
+def _make_video(job: tuple[str, dict, int, int]) -> None:
+  path, video, size, sample_rate = job
+  num_samples = int(round(video['duration'] * sample_rate))
+  audio = synthesize_audio(video.get('audio_source', video), sample_rate, num_samples)
+  _encode(path, render_frames(video, size), audio, video['fps'], sample_rate)
+
+
+def _noise_counts(rows: list[dict]) -> dict[str, int]:
+  """How many captions (caption_*) or videos (caption_swap, audio_swap) each noise kind touched."""
+  counts = dict.fromkeys(dataclasses.asdict(NoiseConfig()), 0)
+  for row in rows:
+    for kind, what in row['noise'].items():
+      counts[kind] += len(what) if kind in ('caption_irrelevant', 'caption_shift') else 1
+  return counts
+
+
+_README = """vatt-jax demo dataset, written by scripts/make_demo_data.py (seed {seed}).
+Videos per split: {counts}. Noise fractions: {noise}.
+"""
+
+
+def generate(
+  output_dir: str | os.PathLike,
+  *,
+  num_videos: Mapping[str, int] = DEFAULT_NUM_VIDEOS,
+  seed: int = 0,
+  fps: int = 10,
+  size: int = 64,
+  sample_rate: int = 48_000,
+  noise: NoiseConfig = NoiseConfig(),
+  workers: int = 2,
+) -> dict:
+  """Writes the dataset (see the module docstring) and returns dataset_info plus elapsed_s.
+
+  size: frame side in px (even, ≥ 32); fps: frames per second; sample_rate: Hz; workers: encoding
+  processes (1 = in this process).
+  """
+  if size < 32 or size % 2:
+    raise ValueError(f'--size must be an even number of pixels >= 32, got {size}')
+  if not 8000 <= sample_rate <= 96_000:
+    raise ValueError(f'--sample_rate must be in [8000, 96000] Hz (AAC), got {sample_rate}')
+  if workers < 1:
+    raise ValueError(f'--workers must be >= 1, got {workers}')
+  started = time.perf_counter()
+  out = pathlib.Path(output_dir)
+  planned = plan(num_videos, seed=seed, fps=fps, noise=noise)
+  jobs = []
+  for split, (videos, _) in planned.items():
+    media_dir = out / 'media' / split
+    media_dir.mkdir(parents=True, exist_ok=True)
+    keep = {pathlib.Path(v['media']).name for v in videos}
+    for stale in media_dir.glob(f'{split}_*.mp4'):  # left over from an earlier, larger run
+      if stale.name not in keep:
+        stale.unlink()
+    jobs += [(str(out / v['media']), v, size, sample_rate) for v in videos]
+  if workers > 1 and len(jobs) > 1:
+    # spawn, not fork: the caller may hold threads (JAX, TF) that a forked child would inherit.
+    context = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+      list(pool.map(_make_video, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+  else:
+    for job in jobs:
+      _make_video(job)
+
+  # Manifests last, so none ever names a file that is not there yet.
+  splits = {}
+  for split, (videos, rows) in planned.items():
+    (out / f'{split}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    pairs = [
+      {'id': f'{v["id"]}/{k}', 'media': v['media'], **{k: seg[k] for k in _RETRIEVAL_KEYS}}
+      for v in videos
+      for k, seg in enumerate(v['segments'])
+    ]
+    (out / f'retrieval_{split}.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in pairs))
+    splits[split] = dict(
+      videos=len(rows),
+      segments=len(pairs),
+      seconds=round(sum(r['duration'] for r in rows), 4),
+      noise_applied=_noise_counts(rows),
+    )
+  info = dict(
+    name='vatt-jax demo digits',
+    seed=seed,
+    fps=fps,
+    size=size,
+    sample_rate=sample_rate,
+    video_codec='h264 (libx264, yuv420p, crf 18)',
+    audio_codec='aac (mono, 96 kb/s)',
+    splits=splits,
+    noise=dataclasses.asdict(noise),
+    directions=list(DIRECTIONS),
+    digit_words=list(DIGIT_WORDS),
+    digit_tones_hz=[list(t) for t in DIGIT_TONES],
+  )
+  (out / 'dataset_info.json').write_text(json.dumps(info, indent=2) + '\n')
+  counts = ', '.join(f'{s} {v["videos"]}' for s, v in splits.items())
+  # The module docstring documents content and layout; the README carries it with the data.
+  readme = _README.format(seed=seed, counts=counts, noise=info['noise']) + '\n' + __doc__
+  (out / 'README.txt').write_text(readme)
+  return dict(info, output_dir=str(out), elapsed_s=round(time.perf_counter() - started, 2))

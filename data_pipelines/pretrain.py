@@ -1,0 +1,284 @@
+"""The pretraining pipeline over record shards: clips of frames, synced audio, 5 narrations.
+
+  shards (per host) ─▶ round-robin reader ─▶ shuffle ─▶ enumerate ─▶ parse + sample + augment
+        ─▶ drop/mask bad input (counted) ─▶ batch ─▶ prefetch ─▶ numpy dicts
+
+Training samples one random clip per record; evaluation takes `eval_clips` uniformly spaced clips
+per record with central crops. Every random choice is a stateless function of (seed, element index),
+so in deterministic mode the same config gives the same batches, and a restored position
+(`set_state`) replays the stream from exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import struct
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from data_pipelines import audio as audio_ops
+from data_pipelines import schema
+from data_pipelines import text as text_ops
+from data_pipelines import video as video_ops
+
+tf.config.set_visible_devices([], 'GPU')  # TensorFlow never takes an accelerator from JAX
+
+_BOOKKEEPING = ('_index', '_ok', '_audio_incomplete', '_audio_rate_mismatch', '_empty_captions')
+
+
+def shard_files(path: str, split: str, process_index: int, process_count: int) -> list[str]:
+  """This host's shards: every process_count-th file of `{path}/{split}/*.tfrecord`."""
+  if not path:
+    raise ValueError(
+      'config data.path is empty: set --config.data.path=DIR, a folder of {split}/*.tfrecord '
+      'shards made by scripts/prepare_data.py'
+    )
+  pattern = os.path.join(path, split, '*.tfrecord')
+  files = sorted(glob.glob(pattern))
+  if not files:
+    raise FileNotFoundError(f'no shards match {pattern} (config data.path, split {split!r})')
+  mine = files[process_index::process_count]
+  if not mine:
+    raise ValueError(f'{len(files)} shards under {pattern} cannot feed {process_count} hosts')
+  return mine
+
+
+def truncated_at(path: str) -> int | None:
+  """Byte offset where a TFRecord file ends mid-record, or None if its framing is complete.
+
+  TensorFlow's reader takes a cut-off last record for the end of the file; walking the length
+  headers (8-byte length, 4-byte CRC, data, 4-byte CRC) finds the cut with a few seeks.
+  """
+  size = os.path.getsize(path)
+  offset = 0
+  with open(path, 'rb') as f:
+    while offset < size:
+      header = f.read(12)
+      if len(header) < 12:
+        return offset
+      (length,) = struct.unpack('<Q', header[:8])
+      offset += 12 + length + 4
+      if offset > size:
+        return offset - 12 - length - 4
+      f.seek(offset)
+  return None
+
+
+class ShardSource:
+  """Iterator of numpy batch dicts read from record shards; see the module docstring.
+
+  Train batch: video [B, T, S, S, 3] f32 in [-1, 1], audio [B, N] f32, text [B, K, W] int32,
+  video_mask / audio_mask / text_mask [B] f32, label [B] int32 (-1: none). Eval adds a clip axis:
+  video [B, k, T, S, S, 3], audio [B, k, N], and media_id [B] bytes.
+  `counts` holds what was skipped or masked, by reason.
+  """
+
+  def __init__(
+    self,
+    cfg: ml_collections.ConfigDict,
+    split: str,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
+    if batch_size % process_count:
+      raise ValueError(f'global batch_size {batch_size} does not divide over {process_count} hosts')
+    if cfg.on_bad_input not in ('skip', 'fatal'):
+      raise ValueError(
+        f"config data.on_bad_input must be 'skip' or 'fatal', got {cfg.on_bad_input!r}"
+      )
+    clip_seconds = cfg.num_frames / cfg.fps
+    if abs(cfg.num_samples - clip_seconds * cfg.sample_rate) > 1:
+      raise ValueError(
+        f'config data.num_samples={cfg.num_samples} at {cfg.sample_rate} Hz is not the '
+        f'{clip_seconds:.3f} s that {cfg.num_frames} frames at {cfg.fps} fps last'
+      )
+    self.cfg, self.split, self.seed = cfg, split, seed
+    self.train = split == 'train'
+    self.local_batch_size = batch_size // process_count
+    self.files = shard_files(cfg.path, split, process_index, process_count)
+    self.tokenizer = text_ops.Tokenizer(cfg.tokenizer)
+    if self.tokenizer.vocab_size > cfg.vocab_size:
+      raise ValueError(
+        f'tokenizer {cfg.tokenizer} has {self.tokenizer.vocab_size} pieces, more than the '
+        f'model vocabulary (config model.text.vocab_size={cfg.vocab_size})'
+      )
+    self.counts = collections.Counter()
+    self._position = 0  # stream elements consumed (emitted or dropped)
+    self._records_read = 0
+    self._iterator = None
+
+  # ---- checkpointable position ------------------------------------------------------------
+  def get_state(self) -> dict:
+    return {'position': self._position}
+
+  def set_state(self, state: dict) -> None:
+    self._position = int(state['position'])
+    self._iterator = None
+
+  # ---- the stream ---------------------------------------------------------------------------
+  def _records(self):
+    """Serialized records, round-robin over `cycle_length` open shards; forever in training."""
+    epoch = 0
+    while True:
+      files = list(self.files)
+      if self.train:
+        np.random.default_rng([self.seed, epoch]).shuffle(files)
+      pending = collections.deque(files)
+      open_readers = collections.deque()
+      while pending or open_readers:
+        while pending and len(open_readers) < self.cfg.cycle_length:
+          path = pending.popleft()
+          cut = truncated_at(path)
+          if cut is not None:
+            self._bad_shard(path, f'truncated at byte {cut}; the complete records are read')
+          open_readers.append((path, iter(tf.data.TFRecordDataset(path))))
+        path, reader = open_readers.popleft()
+        try:
+          record = next(reader)
+        except StopIteration:
+          continue
+        except tf.errors.OpError as e:  # a corrupted record: keep what was read before it
+          self._bad_shard(path, f'unreadable past this point ({e.message})')
+          continue
+        open_readers.append((path, reader))
+        self._records_read += 1
+        yield record.numpy()
+      if not self.train:
+        return
+      epoch += 1
+
+  def _bad_shard(self, path: str, what: str) -> None:
+    self.counts['corrupt_shards'] += 1
+    logging.warning('shard %s: %s', path, what)
+    if self.cfg.on_bad_input == 'fatal':
+      raise ValueError(f'corrupted shard {path}: {what} (config data.on_bad_input=fatal)')
+
+  def _process(self, index, serialized):
+    cfg = self.cfg
+    ex = schema.parse(serialized)
+    seed = tf.stack([tf.cast(self.seed, tf.int64), index])
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    clip_seconds = cfg.num_frames / cfg.fps
+    latest_start = tf.maximum(ex['duration'] - clip_seconds, 0.0)
+    if self.train:
+      starts = tf.random.stateless_uniform([1], seeds[0]) * latest_start
+    else:
+      starts = tf.linspace(0.0, 1.0, cfg.eval_clips) * latest_start
+    num_stored = tf.shape(ex['frames'])[0]
+    ok = num_stored > 0
+
+    def one_clip(start):
+      index = video_ops.frame_indices(start, ex['frame_rate'], tf.maximum(num_stored, 1),
+                                      cfg.num_frames, cfg.fps)  # fmt: skip
+      jpegs = tf.gather(ex['frames'], index)
+      clip = video_ops.decode_clip(jpegs, cfg.frame_size, seeds[1], train=self.train)
+      wave, complete = audio_ops.cut_waveform(
+        ex['waveform'], start, cfg.sample_rate, cfg.num_samples
+      )
+      return clip, wave, complete
+
+    if self.cfg.on_bad_input == 'fatal':
+      tf.debugging.assert_greater(num_stored, 0, message='record without frames')
+    safe_frames = tf.cond(ok, lambda: ex['frames'], lambda: tf.constant([b'']))
+    ex['frames'] = safe_frames
+    clips, waves, complete = tf.map_fn(
+        one_clip,
+        starts,
+        fn_output_signature=(
+            tf.TensorSpec([cfg.num_frames, cfg.frame_size, cfg.frame_size, 3], tf.float32),
+            tf.TensorSpec([cfg.num_samples], tf.float32),
+            tf.TensorSpec([], tf.bool),
+        ),
+    ) if not self.train else tuple(t[None] for t in one_clip(starts[0]))  # fmt: skip
+
+    rate_ok = tf.equal(ex['sample_rate'], cfg.sample_rate)
+    has_audio = tf.equal(ex['has_audio'], 1)
+    audio_complete = tf.reduce_all(complete)
+    audio_ok = has_audio & rate_ok & audio_complete
+
+    nonempty = tf.strings.length(tf.strings.strip(ex['captions'])) > 0
+    captions = tf.boolean_mask(ex['captions'], nonempty)
+    cap_start = tf.boolean_mask(ex['caption_start'], nonempty)
+    cap_end = tf.boolean_mask(ex['caption_end'], nonempty)
+    has_text = tf.size(captions) > 0
+    captions, cap_start, cap_end = tf.cond(
+      has_text,
+      lambda: (captions, cap_start, cap_end),
+      lambda: (tf.constant(['']), tf.constant([0.0]), tf.constant([0.0])),
+    )
+    centre = starts[tf.shape(starts)[0] // 2]
+    chosen = text_ops.narration_indices(
+      cap_start, cap_end, centre, centre + clip_seconds, cfg.num_narrations
+    )
+    tokens = self.tokenizer.tf_encode(tf.gather(captions, chosen), cfg.max_words)
+
+    labels = ex['labels']
+    out = {
+      'video': clips[0] if self.train else clips,
+      'audio': (waves[0] if self.train else waves) * tf.cast(audio_ok, tf.float32),
+      'text': tokens * tf.cast(has_text, tf.int32),
+      'video_mask': tf.cast(ok, tf.float32),
+      'audio_mask': tf.cast(audio_ok, tf.float32),
+      'text_mask': tf.cast(has_text, tf.float32),
+      'label': tf.cond(tf.size(labels) > 0, lambda: tf.cast(labels[0], tf.int32), lambda: -1),
+      '_index': index,
+      '_ok': ok,
+      '_audio_incomplete': has_audio & rate_ok & ~audio_complete,
+      '_audio_rate_mismatch': has_audio & ~rate_ok,
+      '_empty_captions': tf.reduce_sum(tf.cast(~nonempty, tf.int32)),
+    }
+    if not self.train:
+      out['media_id'] = ex['media_id']
+    return out
+
+  def _dataset(self) -> tf.data.Dataset:
+    cfg = self.cfg
+    ds = tf.data.Dataset.from_generator(
+      self._records, output_signature=tf.TensorSpec([], tf.string)
+    )
+    if self.train:
+      ds = ds.shuffle(cfg.shuffle_buffer, seed=self.seed)
+    ds = ds.enumerate().skip(self._position)
+    ds = ds.map(self._process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
+    if cfg.on_bad_input == 'skip':
+      ds = ds.ignore_errors()  # undecodable records/frames: dropped here, counted by index gaps
+    ds = ds.filter(lambda ex: ex['_ok'])
+    ds = ds.batch(self.local_batch_size, drop_remainder=self.train)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  def close(self) -> None:
+    """Releases the tf.data iterator (and its reader) while Python is still alive."""
+    self._iterator = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._iterator = self._dataset().as_numpy_iterator()
+      self._seen, self._start, self._records_read = 0, self._position, 0
+    try:
+      batch = next(self._iterator)
+    except StopIteration:
+      # A finite (evaluation) stream is over: whatever was read and not emitted was dropped.
+      self.counts['skipped_records'] = self._records_read - self._start - self._seen
+      self._position = self._records_read
+      raise
+    index = batch.pop('_index')
+    self._seen += len(index)
+    self._position = max(self._position, int(index.max()) + 1)
+    # Elements consumed but not emitted were dropped: unreadable, undecodable or without frames.
+    self.counts['skipped_records'] = self._position - self._start - self._seen
+    self.counts['audio_incomplete'] += int(batch.pop('_audio_incomplete').sum())
+    self.counts['audio_rate_mismatch'] += int(batch.pop('_audio_rate_mismatch').sum())
+    self.counts['empty_captions'] += int(batch.pop('_empty_captions').sum())
+    batch.pop('_ok')
+    return batch

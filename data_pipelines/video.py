@@ -1,0 +1,65 @@
+"""Frame sampling and VATT's video augmentation, in TensorFlow ops (CPU only).
+
+Training: one random resized crop (area [0.08, 1], aspect [0.5, 2]) for every frame of the clip, one
+horizontal flip coin, one set of colour jitters (brightness 32/255, saturation 0.4, contrast 0.4,
+hue 0.2), clip to [0, 1], scale to [-1, 1]. Evaluation: the central square, resized. All randomness is
+stateless, from a per-example seed, so deterministic mode replays exactly.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def frame_indices(
+  start_time: tf.Tensor, stored_fps: tf.Tensor, num_stored: tf.Tensor, num_frames: int, fps: float
+) -> tf.Tensor:
+  """Indices of the stored frames shown at start_time + k / fps, k < num_frames.
+
+  Resamples from whatever rate was stored; past the end the last frame repeats.
+  """
+  times = start_time + tf.range(num_frames, dtype=tf.float32) / fps
+  index = tf.cast(tf.floor(times * stored_fps + 1e-3), tf.int32)
+  return tf.clip_by_value(index, 0, tf.cast(num_stored, tf.int32) - 1)
+
+
+def _crop_window(jpeg: tf.Tensor, seed: tf.Tensor, train: bool) -> tf.Tensor:
+  """[y, x, h, w] of the crop, chosen once per clip."""
+  shape = tf.image.extract_jpeg_shape(jpeg)
+  height, width = shape[0], shape[1]
+  if train:
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape,
+      bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=seed,
+      min_object_covered=0.0,
+      area_range=(0.08, 1.0),
+      aspect_ratio_range=(0.5, 2.0),
+      max_attempts=50,
+      use_image_if_no_bounding_boxes=True,
+    )
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
+  side = tf.minimum(height, width)
+  return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
+
+
+def decode_clip(jpegs: tf.Tensor, size: int, seed: tf.Tensor, *, train: bool) -> tf.Tensor:
+  """Decodes [T] JPEG frames into a [T, size, size, 3] float32 clip in [-1, 1]."""
+  window = _crop_window(jpegs[0], seed, train)
+  frames = tf.map_fn(
+    lambda jpeg: tf.image.decode_and_crop_jpeg(jpeg, window, channels=3),
+    jpegs,
+    fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
+  )
+  frames = tf.image.resize(frames, (size, size), method='bilinear', antialias=True) / 255.0
+  if train:
+    seeds = tf.random.experimental.stateless_split(seed, 5)
+    # One coin per clip: tf.image's random flip on [T, H, W, C] would flip each frame on its own.
+    flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
+    frames = tf.cond(flip, lambda: tf.reverse(frames, axis=[2]), lambda: frames)
+    frames = tf.image.stateless_random_brightness(frames, 32.0 / 255.0, seeds[1])
+    frames = tf.image.stateless_random_saturation(frames, 0.6, 1.4, seeds[2])
+    frames = tf.image.stateless_random_contrast(frames, 0.6, 1.4, seeds[3])
+    frames = tf.image.stateless_random_hue(frames, 0.2, seeds[4])
+  frames = tf.clip_by_value(frames, 0.0, 1.0)
+  return frames * 2.0 - 1.0

@@ -1,0 +1,58 @@
+r"""Trains a sentencepiece tokenizer on the captions of a shard set.
+
+  python scripts/train_tokenizer.py --input_dir=demo/shards/train \
+      --output=demo/shards/tokenizer --vocab_size=65536
+
+Writes OUTPUT.model and OUTPUT.vocab; id 0 is padding (what the models mask), 1 is unknown.
+Configs name the .model file in data.tokenizer. A corpus too small for vocab_size gets the largest
+vocabulary it supports (with a warning).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+_INPUT = flags.DEFINE_string('input_dir', None, 'Folder of *.tfrecord shards.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Model prefix: writes OUTPUT.model and OUTPUT.vocab.')
+_VOCAB = flags.DEFINE_integer('vocab_size', 2**16, 'Vocabulary size (an upper bound).')
+_TYPE = flags.DEFINE_enum(
+  'model_type', 'unigram', ['unigram', 'bpe', 'word', 'char'], 'Model type.'
+)
+flags.mark_flags_as_required(['input_dir', 'output'])
+
+
+def _captions(files):
+  import tensorflow as tf
+
+  from data_pipelines import schema
+
+  tf.config.set_visible_devices([], 'GPU')
+  for path in files:
+    for serialized in tf.data.TFRecordDataset(path):
+      for caption in schema.parse(serialized)['captions'].numpy():
+        yield caption.decode('utf-8', 'replace')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from data_pipelines import text
+
+  files = sorted(glob.glob(os.path.join(_INPUT.value, '*.tfrecord')))
+  if not files:
+    raise app.UsageError(f'no *.tfrecord under --input_dir={_INPUT.value}')
+  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+  path = text.train_tokenizer(_captions(files), _OUTPUT.value, _VOCAB.value, model_type=_TYPE.value)
+  tokenizer = text.Tokenizer(path)
+  logging.info('wrote %s: %d pieces from %d shards', path, tokenizer.vocab_size, len(files))
+  print(path)
+
+
+if __name__ == '__main__':
+  app.run(main)
