@@ -18,8 +18,14 @@ def _shards(*args, **kwargs):
   return pretrain.ShardSource(*args, **kwargs)
 
 
+def _tfds(*args, **kwargs):
+  from data_pipelines import classification
+
+  return classification.TfdsSource(*args, **kwargs)
+
+
 # One dict per kind: config.data.name → source.
-SOURCES = {'synthetic': synthetic.SyntheticSource, 'shards': _shards}
+SOURCES = {'synthetic': synthetic.SyntheticSource, 'shards': _shards, 'tfds': _tfds}
 
 
 def build(

@@ -23,9 +23,8 @@ def frame_indices(
   return tf.clip_by_value(index, 0, tf.cast(num_stored, tf.int32) - 1)
 
 
-def _crop_window(jpeg: tf.Tensor, seed: tf.Tensor, train: bool) -> tf.Tensor:
-  """[y, x, h, w] of the crop, chosen once per clip."""
-  shape = tf.image.extract_jpeg_shape(jpeg)
+def _crop_window(shape: tf.Tensor, seed: tf.Tensor, train: bool) -> tf.Tensor:
+  """[y, x, h, w] of the crop of a frame of `shape` ([H, W, C]), chosen once per clip."""
   height, width = shape[0], shape[1]
   if train:
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -43,23 +42,39 @@ def _crop_window(jpeg: tf.Tensor, seed: tf.Tensor, train: bool) -> tf.Tensor:
   return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
 
-def decode_clip(jpegs: tf.Tensor, size: int, seed: tf.Tensor, *, train: bool) -> tf.Tensor:
-  """Decodes [T] JPEG frames into a [T, size, size, 3] float32 clip in [-1, 1]."""
-  window = _crop_window(jpegs[0], seed, train)
-  frames = tf.map_fn(
-    lambda jpeg: tf.image.decode_and_crop_jpeg(jpeg, window, channels=3),
-    jpegs,
-    fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
-  )
+def _finish(frames: tf.Tensor, size: int, seed: tf.Tensor, train: bool) -> tf.Tensor:
+  """Cropped uint8 frames [T, h, w, 3] → resized, flipped and jittered, in [-1, 1]."""
   frames = tf.image.resize(frames, (size, size), method='bilinear', antialias=True) / 255.0
   if train:
     seeds = tf.random.experimental.stateless_split(seed, 5)
     # One coin per clip: tf.image's random flip on [T, H, W, C] would flip each frame on its own.
     flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
     frames = tf.cond(flip, lambda: tf.reverse(frames, axis=[2]), lambda: frames)
+    # On a [T, H, W, C] tensor each of these draws one factor for the whole clip.
     frames = tf.image.stateless_random_brightness(frames, 32.0 / 255.0, seeds[1])
     frames = tf.image.stateless_random_saturation(frames, 0.6, 1.4, seeds[2])
     frames = tf.image.stateless_random_contrast(frames, 0.6, 1.4, seeds[3])
     frames = tf.image.stateless_random_hue(frames, 0.2, seeds[4])
   frames = tf.clip_by_value(frames, 0.0, 1.0)
   return frames * 2.0 - 1.0
+
+
+def decode_clip(jpegs: tf.Tensor, size: int, seed: tf.Tensor, *, train: bool) -> tf.Tensor:
+  """Decodes [T] JPEG frames into a [T, size, size, 3] float32 clip in [-1, 1].
+
+  Only the crop window is decoded (decode_and_crop_jpeg), the same window for every frame.
+  """
+  window = _crop_window(tf.image.extract_jpeg_shape(jpegs[0]), seed, train)
+  frames = tf.map_fn(
+    lambda jpeg: tf.image.decode_and_crop_jpeg(jpeg, window, channels=3),
+    jpegs,
+    fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
+  )
+  return _finish(frames, size, seed, train)
+
+
+def crop_clip(frames: tf.Tensor, size: int, seed: tf.Tensor, *, train: bool) -> tf.Tensor:
+  """The same as decode_clip for already decoded uint8 frames [T, H, W, 3] (e.g. from TFDS)."""
+  window = _crop_window(tf.shape(frames)[1:], seed, train)
+  frames = frames[:, window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
+  return _finish(frames, size, seed, train)
