@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   creates .venv, installs the pinned requirements, trains demo_tiny
+#   make demo   creates .venv, installs the pinned requirements, makes the demo media and shards,
+#               trains demo_tiny on them (DEMO_DIR=./demo by default)
 #   make test   creates .venv, installs, runs ruff and pytest
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint format install clean
+.PHONY: demo demo-shards test lint format install clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +19,29 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+# The demo: real mp4 media (H.264 + AAC) → record shards → sentencepiece → pretrain demo_tiny.
+# Media and the tokenizer are made once; prepare_data resumes (finished shards are kept).
+DEMO_MEDIA := $(DEMO_DIR)/media
+DEMO_SHARDS := $(DEMO_DIR)/shards
+
+$(DEMO_MEDIA)/dataset_info.json: | $(VENV)/.installed
+	$(PY) scripts/make_demo_data.py --output_dir=$(DEMO_MEDIA)
+
+demo-shards: $(DEMO_MEDIA)/dataset_info.json
+	for split in train val test; do \
+	  $(PY) scripts/prepare_data.py --manifest=$(DEMO_MEDIA)/$$split.jsonl \
+	    --output_dir=$(DEMO_SHARDS)/$$split --num_shards=4 --short_side=64 --sample_rate=8000 \
+	    || exit 1; \
+	done
+
+$(DEMO_SHARDS)/tokenizer.model: | demo-shards
+	$(PY) scripts/train_tokenizer.py --input_dir=$(DEMO_SHARDS)/train \
+	  --output=$(DEMO_SHARDS)/tokenizer --vocab_size=1024
+
+demo: demo-shards $(DEMO_SHARDS)/tokenizer.model
 	rm -rf $(DEMO_DIR)/run
-	$(PY) scripts/train.py --config=configs/demo_tiny.py --workdir=$(DEMO_DIR)/run
+	$(PY) scripts/train.py --config=configs/demo_tiny.py --workdir=$(DEMO_DIR)/run \
+	  --config.data.path=$(DEMO_SHARDS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

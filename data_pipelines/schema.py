@@ -1,7 +1,7 @@
 """The shard record format: one `tf.train.SequenceExample` per media file.
 
 Context (per file):
-  clip/media_id        bytes    a stable id (the manifest's media path, relative to the manifest)
+  clip/media_id        bytes    a stable id: the manifest's media path, exactly as written there
   clip/duration        float    seconds
   image/frame_rate     float    frames per second as stored (after resampling on ingest)
   image/height, image/width  int64  stored frame size (0 when there are no frames)
@@ -104,7 +104,7 @@ def encode(record: Record) -> bytes:
       feature_list={k: tf.train.FeatureList(feature=v) for k, v in lists.items()}
     ),
   )
-  return example.SerializeToString()
+  return example.SerializeToString(deterministic=True)  # same record → same bytes (checksums)
 
 
 def parse(serialized):

@@ -23,7 +23,14 @@ def frame_indices(
   return tf.clip_by_value(index, 0, tf.cast(num_stored, tf.int32) - 1)
 
 
-def _crop_window(shape: tf.Tensor, seed: tf.Tensor, train: bool) -> tf.Tensor:
+# The paper's random resized crop (appendix A.2.1); configs may narrow it (data.crop_area_range).
+AREA_RANGE = (0.08, 1.0)
+ASPECT_RANGE = (0.5, 2.0)
+
+
+def _crop_window(
+  shape: tf.Tensor, seed: tf.Tensor, train: bool, area_range=AREA_RANGE, aspect_range=ASPECT_RANGE
+) -> tf.Tensor:
   """[y, x, h, w] of the crop of a frame of `shape` ([H, W, C]), chosen once per clip."""
   height, width = shape[0], shape[1]
   if train:
@@ -59,12 +66,22 @@ def _finish(frames: tf.Tensor, size: int, seed: tf.Tensor, train: bool) -> tf.Te
   return frames * 2.0 - 1.0
 
 
-def decode_clip(jpegs: tf.Tensor, size: int, seed: tf.Tensor, *, train: bool) -> tf.Tensor:
+def decode_clip(
+  jpegs: tf.Tensor,
+  size: int,
+  seed: tf.Tensor,
+  *,
+  train: bool,
+  area_range=AREA_RANGE,
+  aspect_range=ASPECT_RANGE,
+) -> tf.Tensor:
   """Decodes [T] JPEG frames into a [T, size, size, 3] float32 clip in [-1, 1].
 
   Only the crop window is decoded (decode_and_crop_jpeg), the same window for every frame.
   """
-  window = _crop_window(tf.image.extract_jpeg_shape(jpegs[0]), seed, train)
+  window = _crop_window(
+    tf.image.extract_jpeg_shape(jpegs[0]), seed, train, area_range, aspect_range
+  )
   frames = tf.map_fn(
     lambda jpeg: tf.image.decode_and_crop_jpeg(jpeg, window, channels=3),
     jpegs,
@@ -73,8 +90,16 @@ def decode_clip(jpegs: tf.Tensor, size: int, seed: tf.Tensor, *, train: bool) ->
   return _finish(frames, size, seed, train)
 
 
-def crop_clip(frames: tf.Tensor, size: int, seed: tf.Tensor, *, train: bool) -> tf.Tensor:
+def crop_clip(
+  frames: tf.Tensor,
+  size: int,
+  seed: tf.Tensor,
+  *,
+  train: bool,
+  area_range=AREA_RANGE,
+  aspect_range=ASPECT_RANGE,
+) -> tf.Tensor:
   """The same as decode_clip for already decoded uint8 frames [T, H, W, 3] (e.g. from TFDS)."""
-  window = _crop_window(tf.shape(frames)[1:], seed, train)
+  window = _crop_window(tf.shape(frames)[1:], seed, train, area_range, aspect_range)
   frames = frames[:, window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
   return _finish(frames, size, seed, train)

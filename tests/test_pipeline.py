@@ -54,6 +54,7 @@ def _config(path, tokenizer, **overrides):
       name='shards', path=str(path), tokenizer=tokenizer, fps=10.0, num_frames=8, frame_size=32,
       sample_rate=SAMPLE_RATE, num_samples=6400, max_words=6, num_narrations=5, vocab_size=128,
       shuffle_buffer=8, cycle_length=2, deterministic=True, on_bad_input='skip', eval_clips=3,
+      crop_area_range=(0.08, 1.0), crop_aspect_range=(0.5, 2.0),
   )  # fmt: skip
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
