@@ -19,7 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags  # noqa: E402
 
-from data_pipelines import ingest  # noqa: E402
+from data_pipelines import decode, ingest  # noqa: E402
 
 _MANIFEST = flags.DEFINE_string('manifest', None, 'JSONL or CSV manifest (docs/DATA.md).')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Folder for the shards and report.jsonl.')
@@ -43,7 +43,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    options = ingest.Options(
+    options = decode.Options(
       fps=_FPS.value,
       short_side=_SHORT_SIDE.value,
       sample_rate=_SAMPLE_RATE.value,

@@ -19,7 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags  # noqa: E402
 
-from data_pipelines import ingest  # noqa: E402
+from data_pipelines import validate  # noqa: E402
 
 _INPUT_DIR = flags.DEFINE_string('input_dir', None, 'Folder holding the *.tfrecord shards.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.')
@@ -71,7 +71,7 @@ def main(argv):
   if not os.path.isdir(_INPUT_DIR.value):
     print(f'error: {_INPUT_DIR.value} is not a folder', file=sys.stderr)
     return 2
-  stats = ingest.inspect_shards(_INPUT_DIR.value, decode_all=_DECODE_ALL.value)
+  stats = validate.inspect_shards(_INPUT_DIR.value, decode_all=_DECODE_ALL.value)
   if _JSON.value:
     print(json.dumps(stats))
   else:

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipelines import ingest, schema
+from data_pipelines import decode, ingest, schema, validate
+from data_pipelines.manifest import read_manifest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
-OPTIONS = ingest.Options(fps=10, short_side=32, sample_rate=48000, jpeg_quality=90)
+OPTIONS = decode.Options(fps=10, short_side=32, sample_rate=48000, jpeg_quality=90)
 
 
 def _write_video(path, seconds, fps, height, width, colours, audio_rate=None, tone=0.0):
@@ -233,7 +234,7 @@ def test_shards_and_done_files(converted):
 
 
 def test_variable_frame_rate_picks_latest_frame_at_or_before(media):
-  record, _ = ingest.decode_media(str(media / 'vfr.mkv'), OPTIONS)
+  record, _ = decode.decode_media(str(media / 'vfr.mkv'), OPTIONS)
   # Outputs at 0, .1, … .7 s: the frames at 0, .05, .05, .3, .31, .31, .31, .7 s.
   expected = [RED, GREEN, GREEN, BLUE, (255,) * 3, (255,) * 3, (255,) * 3, (0,) * 3]
   assert len(record.frames) == len(expected)
@@ -242,38 +243,38 @@ def test_variable_frame_rate_picks_latest_frame_at_or_before(media):
 
 
 def test_max_duration_truncates_everything(media):
-  record, duration = ingest.decode_media(
-    str(media / 'av.mp4'), ingest.Options(fps=10, short_side=0, max_duration=1.0)
+  record, duration = decode.decode_media(
+    str(media / 'av.mp4'), decode.Options(fps=10, short_side=0, max_duration=1.0)
   )
   assert duration == pytest.approx(1.0)
   assert len(record.frames) == 10 and (record.height, record.width) == (48, 64)  # not resized
   assert len(record.waveform) == 48000
   captions = [schema.Caption(**c) for c in CAPTIONS]
-  assert [c.text for c in ingest._clip_captions(captions, duration)] == ['a red square']
+  assert [c.text for c in decode._clip_captions(captions, duration)] == ['a red square']
 
 
 def test_frame_repeats():
   # 25 → 10 fps over 2 s: 20 outputs at 0, .1, .2, …: the source frames at 0, .08, .2 (exactly
   # on time counts as at or before), .28, …
-  repeats = ingest.frame_repeats([i / 25 for i in range(50)], 10, 2.0)
+  repeats = decode.frame_repeats([i / 25 for i in range(50)], 10, 2.0)
   assert sum(repeats) == 20 and repeats[:8] == [1, 0, 1, 0, 0, 1, 0, 1]
   # 5 → 10 fps: each source frame shown twice, never more than needed.
-  assert ingest.frame_repeats([i / 5 for i in range(5)], 10, 1.0) == [2] * 5
+  assert decode.frame_repeats([i / 5 for i in range(5)], 10, 1.0) == [2] * 5
   # Outputs before the first source frame show it.
-  assert ingest.frame_repeats([0.25, 0.5], 10, 0.6) == [5, 1]
+  assert decode.frame_repeats([0.25, 0.5], 10, 0.6) == [5, 1]
   # A timestamp going backwards gives the frame before it nothing.
-  assert ingest.frame_repeats([0.0, 0.3, 0.2], 10, 0.4) == [3, 0, 1]
-  assert ingest.frame_repeats([], 10, 1.0) == []
+  assert decode.frame_repeats([0.0, 0.3, 0.2], 10, 0.4) == [3, 0, 1]
+  assert decode.frame_repeats([], 10, 1.0) == []
 
 
 def test_output_size():
-  assert ingest.output_size(64, 48, 32) == (43, 32)
-  assert ingest.output_size(48, 64, 32) == (32, 43)  # portrait
-  assert ingest.output_size(1920, 1080, 256) == (455, 256)
-  assert ingest.output_size(64, 48, 256) == (64, 48)  # never upscaled
-  assert ingest.output_size(64, 48, 0) == (64, 48)
+  assert decode.output_size(64, 48, 32) == (43, 32)
+  assert decode.output_size(48, 64, 32) == (32, 43)  # portrait
+  assert decode.output_size(1920, 1080, 256) == (455, 256)
+  assert decode.output_size(64, 48, 256) == (64, 48)  # never upscaled
+  assert decode.output_size(64, 48, 0) == (64, 48)
   # Anamorphic 720x480 with 32:27 pixels displays as 853x480.
-  assert ingest.output_size(720, 480, 240, fractions.Fraction(32, 27)) == (427, 240)
+  assert decode.output_size(720, 480, 240, fractions.Fraction(32, 27)) == (427, 240)
 
 
 @pytest.mark.parametrize(
@@ -295,7 +296,7 @@ def test_output_size():
 )
 def test_malformed_jsonl_rows_name_the_field(tmp_path, row, error):
   manifest = _write_jsonl(tmp_path / 'm.jsonl', [{'media': 'ok.mp4'}, row])
-  first, second = ingest.read_manifest(str(manifest))
+  first, second = read_manifest(str(manifest))
   assert first.error is None and first.path == str(tmp_path / 'ok.mp4')
   assert second.index == 1 and second.line == 2
   assert error in second.error and 'm.jsonl line 2' in second.error
@@ -304,12 +305,12 @@ def test_malformed_jsonl_rows_name_the_field(tmp_path, row, error):
 def test_manifest_errors(tmp_path):
   (tmp_path / 'm.csv').write_text('path,label\na.mp4,1\n')
   with pytest.raises(ValueError, match='"media" column'):
-    ingest.read_manifest(str(tmp_path / 'm.csv'))
+    read_manifest(str(tmp_path / 'm.csv'))
   (tmp_path / 'm.txt').write_text('a.mp4\n')
   with pytest.raises(ValueError, match='unknown manifest type'):
-    ingest.read_manifest(str(tmp_path / 'm.txt'))
+    read_manifest(str(tmp_path / 'm.txt'))
   (tmp_path / 'm.jsonl').write_text('{"media": "a.mp4"}\n\nnot json\n')
-  rows = ingest.read_manifest(str(tmp_path / 'm.jsonl'))
+  rows = read_manifest(str(tmp_path / 'm.jsonl'))
   assert [r.index for r in rows] == [0, 1] and 'line 3: not valid JSON' in rows[1].error
 
 
@@ -359,7 +360,7 @@ def test_resume_rewrites_only_missing_shards(media, tmp_path):
   assert '"missing.mp4"' in (output_dir / 'report.jsonl').read_text()
   # Finished shards made with other settings are not mixed with new ones.
   with pytest.raises(ValueError, match='fps=10.0'):
-    ingest.convert(str(manifest), str(output_dir), 3, ingest.Options(fps=5), progress=False)
+    ingest.convert(str(manifest), str(output_dir), 3, decode.Options(fps=5), progress=False)
   with pytest.raises(ValueError, match='3-shard run'):
     ingest.convert(str(manifest), str(output_dir), 4, OPTIONS, progress=False)
 
@@ -425,7 +426,7 @@ def test_validator_finds_undecodable_frames(tmp_path):
     writer.write(schema.encode(good))
     writer.write(schema.encode(broken))
     writer.write(b'not a SequenceExample')
-  stats = ingest.inspect_shards(str(tmp_path))
+  stats = validate.inspect_shards(str(tmp_path))
   assert (stats['records'], stats['good_records'], stats['bad_records']) == (3, 1, 2)
   assert [(b['index'], b['media_id']) for b in stats['bad_record_list']] == [
     (1, 'broken'),
