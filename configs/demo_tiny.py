@@ -9,10 +9,10 @@ Adam 1e-3 with 30 warm-up steps and a quarter-period cosine over 1500 steps; NCE
 
 Data: the bundled real-media demo (scripts/make_demo_data.py → prepare_data.py at 64 px and 8 kHz →
 train_tokenizer.py), read from demo/shards (--config.data.path). The paper's augmentation applies.
-Hardware and time: 2 CPU cores; `make demo` from a fresh clone takes about 8 minutes after the
-install (media 21 s, shards 31 s, 1500 steps about 6 minutes; the input pipeline is the bottleneck).
+Hardware and time: 2 CPU cores; `make demo` from a fresh clone takes 7 minutes after the install
+(media 21 s, shards 31 s, 1500 steps about 5 minutes; the input pipeline is the bottleneck).
 Measured (seed 0, 2 cores): loss 4.14 at step 100, at chance (log 64 ≈ 4.16 for 32 clips) until
-about step 700, then 3.67 at step 1500 (video–text 3.32, video–audio 4.03).
+about step 700, then 3.67 at step 1500 (video–text 3.32, video–audio 4.03); a second run 3.57.
 """
 
 from configs import common

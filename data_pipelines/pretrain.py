@@ -223,13 +223,13 @@ class ShardSource:
     chosen = text_ops.narration_indices(
       cap_start, cap_end, centre, centre + clip_seconds, cfg.num_narrations
     )
-    tokens = self.tokenizer.tf_encode(tf.gather(captions, chosen), cfg.max_words)
 
     labels = ex['labels']
     out = {
       'video': clips[0] if self.train else clips,
       'audio': (waves[0] if self.train else waves) * tf.cast(audio_ok, tf.float32),
-      'text': tokens * tf.cast(has_text, tf.int32),
+      # Strings now, ids after batching: one tokenizer call per batch, not one per example.
+      'text': tf.where(has_text, tf.gather(captions, chosen), ''),
       'video_mask': tf.cast(ok, tf.float32),
       'audio_mask': tf.cast(audio_ok, tf.float32),
       'text_mask': tf.cast(has_text, tf.float32),
@@ -257,7 +257,16 @@ class ShardSource:
       ds = ds.ignore_errors()  # undecodable records/frames: dropped here, counted by index gaps
     ds = ds.filter(lambda ex: ex['_ok'])
     ds = ds.batch(self.local_batch_size, drop_remainder=self.train)
+    ds = ds.map(
+      self._tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic
+    )
     return ds.prefetch(tf.data.AUTOTUNE)
+
+  def _tokenize(self, batch):
+    """text: [B, K] caption strings ('' for none) → [B, K, max_words] ids (all 0 for '')."""
+    shape = tf.shape(batch['text'])
+    ids = self.tokenizer.tf_encode(tf.reshape(batch['text'], [-1]), self.cfg.max_words)
+    return {**batch, 'text': tf.reshape(ids, [shape[0], shape[1], self.cfg.max_words])}
 
   def close(self) -> None:
     """Releases the tf.data iterator (and its reader) while Python is still alive."""
