@@ -11,10 +11,12 @@ so in deterministic mode the same config gives the same batches, and a restored 
 
 from __future__ import annotations
 
+import atexit
 import collections
 import glob
 import os
 import struct
+import weakref
 
 import ml_collections
 import numpy as np
@@ -46,6 +48,12 @@ def shard_files(path: str, split: str, process_index: int, process_count: int) -
   if not mine:
     raise ValueError(f'{len(files)} shards under {pattern} cannot feed {process_count} hosts')
   return mine
+
+
+# Sources still open at exit are closed while Python is alive: TensorFlow cannot finalize a generator
+# dataset's iterator after the interpreter has begun tearing down (it warns, loudly, otherwise).
+_OPEN_SOURCES = weakref.WeakSet()
+atexit.register(lambda: [source.close() for source in list(_OPEN_SOURCES)])
 
 
 def truncated_at(path: str) -> int | None:
@@ -114,6 +122,7 @@ class ShardSource:
     self._position = 0  # stream elements consumed (emitted or dropped)
     self._records_read = 0
     self._iterator = None
+    _OPEN_SOURCES.add(self)
 
   # ---- checkpointable position ------------------------------------------------------------
   def get_state(self) -> dict:
