@@ -40,6 +40,8 @@ def build(
   """Builds this host's share (batch_size / process_count) of the global batch stream."""
   if cfg.name not in SOURCES:
     raise ValueError(f'config data.name {cfg.name!r} is not one of {sorted(SOURCES)}')
+  if batch_size % process_count:
+    raise ValueError(f'global batch_size {batch_size} does not divide over {process_count} hosts')
   return SOURCES[cfg.name](
     cfg,
     split,

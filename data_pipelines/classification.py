@@ -40,8 +40,6 @@ class TfdsSource:
   ):
     if cfg.modality not in ('video', 'audio'):
       raise ValueError(f"config data.modality must be 'video' or 'audio', got {cfg.modality!r}")
-    if batch_size % process_count:
-      raise ValueError(f'global batch_size {batch_size} does not divide over {process_count} hosts')
     self.cfg, self.split, self.seed = cfg, split, seed
     self.train = split.startswith('train')
     self.local_batch_size = batch_size // process_count
@@ -51,10 +49,10 @@ class TfdsSource:
     self._iterator = None
 
   def _clip_starts(self, duration, seed):
-    latest = tf.maximum(duration - self.cfg.num_frames / self.cfg.fps, 0.0)
-    if self.train:
-      return tf.random.stateless_uniform([1], seed) * latest
-    return tf.linspace(0.0, 1.0, self.cfg.eval_clips) * latest
+    return video_ops.clip_starts(
+        duration, self.cfg.num_frames / self.cfg.fps, seed,
+        train=self.train, eval_clips=self.cfg.eval_clips,
+    )  # fmt: skip
 
   def _process(self, index, example):
     cfg = self.cfg

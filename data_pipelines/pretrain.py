@@ -30,8 +30,6 @@ from data_pipelines import video as video_ops
 
 tf.config.set_visible_devices([], 'GPU')  # TensorFlow never takes an accelerator from JAX
 
-_BOOKKEEPING = ('_index', '_ok', '_audio_incomplete', '_audio_rate_mismatch', '_empty_captions')
-
 
 def shard_files(path: str, split: str, process_index: int, process_count: int) -> list[str]:
   """This host's shards: every process_count-th file of `{path}/{split}/*.tfrecord`."""
@@ -96,8 +94,6 @@ class ShardSource:
     process_index: int = 0,
     process_count: int = 1,
   ):
-    if batch_size % process_count:
-      raise ValueError(f'global batch_size {batch_size} does not divide over {process_count} hosts')
     if cfg.on_bad_input not in ('skip', 'fatal'):
       raise ValueError(
         f"config data.on_bad_input must be 'skip' or 'fatal', got {cfg.on_bad_input!r}"
@@ -178,17 +174,16 @@ class ShardSource:
     seed = tf.stack([tf.cast(self.seed, tf.int64), index])
     seeds = tf.random.experimental.stateless_split(seed, 3)
     clip_seconds = cfg.num_frames / cfg.fps
-    latest_start = tf.maximum(ex['duration'] - clip_seconds, 0.0)
-    if self.train:
-      starts = tf.random.stateless_uniform([1], seeds[0]) * latest_start
-    else:
-      starts = tf.linspace(0.0, 1.0, cfg.eval_clips) * latest_start
+    starts = video_ops.clip_starts(
+      ex['duration'], clip_seconds, seeds[0], train=self.train, eval_clips=cfg.eval_clips
+    )
     num_stored = tf.shape(ex['frames'])[0]
-    ok = num_stored > 0
+    # A record without frames fails here: dropped by ignore_errors and counted by the index gap
+    # in 'skip' mode, raised in 'fatal' mode.
+    tf.debugging.assert_greater(num_stored, 0, message='record without frames')
 
     def one_clip(start):
-      index = video_ops.frame_indices(start, ex['frame_rate'], tf.maximum(num_stored, 1),
-                                      cfg.num_frames, cfg.fps)  # fmt: skip
+      index = video_ops.frame_indices(start, ex['frame_rate'], num_stored, cfg.num_frames, cfg.fps)
       jpegs = tf.gather(ex['frames'], index)
       clip = video_ops.decode_clip(
           jpegs, cfg.frame_size, seeds[1], train=self.train,
@@ -199,19 +194,18 @@ class ShardSource:
       )
       return clip, wave, complete
 
-    if self.cfg.on_bad_input == 'fatal':
-      tf.debugging.assert_greater(num_stored, 0, message='record without frames')
-    safe_frames = tf.cond(ok, lambda: ex['frames'], lambda: tf.constant([b'']))
-    ex['frames'] = safe_frames
-    clips, waves, complete = tf.map_fn(
+    if self.train:
+      clips, waves, complete = (t[None] for t in one_clip(starts[0]))
+    else:
+      clips, waves, complete = tf.map_fn(
         one_clip,
         starts,
         fn_output_signature=(
-            tf.TensorSpec([cfg.num_frames, cfg.frame_size, cfg.frame_size, 3], tf.float32),
-            tf.TensorSpec([cfg.num_samples], tf.float32),
-            tf.TensorSpec([], tf.bool),
+          tf.TensorSpec([cfg.num_frames, cfg.frame_size, cfg.frame_size, 3], tf.float32),
+          tf.TensorSpec([cfg.num_samples], tf.float32),
+          tf.TensorSpec([], tf.bool),
         ),
-    ) if not self.train else tuple(t[None] for t in one_clip(starts[0]))  # fmt: skip
+      )
 
     rate_ok = tf.equal(ex['sample_rate'], cfg.sample_rate)
     has_audio = tf.equal(ex['has_audio'], 1)
@@ -239,12 +233,11 @@ class ShardSource:
       'audio': (waves[0] if self.train else waves) * tf.cast(audio_ok, tf.float32),
       # Strings now, ids after batching: one tokenizer call per batch, not one per example.
       'text': tf.where(has_text, tf.gather(captions, chosen), ''),
-      'video_mask': tf.cast(ok, tf.float32),
+      'video_mask': tf.ones([], tf.float32),  # records without frames were dropped above
       'audio_mask': tf.cast(audio_ok, tf.float32),
       'text_mask': tf.cast(has_text, tf.float32),
       'label': tf.cond(tf.size(labels) > 0, lambda: tf.cast(labels[0], tf.int32), lambda: -1),
       '_index': index,
-      '_ok': ok,
       '_audio_incomplete': has_audio & rate_ok & ~audio_complete,
       '_audio_rate_mismatch': has_audio & ~rate_ok,
       '_empty_captions': tf.reduce_sum(tf.cast(~nonempty, tf.int32)),
@@ -264,7 +257,6 @@ class ShardSource:
     ds = ds.map(self._process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
     if cfg.on_bad_input == 'skip':
       ds = ds.ignore_errors()  # undecodable records/frames: dropped here, counted by index gaps
-    ds = ds.filter(lambda ex: ex['_ok'])
     ds = ds.batch(self.local_batch_size, drop_remainder=self.train)
     ds = ds.map(
       self._tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic
@@ -303,5 +295,4 @@ class ShardSource:
     self.counts['audio_incomplete'] += int(batch.pop('_audio_incomplete').sum())
     self.counts['audio_rate_mismatch'] += int(batch.pop('_audio_rate_mismatch').sum())
     self.counts['empty_captions'] += int(batch.pop('_empty_captions').sum())
-    batch.pop('_ok')
     return batch

@@ -37,10 +37,6 @@ class SyntheticSource:
   ):
     if split not in _SPLIT_IDS:
       raise ValueError(f'split must be one of {sorted(_SPLIT_IDS)}, got {split!r}')
-    if batch_size % process_count:
-      raise ValueError(
-        f'global batch_size {batch_size} does not divide over {process_count} processes'
-      )
     self.cfg, self.concepts = cfg, cfg.synthetic
     num_classes = self.concepts.num_classes
     if cfg.vocab_size < 2 * num_classes + 2:

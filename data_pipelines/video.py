@@ -11,6 +11,17 @@ from __future__ import annotations
 import tensorflow as tf
 
 
+def clip_starts(
+  duration: tf.Tensor, clip_seconds: float, seed: tf.Tensor, *, train: bool, eval_clips: int
+) -> tf.Tensor:
+  """Start times (s) of the clips taken from a video: one at random in training, `eval_clips`
+  uniformly spaced over the whole video in evaluation."""
+  latest = tf.maximum(tf.cast(duration, tf.float32) - clip_seconds, 0.0)
+  if train:
+    return tf.random.stateless_uniform([1], seed) * latest
+  return tf.linspace(0.0, 1.0, eval_clips) * latest
+
+
 def frame_indices(
   start_time: tf.Tensor, stored_fps: tf.Tensor, num_stored: tf.Tensor, num_frames: int, fps: float
 ) -> tf.Tensor:
