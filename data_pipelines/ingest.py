@@ -148,6 +148,7 @@ def convert_shard(
   finally:
     _active_marker = None
   stats.update(
+    schema_version=schema.SCHEMA_VERSION,
     errors=errors,
     options=dataclasses.asdict(options),
     manifest_sha256=manifest_sha256,
@@ -221,6 +222,12 @@ def _finished_shard(
     raise ValueError(
       f'{final} was written from a different manifest (sha256 {stats.get("manifest_sha256")}); '
       'use a new --output_dir or delete the old shards'
+    )
+  if stats.get('schema_version', 1) != schema.SCHEMA_VERSION:
+    raise ValueError(
+      f'{final} holds records of format version {stats.get("schema_version", 1)}; this vatt-jax '
+      f'writes and reads version {schema.SCHEMA_VERSION}: use a new --output_dir or delete the old '
+      'shards'
     )
   stored = stats.get('options', {})
   for key, value in dataclasses.asdict(options).items():

@@ -54,25 +54,26 @@ _OPEN_SOURCES = weakref.WeakSet()
 atexit.register(lambda: [source.close() for source in list(_OPEN_SOURCES)])
 
 
-def truncated_at(path: str) -> int | None:
-  """Byte offset where a TFRecord file ends mid-record, or None if its framing is complete.
+def framing(path: str) -> tuple[int, int | None]:
+  """(complete records, byte offset where the file ends mid-record or None) of a TFRecord file.
 
   TensorFlow's reader takes a cut-off last record for the end of the file; walking the length
-  headers (8-byte length, 4-byte CRC, data, 4-byte CRC) finds the cut with a few seeks.
+  headers (8-byte length, 4-byte CRC, data, 4-byte CRC) finds the cut with one seek per record.
   """
   size = os.path.getsize(path)
-  offset = 0
+  offset = records = 0
   with open(path, 'rb') as f:
     while offset < size:
       header = f.read(12)
       if len(header) < 12:
-        return offset
+        return records, offset
       (length,) = struct.unpack('<Q', header[:8])
+      if offset + 12 + length + 4 > size:
+        return records, offset
       offset += 12 + length + 4
-      if offset > size:
-        return offset - 12 - length - 4
+      records += 1
       f.seek(offset)
-  return None
+  return records, None
 
 
 class ShardSource:
@@ -114,11 +115,36 @@ class ShardSource:
         f'tokenizer {self.tokenizer.model_path} has {self.tokenizer.vocab_size} pieces, more than the '
         f'model vocabulary (config model.text.vocab_size={cfg.vocab_size})'
       )
+    self._check_format()
     self.counts = collections.Counter()
     self._position = 0  # stream elements consumed (emitted or dropped)
     self._records_read = 0
+    self._bad_shards = set()
     self._iterator = None
     _OPEN_SOURCES.add(self)
+
+  def _check_format(self) -> None:
+    """Fails now on shards of another format or version: a stream that skipped every record would
+    otherwise wait forever for its first batch. Looks at the first record of a few shards."""
+    errors = []
+    for path in self.files[:4]:
+      try:
+        for record in tf.data.TFRecordDataset(path).take(1):
+          version = int(schema.parse(record)['version'])
+          if version != schema.SCHEMA_VERSION:
+            raise ValueError(
+              f'{path} holds records of format version {version}; this vatt-jax reads version '
+              f'{schema.SCHEMA_VERSION}: convert the media again with scripts/prepare_data.py'
+            )
+          return
+      except tf.errors.OpError as e:  # unreadable or not our records; a damaged shard may follow
+        errors.append(f'{path}: {e.message.strip()[:200]}')
+    if errors:
+      raise ValueError(
+        'no readable vatt-jax record at the start of the first shards (made by another tool, or a '
+        'format older than version ' + str(schema.SCHEMA_VERSION) + '? scripts/prepare_data.py '
+        'makes them): ' + '; '.join(errors)
+      )
 
   # ---- checkpointable position ------------------------------------------------------------
   def get_state(self) -> dict:
@@ -129,42 +155,60 @@ class ShardSource:
     self._iterator = None
 
   # ---- the stream ---------------------------------------------------------------------------
-  def _records(self):
-    """Serialized records, round-robin over `cycle_length` open shards; forever in training."""
-    epoch = 0
-    while True:
-      files = list(self.files)
-      if self.train:
-        np.random.default_rng([self.seed, epoch]).shuffle(files)
-      pending = collections.deque(files)
-      open_readers = collections.deque()
-      while pending or open_readers:
-        while pending and len(open_readers) < self.cfg.cycle_length:
-          path = pending.popleft()
-          cut = truncated_at(path)
-          if cut is not None:
-            self._bad_shard(path, f'truncated at byte {cut}; the complete records are read')
-          # The C++ record iterator checks CRCs and costs no eager op per record (13× faster than
-          # iterating a TFRecordDataset here). Deprecated, but present in the pinned TensorFlow.
-          open_readers.append((path, tf.compat.v1.io.tf_record_iterator(path)))
-        path, reader = open_readers.popleft()
-        try:
-          record = next(reader)
-        except StopIteration:
-          continue
-        except tf.errors.OpError as e:  # a corrupted record: keep what was read before it
-          self._bad_shard(path, f'unreadable past this point ({e.message})')
-          continue
-        open_readers.append((path, reader))
-        self._records_read += 1
-        yield record
-      if not self.train:
-        return
-      epoch += 1
+  def _records(self) -> tf.data.Dataset:
+    """Serialized records, round-robin over `cycle_length` open shards; forever in training.
+
+    Read in the graph (TFRecordDataset checks every CRC). A shard that ends early, at a corrupted
+    record or cut off mid-record, keeps the records before the damage; when each shard has been
+    read, `_end_of_shard` compares the count with the file's framing and reports the damage.
+    """
+    files = tf.data.Dataset.from_tensor_slices(self.files)
+    if self.train:  # a new shard order every epoch, the same for the same seed
+      files = files.shuffle(len(self.files), seed=self.seed, reshuffle_each_iteration=True)
+      files = files.repeat()
+
+    def read(path):
+      records = tf.data.TFRecordDataset(path, buffer_size=4 << 20)
+      if self.cfg.on_bad_input == 'skip':
+        records = records.ignore_errors()  # the shard ends at a corrupted record
+      marker = tf.data.Dataset.from_tensors(('', True))
+      records = records.map(lambda r: (r, False)).concatenate(marker)
+      # (record, is the end marker, records read before it)
+      return records.scan(tf.constant(0, tf.int64), lambda n, x: (n + 1, (x[0], x[1], n))).filter(
+        lambda record, end, n: tf.cond(
+          end,
+          lambda: tf.py_function(self._end_of_shard, [path, n], tf.bool),
+          lambda: tf.constant(True),
+        )
+      )
+
+    records = files.interleave(
+      read,
+      cycle_length=self.cfg.cycle_length,
+      block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
+    return records.map(lambda record, end, n: record)
+
+  def _end_of_shard(self, path, read) -> bool:
+    """Runs once per shard read (the end marker): counts it, checks its framing; always False."""
+    path, read = path.numpy().decode(), int(read)
+    self._records_read += read
+    complete, cut = framing(path)
+    if cut is not None:
+      self._bad_shard(path, f'truncated at byte {cut}; the {read} complete records were read')
+    elif read < complete:
+      self._bad_shard(
+        path, f'corrupted record {read} of {complete}; the {read} before it were read'
+      )
+    return False
 
   def _bad_shard(self, path: str, what: str) -> None:
-    self.counts['corrupt_shards'] += 1
-    logging.warning('shard %s: %s', path, what)
+    if path not in self._bad_shards:  # once per shard, not once per epoch
+      self._bad_shards.add(path)
+      logging.warning('shard %s: %s', path, what)
+    self.counts['corrupt_shards'] = len(self._bad_shards)
     if self.cfg.on_bad_input == 'fatal':
       raise ValueError(f'corrupted shard {path}: {what} (config data.on_bad_input=fatal)')
 
@@ -189,8 +233,8 @@ class ShardSource:
           jpegs, cfg.frame_size, seeds[1], train=self.train,
           area_range=cfg.crop_area_range, aspect_range=cfg.crop_aspect_range,
       )  # fmt: skip
-      wave, complete = audio_ops.cut_waveform(
-        ex['waveform'], start, cfg.sample_rate, cfg.num_samples
+      wave, complete = audio_ops.cut_waveform_bytes(
+        ex['waveform_bytes'], start, cfg.sample_rate, cfg.num_samples
       )
       return clip, wave, complete
 
@@ -248,9 +292,7 @@ class ShardSource:
 
   def _dataset(self) -> tf.data.Dataset:
     cfg = self.cfg
-    ds = tf.data.Dataset.from_generator(
-      self._records, output_signature=tf.TensorSpec([], tf.string)
-    )
+    ds = self._records()
     if self.train:
       ds = ds.shuffle(cfg.shuffle_buffer, seed=self.seed)
     ds = ds.enumerate().skip(self._position)

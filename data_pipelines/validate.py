@@ -34,6 +34,11 @@ def _caption_coverage(starts: np.ndarray, ends: np.ndarray, duration: float) -> 
 
 def _check_record(parsed: dict, decode_all: bool) -> tuple[str | None, dict]:
   """Returns (why the record is bad or None, a few facts about it)."""
+  if int(parsed['version']) != schema.SCHEMA_VERSION:
+    return (
+      f'record format version {int(parsed["version"])}, this vatt-jax reads version '
+      f'{schema.SCHEMA_VERSION}: convert the media again with scripts/prepare_data.py'
+    ), {}
   frames = parsed['frames'].numpy()
   wave = parsed['waveform'].numpy()
   height, width = int(parsed['height']), int(parsed['width'])

@@ -363,6 +363,13 @@ def test_resume_rewrites_only_missing_shards(media, tmp_path):
     ingest.convert(str(manifest), str(output_dir), 3, decode.Options(fps=5), progress=False)
   with pytest.raises(ValueError, match='3-shard run'):
     ingest.convert(str(manifest), str(output_dir), 4, OPTIONS, progress=False)
+  # Shards of an older record format are not mixed with new ones either.
+  done = next(output_dir.glob('shard-00000-*.done.json'))
+  stats = json.loads(done.read_text())
+  del stats['schema_version']  # what the first format's converter wrote
+  done.write_text(json.dumps(stats))
+  with pytest.raises(ValueError, match='format version 1'):
+    ingest.convert(str(manifest), str(output_dir), 3, OPTIONS, progress=False)
 
 
 def test_file_that_kills_the_worker_twice_is_skipped(media, tmp_path):
@@ -422,14 +429,19 @@ def test_validator_finds_undecodable_frames(tmp_path):
     'ok', 0.2, 10.0, [tf.io.encode_jpeg(np.zeros((4, 6, 3), np.uint8)).numpy()] * 2, 4, 6
   )
   broken = schema.Record('broken', 0.2, 10.0, [b'\xff\xd8 not a jpeg'] * 2, 4, 6)
+  old = tf.train.SequenceExample.FromString(schema.encode(good))
+  old.context.feature[schema.VERSION].int64_list.value[0] = 1
   with tf.io.TFRecordWriter(str(tmp_path / 'x.tfrecord')) as writer:
     writer.write(schema.encode(good))
     writer.write(schema.encode(broken))
     writer.write(b'not a SequenceExample')
+    writer.write(old.SerializeToString())
   stats = validate.inspect_shards(str(tmp_path))
-  assert (stats['records'], stats['good_records'], stats['bad_records']) == (3, 1, 2)
+  assert (stats['records'], stats['good_records'], stats['bad_records']) == (4, 1, 3)
   assert [(b['index'], b['media_id']) for b in stats['bad_record_list']] == [
     (1, 'broken'),
     (2, None),
+    (3, 'ok'),
   ]
   assert 'frame 0 is not a decodable JPEG' in stats['bad_record_list'][0]['error']
+  assert 'format version 1' in stats['bad_record_list'][2]['error']

@@ -223,3 +223,93 @@ def test_tokenizer_round_trip(tokenizer_path):
   assert ids.shape == (3, 8) and ids.dtype == np.int32
   assert (ids[2] == 0).all() and (ids[0] > 0).any()
   assert tokenizer.decode(ids) == texts
+
+
+def _reference_cut(wave: np.ndarray, start_time: float, rate: int, n: int):
+  """float64 numpy reference of the synced waveform cut (the 50 ms pull-back, padding, clipping)."""
+  start = max(int(np.round(start_time * rate)), 0)
+  over = start + n - len(wave)
+  if 0 < over <= max(1, rate // 20):
+    start = len(wave) - n
+  piece = np.asarray(wave[start : start + n], np.float64)
+  complete = len(piece) >= n
+  return np.clip(np.pad(piece, (0, n - len(piece))), -1, 1), complete
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_waveform_cut_from_pcm_bytes_matches_reference(seed):
+  from data_pipelines import audio as audio_ops
+
+  rng = np.random.default_rng(seed)
+  rate, n = 8000, 800
+  wave = rng.uniform(-1.2, 1.2, int(rng.integers(1, 3000))).astype(np.float32)
+  stored = np.round(np.clip(wave.astype(np.float64), -1, 1) * schema.PCM_SCALE) / schema.PCM_SCALE
+  data = tf.constant([schema.pcm16(wave)])
+  # Start samples at random, past the end, and around the 50 ms pull-back (400 samples) edges;
+  # times a fifth of a sample past them, so float32 and float64 rounding agree.
+  starts = [0, *rng.integers(0, len(wave) + 4000, 6)]
+  starts += [len(wave) - n + d for d in (0, 1, 399, 400, 401, 480)]
+  for start_time in [(k + 0.2) / rate for k in starts]:
+    got, complete = audio_ops.cut_waveform_bytes(data, tf.constant(start_time, tf.float32), rate, n)
+    want, want_complete = _reference_cut(stored, float(np.float32(start_time)), rate, n)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+    assert bool(complete) == want_complete
+    floats, _ = audio_ops.cut_waveform(
+      tf.constant(stored, tf.float32), tf.constant(start_time, tf.float32), rate, n
+    )
+    np.testing.assert_allclose(got.numpy(), floats.numpy(), atol=1e-6)
+  silent, complete = audio_ops.cut_waveform_bytes(tf.constant([], tf.string), 0.5, rate, n)
+  np.testing.assert_array_equal(silent.numpy(), 0)
+  assert not bool(complete)
+
+
+def test_pcm_round_trip_and_range():
+  wave = np.array([-1.5, -1.0, -0.25, 0.0, 1e-6, 0.5, 1.0, 2.0], np.float32)
+  record = schema.Record('a.wav', 1.0, waveform=wave, sample_rate=8000)
+  parsed = schema.parse(tf.constant(schema.encode(record)))
+  got = parsed['waveform'].numpy()
+  assert int(parsed['version']) == schema.SCHEMA_VERSION
+  np.testing.assert_allclose(got, np.clip(wave, -1, 1), atol=0.5 / schema.PCM_SCALE)
+  assert got.min() == -1.0 and got.max() == 1.0
+
+
+def _version1_record(i: int) -> bytes:
+  """A record of the first format: the waveform as a float list, no version field."""
+  example = tf.train.SequenceExample.FromString(schema.encode(_record(i)))
+  del example.context.feature[schema.VERSION]
+  samples = np.frombuffer(
+    example.feature_lists.feature_list[schema.WAVEFORM].feature[0].bytes_list.value[0], '<i2'
+  )
+  waveform = example.feature_lists.feature_list[schema.WAVEFORM]
+  del waveform.feature[:]
+  waveform.feature.add().float_list.value.extend(samples / schema.PCM_SCALE)
+  return example.SerializeToString()
+
+
+def test_shards_of_another_format_fail_at_construction(tmp_path, tokenizer_path):
+  _write(tmp_path / 'train' / 'old.tfrecord', [_version1_record(i) for i in range(2)])
+  with pytest.raises(ValueError, match='prepare_data'):
+    ShardSource(_config(tmp_path, tokenizer_path), 'train', batch_size=2)
+  no_audio = tmp_path / 'noaudio'
+  _write(no_audio / 'train' / 'a.tfrecord', [_record(0, audio=False)])
+  example = tf.train.SequenceExample.FromString(schema.encode(_record(0, audio=False)))
+  example.context.feature[schema.VERSION].int64_list.value[0] = 1  # parses, but says version 1
+  _write(no_audio / 'train' / 'a.tfrecord', [example.SerializeToString()])
+  with pytest.raises(ValueError, match='version 1'):
+    ShardSource(_config(no_audio, tokenizer_path), 'train', batch_size=2)
+  other = tmp_path / 'other'
+  plain = tf.train.Example(features=tf.train.Features(feature={}))  # another tool's records
+  _write(other / 'train' / 'a.tfrecord', [b'not a record', plain.SerializeToString()])
+  with pytest.raises(ValueError, match='no readable vatt-jax record'):
+    ShardSource(_config(other, tokenizer_path), 'train', batch_size=2)
+
+
+def test_damaged_shard_counted_once_over_epochs(tmp_path, tokenizer_path):
+  _write(tmp_path / 'train' / 'a.tfrecord', [_record(i) for i in range(3)])
+  data = (tmp_path / 'train' / 'a.tfrecord').read_bytes()
+  (tmp_path / 'train' / 'b.tfrecord').write_bytes(data[: len(data) - 100])  # 2 complete records
+  source = ShardSource(_config(tmp_path, tokenizer_path), 'train', batch_size=5, seed=1)
+  for _ in range(4):  # 5 readable records per epoch: four batches span four epochs
+    batch = next(source)
+    assert batch['video'].shape[0] == 5
+  assert source.counts['corrupt_shards'] == 1 and source.counts['skipped_records'] == 0
