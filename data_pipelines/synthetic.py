@@ -21,6 +21,9 @@ _SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2}
 class SyntheticSource:
   """Yields numpy batch dicts; position = number of batches yielded (checkpointable).
 
+  Example i of global batch s is drawn from its own generator, seeded by (seed, split, s, i); a host
+  yields its slice of the global batch, so the global batch is the same for any number of hosts.
+
   Batch: video [B, T, H, W, 3] f32 in [-1, 1], audio [B, S] f32 in [-1, 1], text [B, K, W] int32
   (0 = padding), video_mask / audio_mask / text_mask [B] f32, label [B] int32.
   """
@@ -45,7 +48,8 @@ class SyntheticSource:
         '(config data.synthetic.num_classes)'
       )
     self.local_batch_size = batch_size // process_count
-    self._stream = (seed, _SPLIT_IDS[split], process_index)
+    self._stream = (seed, _SPLIT_IDS[split])
+    self._first = process_index * self.local_batch_size  # this host's first global example
     self._step = 0
     height, width = (cfg.frame_size,) * 2 if isinstance(cfg.frame_size, int) else cfg.frame_size
     self._frame_shape = (cfg.num_frames, height, width, 3)
@@ -67,9 +71,12 @@ class SyntheticSource:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng([*self._stream, self._step])
+    examples = [
+      self._example(np.random.default_rng([*self._stream, self._step, self._first + i]))
+      for i in range(self.local_batch_size)
+    ]
     self._step += 1
-    return self._batch(rng)
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
   def _upsample(self, coarse: np.ndarray) -> np.ndarray:
     out = coarse
@@ -78,39 +85,36 @@ class SyntheticSource:
     t, h, w = self._frame_shape[:3]
     return out[:t, :h, :w]
 
-  def _batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    cfg, concepts, batch = self.cfg, self.concepts, self.local_batch_size
-    labels = rng.integers(0, self.concepts.num_classes, batch)
-    video = np.stack([self._upsample(self._video_templates[c]) for c in labels])
-    video = video + rng.uniform(-0.2, 0.2, (batch, 1, 1, 1, 1))  # brightness
+  def _example(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    cfg, concepts = self.cfg, self.concepts
+    label = int(rng.integers(0, concepts.num_classes))
+    video = self._upsample(self._video_templates[label]) + rng.uniform(-0.2, 0.2)  # brightness
     video = video + concepts.noise * rng.standard_normal(video.shape)
 
     t = np.arange(cfg.num_samples)
-    phase = rng.uniform(0, 2 * np.pi, (batch, 2, 1))
-    tones = np.sin(2 * np.pi * self._tones[labels][:, :, None] * t + phase).mean(axis=1)
-    audio = 0.8 * tones + concepts.noise * rng.standard_normal((batch, cfg.num_samples))
+    phase = rng.uniform(0, 2 * np.pi, (2, 1))
+    tones = np.sin(2 * np.pi * self._tones[label][:, None] * t + phase).mean(axis=0)
+    audio = 0.8 * tones + concepts.noise * rng.standard_normal(cfg.num_samples)
 
-    text = np.zeros((batch, cfg.num_narrations, cfg.max_words), np.int32)
-    for b, c in enumerate(labels):
-      for k in range(cfg.num_narrations):
-        # Its own caption names its concept; each neighbour does so only half the time.
-        concept = c if (k == 0 or rng.random() < 0.5) else rng.integers(self.concepts.num_classes)
-        length = rng.integers(max(1, cfg.max_words // 2), cfg.max_words + 1)
-        words = rng.choice(self._class_words[concept], length)
-        filler = rng.random(length) < 0.3
-        words[filler] = rng.integers(1, cfg.vocab_size, filler.sum())
-        text[b, k, :length] = words
+    text = np.zeros((cfg.num_narrations, cfg.max_words), np.int32)
+    for k in range(cfg.num_narrations):
+      # Its own caption names its concept; each neighbour does so only half the time.
+      concept = label if (k == 0 or rng.random() < 0.5) else rng.integers(concepts.num_classes)
+      length = rng.integers(max(1, cfg.max_words // 2), cfg.max_words + 1)
+      words = rng.choice(self._class_words[concept], length)
+      filler = rng.random(length) < 0.3
+      words[filler] = rng.integers(1, cfg.vocab_size, filler.sum())
+      text[k, :length] = words
 
-    audio_mask = (rng.random(batch) >= concepts.missing_audio_rate).astype(np.float32)
-    text_mask = (rng.random(batch) >= concepts.missing_text_rate).astype(np.float32)
-    audio[audio_mask == 0] = 0.0  # missing media arrive as zeros, flagged by the mask
-    text[text_mask == 0] = 0
+    has_audio = rng.random() >= concepts.missing_audio_rate
+    has_text = rng.random() >= concepts.missing_text_rate
+    # Missing media arrive as zeros, flagged by the mask.
     return {
       'video': np.clip(video, -1.0, 1.0).astype(np.float32),
-      'audio': np.clip(audio, -1.0, 1.0).astype(np.float32),
-      'text': text,
-      'video_mask': np.ones(batch, np.float32),
-      'audio_mask': audio_mask,
-      'text_mask': text_mask,
-      'label': labels.astype(np.int32),
+      'audio': (np.clip(audio, -1.0, 1.0) * has_audio).astype(np.float32),
+      'text': text * has_text,
+      'video_mask': np.float32(1.0),
+      'audio_mask': np.float32(has_audio),
+      'text_mask': np.float32(has_text),
+      'label': np.int32(label),
     }

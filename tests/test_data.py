@@ -61,6 +61,11 @@ def test_hosts_read_different_shares():
   xa, xb = next(a), next(b)
   assert xa['video'].shape[0] == xb['video'].shape[0] == 4
   assert not np.array_equal(xa['video'], xb['video'])
+  # Together they are the one-host global batch: the data do not depend on the host count.
+  whole, _ = _source(batch_size=8)
+  x = next(whole)
+  for key in x:
+    np.testing.assert_array_equal(np.concatenate([xa[key], xb[key]]), x[key])
 
 
 def test_bad_arguments_are_named():
