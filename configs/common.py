@@ -50,7 +50,8 @@ def model_config(
       position_layernorm=False,  # official code: True
       dropout_rate=0.1,
       attention_dropout_rate=0.1,
-      dtype='float32',
+      dtype='float32',  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+      remat='none',  # per encoder block: 'none', 'dots' (keep matmul outputs) or 'full'
     )
   )
 
@@ -108,7 +109,12 @@ def pretraining_config(model: ml_collections.ConfigDict) -> ml_collections.Confi
       grad_clip_norm=0.0,
     )
   )
-  config.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: all devices on the data axis
+  # Mesh axes (one may be -1: the remaining devices): data = replicated parameters, fsdp = data
+  # parallel with parameters and optimizer state split, model = heads / MLP / vocabulary split.
+  # rules: logical axis → mesh axis; empty = vatt_jax.train.sharding.DEFAULT_RULES.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, rules=()))
+  config.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row (0: never)
+  config.keep_checkpoint_period = 0  # also keep every this-many-th step's checkpoint for good
   return config
 
 

@@ -1,9 +1,14 @@
-r"""Pretrains a model from a config file.
+r"""Pretrains a model from a config file; resumes from the workdir's latest checkpoint.
 
   python scripts/train.py --config=configs/demo_tiny.py --workdir=/tmp/demo \
-      [--config.total_steps=100 ...]
+      [--config.total_steps=100 ...] [--profile_steps=10:15]
 
-Writes the resolved config (config.json) and metrics.jsonl into the workdir.
+Several processes (hosts): on TPU pods and under SLURM `jax.distributed.initialize()` finds its
+peers by itself (--distributed); elsewhere name them:
+  python scripts/train.py ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0
+
+Writes the resolved config (config.json), metrics.jsonl, TensorBoard event files and checkpoints
+(checkpoints/<step>/) into the workdir. SIGTERM or Ctrl-C saves a checkpoint and exits cleanly.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vatt_jax.train import trainer  # noqa: E402
+from vatt_jax.train import distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:variant]).')
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'Directory for the config, metrics and checkpoints.'
+)
+_PROFILE = flags.DEFINE_string(
+  'profile_steps', None, 'FIRST:LAST: a jax.profiler trace of these steps into WORKDIR/profile.'
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -29,7 +37,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  history = trainer.train(_CONFIG.value, _WORKDIR.value)
+  distributed.initialize_from_flags()
+  from vatt_jax.train import trainer
+
+  history = trainer.train(_CONFIG.value, _WORKDIR.value, profile_steps=_PROFILE.value)
   if len(history) >= 2:
     logging.info(
       'loss: %.4f at step %d → %.4f at step %d',

@@ -26,6 +26,7 @@ import functools
 import itertools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -281,7 +282,8 @@ def random_like(abstract, seed):
 
 
 def random_variables(module, *args, seed=0, **kwargs):
-  abstract = jax.eval_shape(lambda: module.init({'params': jax.random.key(0)}, *args, **kwargs))
+  init = lambda: module.init({'params': jax.random.key(0)}, *args, **kwargs)  # noqa: E731
+  abstract = nn.meta.unbox(jax.eval_shape(init))
   return random_like(abstract, seed)
 
 
@@ -882,7 +884,7 @@ def test_modality_specific_encoders_follow_configured_sizes():
   model = build_model(cfg)
   batch = make_batch(cfg, np.random.default_rng(0))
   init = lambda: model.init({'params': jax.random.key(0)}, batch, train=False)  # noqa: E731
-  params = jax.eval_shape(init)['params']
+  params = nn.meta.unbox(jax.eval_shape(init))['params']
   assert sorted(name for name in params if name.endswith('encoder')) == [
     'audio_encoder',
     'text_encoder',

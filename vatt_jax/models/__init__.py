@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
+from jax.sharding import PartitionSpec
 
 from vatt_jax.models.heads import CommonSpace
-from vatt_jax.models.transformer import SIZES, get_size
+from vatt_jax.models.partitioning import ACTIVATION_AXES, PARAM_AXES
+from vatt_jax.models.transformer import REMAT_POLICIES, SIZES, get_size
 from vatt_jax.models.vatt import VATT, AudioSpec, TextSpec, VideoSpec
 
-__all__ = ['SIZES', 'VATT', 'build_model', 'get_size', 'MODEL_BUILDERS']
+__all__ = [
+  'ACTIVATION_AXES',
+  'MODEL_BUILDERS',
+  'PARAM_AXES',
+  'REMAT_POLICIES',
+  'SIZES',
+  'VATT',
+  'build_model',
+  'get_size',
+  'init_variables',
+  'logical_specs',
+]
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -24,6 +41,9 @@ def _build_vatt(cfg: ml_collections.ConfigDict) -> VATT:
     )
   if cfg.dtype not in _DTYPES:
     raise ValueError(f'config model.dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}')
+  remat = cfg.get('remat', 'none')
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'config model.remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}')
   v, a, t = cfg.video, cfg.audio, cfg.text
   frames, (height, width) = v.num_frames, _pair(v.frame_size)
   grid = tuple(math.ceil(d / p) for d, p in zip((frames, height, width), v.patch_size, strict=True))
@@ -62,6 +82,7 @@ def _build_vatt(cfg: ml_collections.ConfigDict) -> VATT:
     shared=shared,
     dropout_rate=cfg.dropout_rate,
     attention_dropout_rate=cfg.attention_dropout_rate,
+    remat=remat,
     dtype=_DTYPES[cfg.dtype],
   )
 
@@ -83,3 +104,49 @@ def build_model(cfg: ml_collections.ConfigDict):
       f'config model.name {cfg.name!r} is not one of {sorted(MODEL_BUILDERS)}'
     ) from None
   return builder(cfg)
+
+
+def init_variables(model: nn.Module, rng_or_rngs, example_batch, **kwargs) -> dict[str, Any]:
+  """`model.init` with the logical-partitioning boxes removed: plain arrays.
+
+  Args:
+    model: a module from build_model.
+    rng_or_rngs: a PRNG key (used for 'params') or a dict of keys by RNG stream.
+    example_batch: arrays (or anything with their shapes and dtypes, under jit/eval_shape).
+    **kwargs: passed to model.init (VATT's `train` defaults to False).
+  Returns:
+    {'params': …, 'batch_stats': …} of arrays.
+  """
+  return nn.meta.unbox(model.init(rng_or_rngs, example_batch, **kwargs))
+
+
+def logical_specs(model: nn.Module, example_batch, **kwargs) -> dict[str, Any]:
+  """Logical PartitionSpecs (one name, or None, per dimension) of every variable.
+
+  Traces `model.init` abstractly (jax.eval_shape: no FLOPs, no memory). Batch-norm statistics get
+  the spec of their norm's scale (('common',) in the common-space heads).
+
+  Returns:
+    {'params': tree of PartitionSpec, 'batch_stats': tree of PartitionSpec} (the latter only for
+    models with batch norm, as VATT), shaped like those collections of `init_variables`.
+  """
+  abstract = jax.eval_shape(
+    lambda batch: model.init(jax.random.key(0), batch, **kwargs), example_batch
+  )
+  params = nn.get_partition_spec(abstract['params'])
+  flat_params = traverse_util.flatten_dict(params)
+
+  def stat_spec(path, leaf):
+    for sibling in ('scale', 'bias'):
+      spec = flat_params.get(path[:-1] + (sibling,))
+      if spec is not None and len(spec) == leaf.ndim:
+        return spec
+    return PartitionSpec(*(None,) * leaf.ndim)
+
+  specs = {'params': params}
+  if 'batch_stats' in abstract:
+    stats = traverse_util.flatten_dict(nn.meta.unbox(abstract['batch_stats']))
+    specs['batch_stats'] = traverse_util.unflatten_dict(
+      {p: stat_spec(p, leaf) for p, leaf in stats.items()}
+    )
+  return specs

@@ -1,8 +1,14 @@
 """Multi-head self-attention and the T5 relative position bias.
 
-Dense attention goes through `jax.nn.dot_product_attention`, so XLA's fused kernel (and cuDNN flash
-attention on GPUs) is used whenever attention-probability dropout is off. With attention dropout in
-training, the probabilities have to be materialised, so an explicit einsum path is taken instead.
+Dense attention goes through `jax.nn.dot_product_attention` whenever attention-probability dropout
+is off. With attention dropout in training, the probabilities have to be materialised, so an
+explicit einsum path is taken instead. Both paths compute the logits, the bias and the softmax in
+float32 whatever the compute dtype (jax's XLA implementation accumulates the q·k product in float32
+and upcasts before its softmax); only the projections and the probability-weighted sum of values
+run in the compute dtype.
+
+Parameter logical axes: q/k/v kernels (embed, heads, kv), biases (heads, kv); the output kernel
+(heads, kv, embed), bias (embed,); the relative position bias table (positions, heads).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vatt_jax.models.partitioning import partitioned_general
 
 Dtype = Any
 
@@ -58,7 +66,8 @@ class MultiHeadSelfAttention(nn.Module):
     head_dim = width // self.num_heads
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
       features=(self.num_heads, head_dim),
-      kernel_init=nn.initializers.xavier_uniform(),
+      kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('embed', 'heads', 'kv')),
+      bias_init=partitioned_general(nn.initializers.zeros_init(), ('heads', 'kv')),
       dtype=self.dtype,
       name=name,
     )
@@ -67,11 +76,17 @@ class MultiHeadSelfAttention(nn.Module):
     key_mask = None if mask is None else mask[:, None, None, :].astype(bool)  # [B, 1, 1, N]
 
     if deterministic or self.attention_dropout_rate == 0.0:
+      # Logits are float32 here (XLA path); the bias is added to them at full precision.
       out = jax.nn.dot_product_attention(
-        q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=key_mask, scale=scale
+        q,
+        k,
+        v,
+        bias=None if bias is None else bias.astype(jnp.float32),
+        mask=key_mask,
+        scale=scale,
       )
     else:
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * scale
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
       if bias is not None:
         logits = logits + bias.astype(jnp.float32)
       if key_mask is not None:
@@ -83,7 +98,8 @@ class MultiHeadSelfAttention(nn.Module):
     return nn.DenseGeneral(
       features=width,
       axis=(-2, -1),
-      kernel_init=nn.initializers.xavier_uniform(),
+      kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('heads', 'kv', 'embed')),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
       dtype=self.dtype,
       name='out',
     )(out)
@@ -135,7 +151,9 @@ class RelativePositionBias(nn.Module):
     )
     table = self.param(
       'rel_embedding',
-      nn.initializers.normal(stddev=1.0 / math.sqrt(self.num_buckets)),
+      nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=1.0 / math.sqrt(self.num_buckets)), ('positions', 'heads')
+      ),
       (self.num_buckets, self.num_heads),
     )
     bias = jnp.take(table, buckets, axis=0)  # [N, N, H]

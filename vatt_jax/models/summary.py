@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vatt_jax.models import build_model
+from vatt_jax.models import build_model, init_variables
 from vatt_jax.models.vatt import MODALITIES
 
 VOCABULARY_PATH = ('text_tokenizer', 'vocabulary')
@@ -93,7 +93,7 @@ def summarize(model_cfg: ml_collections.ConfigDict, drop_token_rate: float | Non
     cfg.video.drop_token_rate = cfg.audio.drop_token_rate = drop_token_rate
   model = build_model(cfg)
   inputs = example_inputs(cfg)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), inputs)
+  variables = jax.eval_shape(lambda x: init_variables(model, jax.random.key(0), x), inputs)
   params = variables['params']
   counts = count_parameters(params)
   backbones = {

@@ -2,6 +2,9 @@
 
 Each tokenizer maps one modality's raw input to a [B, N, D] token sequence that already carries its
 absolute positions (none for text, whose positions enter as a relative attention bias).
+
+Parameter logical axes: patch projections (patch, embed) and bias (embed,); position tables
+(positions, embed); position norms (embed,); the vocabulary (vocab, embed).
 """
 
 from __future__ import annotations
@@ -19,7 +22,29 @@ Dtype = Any
 
 def _position_init(width: int):
   # Truncated normal with std width**-0.5, as the official VATT code initialises its buckets.
-  return nn.initializers.truncated_normal(stddev=width**-0.5)
+  return nn.with_logical_partitioning(
+    nn.initializers.truncated_normal(stddev=width**-0.5), ('positions', 'embed')
+  )
+
+
+def _patch_projection(width: int, dtype: Dtype) -> nn.Dense:
+  return nn.Dense(
+    width,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ('patch', 'embed')),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
+    dtype=dtype,
+    name='patch',
+  )
+
+
+def _position_norm() -> nn.LayerNorm:
+  return nn.LayerNorm(
+    epsilon=1e-6,
+    dtype=jnp.float32,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
+    name='position_norm',
+  )
 
 
 def num_kept_tokens(num_tokens: int, drop_rate: float) -> int:
@@ -89,9 +114,7 @@ class VoxelTokenizer(nn.Module):
     nt, nh, nw = grid
     patches = video.reshape(batch, nt, pt, nh, ph, nw, pw, channels)
     patches = patches.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(batch, nt, nh, nw, -1)
-    tokens = nn.Dense(
-      self.width, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, name='patch'
-    )(patches.astype(self.dtype))
+    tokens = _patch_projection(self.width, self.dtype)(patches.astype(self.dtype))
 
     init = _position_init(self.width)
     temporal = self.param('temporal_position', init, (nt, self.width))
@@ -99,7 +122,7 @@ class VoxelTokenizer(nn.Module):
     vertical = self.param('vertical_position', init, (nw, self.width))
     positions = temporal[:, None, None] + horizontal[None, :, None] + vertical[None, None, :]
     if self.position_layernorm:
-      positions = nn.LayerNorm(epsilon=1e-6, name='position_norm')(positions)
+      positions = _position_norm()(positions)
     tokens = tokens + positions.astype(tokens.dtype)
     return tokens.reshape(batch, nt * nh * nw, self.width)
 
@@ -129,12 +152,10 @@ class WaveformTokenizer(nn.Module):
       )
     audio = jnp.pad(audio, ((0, 0), (0, num_patches * self.patch_size - samples)))
     patches = audio.reshape(batch, num_patches, self.patch_size)
-    tokens = nn.Dense(
-      self.width, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, name='patch'
-    )(patches.astype(self.dtype))
+    tokens = _patch_projection(self.width, self.dtype)(patches.astype(self.dtype))
     positions = self.param('position', _position_init(self.width), (num_patches, self.width))
     if self.position_layernorm:
-      positions = nn.LayerNorm(epsilon=1e-6, name='position_norm')(positions)
+      positions = _position_norm()(positions)
     return tokens + positions[None].astype(tokens.dtype)
 
 
@@ -153,5 +174,11 @@ class WordTokenizer(nn.Module):
     """ids: [B, W] int. Returns tokens [B, W, width] and mask [B, W] bool."""
     if ids.ndim != 2:
       raise ValueError(f'text ids must be [B, W], got shape {ids.shape}')
-    embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name='vocabulary')
+    embed = nn.Embed(
+      self.vocab_size,
+      self.width,
+      dtype=self.dtype,
+      embedding_init=nn.with_logical_partitioning(nn.linear.default_embed_init, ('vocab', 'embed')),
+      name='vocabulary',
+    )
     return embed(ids), ids != 0

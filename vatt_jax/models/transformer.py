@@ -41,11 +41,33 @@ def get_size(name: str) -> EncoderSize:
     raise ValueError(f'unknown model size {name!r}; known sizes: {sorted(SIZES)}') from None
 
 
+# config model.remat → what a rematerialised encoder block keeps for the backward pass.
+REMAT_POLICIES = {
+  'none': None,  # no rematerialisation: every activation is stored
+  'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # projection/MLP matmuls
+  'full': jax.checkpoint_policies.nothing_saveable,  # only the block inputs; recompute the rest
+}
+
+# The residual stream between blocks.
+RESIDUAL_AXES = ('batch', 'length', 'embed_act')
+
+
 def _norm(norm_type: str, name: str) -> nn.Module:
+  """Pre-LN norm of width d, computed (and returned) in float32."""
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',))
   if norm_type == 'layernorm':
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=jnp.float32, name=name)
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',))
+    return nn.LayerNorm(
+      epsilon=LAYER_NORM_EPSILON,
+      dtype=jnp.float32,
+      scale_init=scale_init,
+      bias_init=bias_init,
+      name=name,
+    )
   if norm_type == 'rmsnorm':
-    return nn.RMSNorm(epsilon=LAYER_NORM_EPSILON, dtype=jnp.float32, name=name)
+    return nn.RMSNorm(
+      epsilon=LAYER_NORM_EPSILON, dtype=jnp.float32, scale_init=scale_init, name=name
+    )
   raise ValueError(f"norm_type must be 'layernorm' or 'rmsnorm', got {norm_type!r}")
 
 
@@ -57,21 +79,29 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
     width = x.shape[-1]
-    dense = lambda features, name: nn.Dense(  # noqa: E731
-      features,
-      kernel_init=nn.initializers.xavier_uniform(),
-      bias_init=nn.initializers.normal(stddev=1e-6),
-      dtype=self.dtype,
-      name=name,
-    )
-    y = dense(self.mlp_dim, 'fc1')(x)
+
+    def dense(features, axes, name):
+      return nn.Dense(
+        features,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=1e-6), axes[-1:]),
+        dtype=self.dtype,
+        name=name,
+      )
+
+    y = dense(self.mlp_dim, ('embed', 'mlp'), 'fc1')(x)
     y = nn.gelu(y, approximate=False)  # exact GELU, as the official VATT code
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    return dense(width, 'fc2')(y)
+    return dense(width, ('mlp', 'embed'), 'fc2')(y)
 
 
 class EncoderBlock(nn.Module):
-  """x + MHA(LN(x)); then x + MLP(LN(x))."""
+  """x + MHA(LN(x)); then x + MLP(LN(x)).
+
+  The norms run in float32 and their outputs are cast to the compute dtype for the matmuls; the
+  residual stream keeps the dtype of the block's input. `mask`, `bias` and `deterministic` may be
+  passed positionally (nn.remat marks `deterministic`, argument 4 counting self, static).
+  """
 
   mlp_dim: int
   num_heads: int
@@ -82,7 +112,7 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, mask=None, bias=None, deterministic: bool = True):
+  def __call__(self, x, mask=None, bias=None, deterministic: bool = True):
     y = _norm(self.norm_type, 'norm_attention')(x).astype(self.dtype)
     y = MultiHeadSelfAttention(
       num_heads=self.num_heads,
@@ -106,6 +136,10 @@ class Encoder(nn.Module):
     size: layers, width, MLP width and heads.
     bias_all_layers: add the attention bias to every layer (T5 / official VATT text tower) rather
       than only to the first (the paper's wording).
+    remat: rematerialisation of each block in the backward pass, a key of REMAT_POLICIES: 'none'
+      (store all activations), 'dots' (store the outputs of matmuls without batch dimensions, i.e.
+      the projections and the MLP; recompute the rest) or 'full' (recompute the whole block).
+      Parameter names and values do not depend on it.
   """
 
   size: EncoderSize
@@ -114,6 +148,7 @@ class Encoder(nn.Module):
   norm_type: str = 'layernorm'
   scale_logits: bool = True
   bias_all_layers: bool = False
+  remat: str = 'none'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -128,9 +163,16 @@ class Encoder(nn.Module):
     """x: [B, N, width]; mask: [B, N] bool (True = attend); bias: [1|B, H, N, N]. Returns [B, N, width]."""
     if x.shape[-1] != self.size.width:
       raise ValueError(f'encoder of width {self.size.width} got tokens of width {x.shape[-1]}')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
+    block_cls = EncoderBlock
+    if self.remat != 'none':
+      # Arguments counted with self: (self, x, mask, bias, deterministic).
+      block_cls = nn.remat(EncoderBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(4,))
+    x = nn.with_logical_constraint(x, RESIDUAL_AXES)
     for i in range(self.size.num_layers):
       layer_bias = bias if (i == 0 or self.bias_all_layers) else None
-      x = EncoderBlock(
+      x = block_cls(
         mlp_dim=self.size.mlp_dim,
         num_heads=self.size.num_heads,
         dropout_rate=self.dropout_rate,
@@ -139,5 +181,6 @@ class Encoder(nn.Module):
         scale_logits=self.scale_logits,
         dtype=self.dtype,
         name=f'block_{i:02d}',
-      )(x, mask=mask, bias=layer_bias, deterministic=deterministic)
+      )(x, mask, layer_bias, deterministic)
+      x = nn.with_logical_constraint(x, RESIDUAL_AXES)
     return _norm(self.norm_type, 'final_norm')(x)

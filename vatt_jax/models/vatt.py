@@ -5,6 +5,10 @@ Every modality goes through the same pipeline, written once in `VATT._tower`:
 and the encoder's output at the AGG slot is the modality's representation. In the modality-agnostic
 variant the three pipelines share one encoder; tokenizers, AGG tokens and the text relative bias stay
 per modality.
+
+Precision: with dtype=bfloat16 the matmuls run in bfloat16 while parameters stay float32; norms,
+softmax and the common-space heads run in float32, and every output (AGG representations and
+common-space embeddings) is float32, so the losses are computed in float32.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class VATT(nn.Module):
     video, audio, text: per-modality specs; a modality-specific tower is built with its own size.
     shared: if set, the modality-agnostic variant: one encoder of this size for all modalities.
     head: the common-space projection.
+    remat: rematerialisation policy of the encoder blocks ('none', 'dots', 'full'; see Encoder).
+    dtype: compute dtype of the tokenizers and encoders (parameters are always float32).
   """
 
   video: VideoSpec
@@ -76,6 +82,7 @@ class VATT(nn.Module):
   shared: EncoderSize | None = None
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
+  remat: str = 'none'
   dtype: Dtype = jnp.float32
 
   def _width(self, modality: str) -> int:
@@ -89,6 +96,7 @@ class VATT(nn.Module):
       norm_type=text.norm_type if text else 'layernorm',
       scale_logits=text.scale_logits if text else True,
       bias_all_layers=text.bias_all_layers if text else False,
+      remat=self.remat,
       dtype=self.dtype,
     )
 
@@ -115,7 +123,9 @@ class VATT(nn.Module):
       num_heads=text_heads, num_buckets=self.text.num_buckets, max_distance=self.text.max_distance
     )
     self.token_dropout = nn.Dropout(self.dropout_rate)
-    agg_init = nn.initializers.truncated_normal(stddev=0.02)
+    agg_init = nn.with_logical_partitioning(
+      nn.initializers.truncated_normal(stddev=0.02), ('embed',)
+    )
     self.agg_tokens = {m: self.param(f'{m}_agg', agg_init, (self._width(m),)) for m in MODALITIES}
     if self.shared is not None:
       # The text tower's T5 quirks (norm, scaling) are text-only; the shared encoder is standard.
@@ -131,7 +141,7 @@ class VATT(nn.Module):
     return getattr(self, f'{modality}_encoder')
 
   def _tower(self, modality, tokens, *, train, drop_rate=0.0, mask=None, bias=None):
-    """tokens [B, N, D] (positions included) → AGG representation [B, D]."""
+    """tokens [B, N, D] (positions included) → AGG representation [B, D], float32."""
     tokens = self.token_dropout(tokens, deterministic=not train)
     if train and drop_rate > 0.0:
       tokens = drop_token(tokens, drop_rate, self.make_rng('droptoken'))
@@ -143,7 +153,7 @@ class VATT(nn.Module):
     if mask is not None:
       mask = jnp.concatenate([jnp.ones((batch, 1), bool), mask], axis=1)
     out = self._encoder(modality)(tokens, mask=mask, bias=bias, deterministic=not train)
-    return out[:, 0]
+    return nn.with_logical_constraint(out[:, 0].astype(jnp.float32), ('batch', 'embed_act'))
 
   def encode_video(self, video: jax.Array, *, train: bool = False) -> jax.Array:
     """video: [B, T, H, W, 3] in [-1, 1] → AGG output [B, D_video] (float32)."""

@@ -19,6 +19,7 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # base key; step keys are fold_in(rng, step), so a resumed run draws the same
   nonfinite_steps: jax.Array  # int32 scalar: steps rejected for a non-finite loss or gradient
+  nonfinite_run: jax.Array  # int32 scalar: of those, how many in a row up to now
 
 
 def init_train_state(
@@ -26,7 +27,7 @@ def init_train_state(
 ) -> TrainState:
   """Initialises parameters from an example batch (only its shapes and dtypes matter)."""
   params_rng, state_rng = jax.random.split(rng)
-  variables = model.init({'params': params_rng}, example_batch, train=False)
+  variables = nn.meta.unbox(model.init({'params': params_rng}, example_batch, train=False))
   params = variables['params']
   return TrainState(
     step=jnp.zeros((), jnp.int32),
@@ -35,4 +36,5 @@ def init_train_state(
     opt_state=tx.init(params),
     rng=state_rng,
     nonfinite_steps=jnp.zeros((), jnp.int32),
+    nonfinite_run=jnp.zeros((), jnp.int32),
   )

@@ -17,16 +17,26 @@ def make_train_step(
   loss_fn: Callable,
   tx: optax.GradientTransformation,
   schedule: Callable,
+  *,
+  axis_rules: tuple = (),
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns train_step(state, batch) -> (state, metrics).
 
   The loss sees the global batch (all devices' samples), so contrastive negatives span it. A step
   whose loss or gradient is not finite is not applied (the official VATT code silently zeroes NaN;
   we report it): the state advances only its step and rejected-step counters, and the learning-rate
-  schedule (driven by optax's count of applied updates) does not move.
+  schedule (driven by optax's count of applied updates) does not move. `nonfinite_run` counts the
+  rejected steps in a row (the trainer stops after config.max_nonfinite_steps of them).
+
+  axis_rules: logical → mesh axis rules for the model's activation-sharding constraints (traced
+  under them; without a mesh they are no-ops).
   """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    with nn.logical_axis_rules(axis_rules):
+      return _train_step(state, batch)
+
+  def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     step_rng = jax.random.fold_in(state.rng, state.step)
     dropout_rng, droptoken_rng = jax.random.split(step_rng)
 
@@ -56,6 +66,7 @@ def make_train_step(
       opt_state=keep(opt_state, state.opt_state),
       batch_stats=keep(batch_stats, state.batch_stats),
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+      nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
     )
     metrics = {
       'loss': loss,
@@ -64,6 +75,7 @@ def make_train_step(
       # optax counts applied updates only, so a rejected step does not advance the schedule.
       'learning_rate': schedule(state.step - state.nonfinite_steps),
       'nonfinite_steps': new_state.nonfinite_steps,
+      'nonfinite_run': new_state.nonfinite_run,
     }
     return new_state, metrics
 

@@ -1,27 +1,42 @@
-"""The training loop: the side effects (I/O, logging) around the pure step."""
+"""The training loop: the side effects (I/O, checkpoints, signals, logging) around the pure step.
+
+A run in a workdir that holds checkpoints resumes from the latest: parameters, optimizer state, step,
+RNG and the input position, so the resumed run continues the same stream of batches and random
+draws (bit-identical on CPU). SIGTERM or SIGINT (preemption, Ctrl-C) saves a checkpoint at the step
+reached and returns cleanly; a second SIGINT interrupts at once.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 import os
+import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 import data_pipelines
 from vatt_jax.losses import build_loss
-from vatt_jax.models import build_model
+from vatt_jax.models import build_model, logical_specs
 from vatt_jax.optim import build_optimizer
+from vatt_jax.train import checkpoint as ckpt
 from vatt_jax.train import sharding
+from vatt_jax.train.logging import MetricLogger, quiet_libraries
 from vatt_jax.train.state import init_train_state
 from vatt_jax.train.step import make_train_step
 
 CONFIG_FILENAME = 'config.json'
-METRICS_FILENAME = 'metrics.jsonl'
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def save_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -34,14 +49,143 @@ def save_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> str
   return path
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Trains for config.total_steps; returns the logged metrics (also appended to metrics.jsonl)."""
+class _StopSignal:
+  """Remembers SIGTERM/SIGINT for the loop to act on between steps; a second SIGINT interrupts.
+
+  With several processes, SIGTERM belongs to JAX's preemption notifier (set up by
+  jax.distributed.initialize): every process learns of it at the same step through
+  `reached_preemption_sync_point`; a Ctrl-C on one process is shared by an all-gather.
+  """
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: signals stay with whoever owns them
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signum
+    logging.warning('%s received: checkpointing at the end of this step', signal.strsignal(signum))
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def agreed(self, step: int) -> bool:
+    """True on every process once any process got a signal (all must save the same step)."""
+    local = self.received is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils
+
+    preempted = multihost_utils.reached_preemption_sync_point(step)
+    return preempted or bool(np.any(multihost_utils.process_allgather(np.array(local))))
+
+
+def _bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _parse_profile_steps(spec: str | None) -> tuple[int, int] | None:
+  if not spec:
+    return None
+  try:
+    first, last = (int(x) for x in spec.split(':'))
+  except ValueError:
+    raise ValueError(f'--profile_steps must be FIRST:LAST (e.g. 10:15), got {spec!r}') from None
+  if not 0 < first <= last:
+    raise ValueError(f'--profile_steps {spec!r}: need 0 < FIRST <= LAST')
+  return first, last
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """What a run compiles, placed on a mesh.
+
+  abstract: the TrainState as jax.ShapeDtypeStruct with shardings; init: rng → TrainState (jitted,
+  placed); step: (state, global batch) → (state, metrics) (jitted, state donated); batch: the
+  sharding of global batch arrays.
+  """
+
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: Any
+  shardings: Any
+  abstract: Any
+  init: Any
+  step: Any
+  batch: jax.sharding.NamedSharding
+
+
+def build_program(config: ml_collections.ConfigDict, mesh, example_batch: dict) -> Program:
+  """Model, loss and optimizer from the config; parameters and optimizer state sharded over `mesh`
+  by config.mesh.rules. example_batch: any batch of the run (only shapes and dtypes are used)."""
+  axis_rules = sharding.rules(config.mesh)
+  model = build_model(config.model)
+  loss_fn = build_loss(config.loss)
+  tx, schedule = build_optimizer(config.optimizer, config.total_steps)
+  example = {k: jnp.zeros((2, *v.shape[1:]), v.dtype) for k, v in example_batch.items()}
+  init = lambda rng: init_train_state(model, tx, example, rng)  # noqa: E731
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  specs = logical_specs(model, example)
+  shardings = sharding.state_shardings(
+    abstract, specs['params'], specs['batch_stats'], tx, mesh, axis_rules
+  )
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+  batch = sharding.batch_sharding(mesh)
+  step = jax.jit(
+    make_train_step(model, loss_fn, tx, schedule, axis_rules=axis_rules),
+    in_shardings=(shardings, batch),
+    out_shardings=(shardings, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+  return Program(
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    shardings=shardings,
+    abstract=abstract,
+    init=jax.jit(init, out_shardings=shardings),
+    step=step,
+    batch=batch,
+  )
+
+
+def train(
+  config: ml_collections.ConfigDict, workdir: str, *, profile_steps: str | None = None
+) -> list[dict]:
+  """Trains until config.total_steps (resuming from the workdir's latest checkpoint); returns the
+  records logged by this call (also appended to metrics.jsonl)."""
+  profile = _parse_profile_steps(profile_steps)
+  quiet_libraries()
   os.makedirs(workdir, exist_ok=True)
+  config_path = os.path.join(workdir, CONFIG_FILENAME)
+  checkpointer = ckpt.Checkpointer(
+    workdir,
+    save_steps=config.checkpoint_steps,
+    keep=config.keep_checkpoints,
+    keep_period=config.get('keep_checkpoint_period', 0),
+  )
+  resume_step = checkpointer.latest_step()
+  if resume_step is not None and os.path.exists(config_path):
+    ckpt.check_resume_config(config, config_path)  # before anything is built or compiled
   if jax.process_index() == 0:
     save_resolved_config(config, workdir)
 
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
+  logging.info('%s', sharding.describe(mesh))
   data = data_pipelines.build(
     config.data,
     'train',
@@ -50,63 +194,109 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  model = build_model(config.model)
-  loss_fn = build_loss(config.loss)
-  tx, schedule = build_optimizer(config.optimizer, config.total_steps)
+  start_position = data.get_state()
+  first = next(data)  # shapes only; the stream is rewound (or moved to the checkpoint) below
+  local_batch = first['video'].shape[0]
+  program = build_program(config, mesh, first)
+  abstract, shardings = program.abstract, program.shardings
 
-  first = next(data)
-  example = {k: jnp.zeros((2, *v.shape[1:]), v.dtype) for k, v in first.items()}
-  replicated = sharding.replicated(mesh)
-  state = jax.jit(lambda rng: init_train_state(model, tx, example, rng), out_shardings=replicated)(
-    jax.random.key(config.seed)
-  )
+  if resume_step is not None:
+    state, data_state = checkpointer.restore(resume_step, abstract)
+    data.set_state(start_position if data_state is None else data_state)
+    logging.info('resumed from %s/%d', checkpointer.directory, resume_step)
+  else:
+    state = program.init(jax.random.key(config.seed))
+    data.set_state(start_position)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('model: %s parameters; mesh: %s', f'{num_params:,}', dict(mesh.shape))
 
-  train_step = jax.jit(
-    make_train_step(model, loss_fn, tx, schedule),
-    in_shardings=(replicated, sharding.batch_sharding(mesh)),
-    out_shardings=(replicated, replicated),
-    donate_argnums=(0,),
+  global_batch = {
+    k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=program.batch)
+    for k, v in first.items()
+  }
+  compile_start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    train_step = program.step.lower(abstract, global_batch).compile()
+  compile_seconds = time.perf_counter() - compile_start
+  memory = train_step.memory_analysis()
+  per_device_state = sum(
+    math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
   )
+  logging.info(
+    'model: %s parameters (%.1f MB); per device: state %.1f MB, activations and temporaries '
+    '%.1f MB (XLA estimate); train step compiled in %.1f s',
+    f'{num_params:,}', _bytes(state.params) / 1e6, per_device_state / 1e6,
+    getattr(memory, 'temp_size_in_bytes', 0) / 1e6, compile_seconds,
+  )  # fmt: skip
 
-  history = []
-  metrics_path = os.path.join(workdir, METRICS_FILENAME)
-  batch, window_start, window_wait, window_steps = first, time.perf_counter(), 0.0, 0
-  for step in range(1, config.total_steps + 1):
-    state, metrics = train_step(state, sharding.put_batch(batch, mesh))
-    window_steps += 1
-    if step % config.log_steps == 0 or step == config.total_steps:
-      record = {'step': step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-      # Throughput over the steps since the last log line (the first window includes compilation).
-      elapsed = time.perf_counter() - window_start
-      record['clips_per_second'] = window_steps * config.batch_size / elapsed
-      record['data_wait_fraction'] = window_wait / elapsed
-      history.append(record)
-      terms = ' '.join(f'{k}={record[k]:.4f}' for k in sorted(record) if k.startswith('loss'))
-      logging.info(
-        'step %d/%d  %s  lr=%.3g  grad_norm=%.3g  %.1f clips/s  data-wait %.0f%%',
-        step,
-        config.total_steps,
-        terms,
-        record['learning_rate'],
-        record['grad_norm'],
-        record['clips_per_second'],
-        100 * record['data_wait_fraction'],
-      )
-      if not np.isfinite(record['loss']):
-        logging.warning('step %d: non-finite loss; the update was not applied', step)
-      if jax.process_index() == 0:
-        with open(metrics_path, 'a') as f:
-          f.write(json.dumps(record) + '\n')
-      window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-    if step < config.total_steps:
-      t0 = time.perf_counter()
-      batch = next(data)
-      window_wait += time.perf_counter() - t0
-  counts = getattr(data, 'counts', None)
-  if counts:
-    logging.info('input: %s', dict(counts))
-  if hasattr(data, 'close'):
-    data.close()
-  return history
+  first_step = int(state.step)
+  logger = MetricLogger(
+    workdir, total_steps=config.total_steps, batch_size=config.batch_size, first_step=first_step
+  )
+  logger.write_summary(
+    first_step,
+    {'compile_seconds': compile_seconds, 'state_mb_per_device': per_device_state / 1e6,
+     'temp_mb_per_device': getattr(memory, 'temp_size_in_bytes', 0) / 1e6},
+  )  # fmt: skip
+  max_nonfinite = config.get('max_nonfinite_steps', 0)
+  step, pending = first_step, None
+  try:
+    with _StopSignal() as stop:
+      while step < config.total_steps:
+        if stop.agreed(step):
+          checkpointer.save(step, state, data.get_state(), force=True)
+          checkpointer.wait()
+          logging.warning('stopped by signal at step %d; checkpoint saved', step)
+          break
+        wait_start = time.perf_counter()
+        batch = next(data)
+        logger.add_wait(time.perf_counter() - wait_start)
+        if batch['video'].shape[0] != local_batch:
+          raise ValueError(
+            f'the input gave a batch of {batch["video"].shape[0]}, not {local_batch}'
+          )
+        step += 1
+        if profile and step == profile[0]:
+          jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+        with jax.set_mesh(mesh):
+          state, metrics = train_step(state, sharding.put_batch(batch, mesh))
+        if profile and step == profile[1]:
+          jax.block_until_ready(metrics)
+          jax.profiler.stop_trace()
+          logging.info('profile of steps %d–%d in %s/profile', *profile, workdir)
+        logger.step_done()
+        # The previous step's metrics are ready by now: reading them does not stall the device.
+        if pending is not None:
+          _check_nonfinite(*pending, max_nonfinite, checkpointer)
+        pending = (step, metrics)
+        if step % config.log_steps == 0 or step == config.total_steps:
+          logger.write(step, jax.device_get(metrics))
+        checkpointer.save(step, state, data.get_state(), force=step == config.total_steps)
+      if pending is not None:
+        _check_nonfinite(*pending, max_nonfinite, checkpointer)
+  finally:
+    checkpointer.close()
+    logger.close()
+    counts = getattr(data, 'counts', None)
+    if counts:
+      logging.info('input: %s', dict(counts))
+    if hasattr(data, 'close'):
+      data.close()
+  return logger.history
+
+
+def _check_nonfinite(step: int, metrics: dict, limit: int, checkpointer) -> None:
+  run = int(jax.device_get(metrics['nonfinite_run']))
+  if run:
+    logging.warning(
+      'step %d: non-finite loss or gradient, update not applied (%d in a row, %d in all)',
+      step, run, int(jax.device_get(metrics['nonfinite_steps'])),
+    )  # fmt: skip
+  if limit and run >= limit:
+    checkpointer.wait()
+    last = checkpointer.latest_step()
+    raise NonFiniteError(
+      f'{run} consecutive steps up to {step} had a non-finite loss or gradient (config '
+      f'max_nonfinite_steps={limit}); stopping. The last checkpoint, step {last}, holds the last '
+      'good parameters (rejected steps change nothing).'
+    )

@@ -1,0 +1,361 @@
+"""Training at scale: meshes, several processes, checkpoints, resume, preemption, guards.
+
+Tests that need 8 devices run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8
+(the device count is fixed when JAX starts). Runs of scripts/train.py use the runlocal synthetic
+config: its global batches do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+TRAIN = [
+  sys.executable,
+  str(ROOT / 'scripts' / 'train.py'),
+  '--config=configs/vatt_bbs.py:runlocal',
+]
+
+
+def _env(devices: int = 1) -> dict:
+  flags = os.environ.get('XLA_FLAGS', '')
+  return dict(os.environ, XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}')
+
+
+def _run_python(code: str, devices: int = 8, timeout: int = 300) -> dict:
+  out = subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(code)],
+    cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=timeout,
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr[-4000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _params(workdir, step=None) -> dict:
+  """Final parameters of a run (restored onto this process's one device) as numpy arrays."""
+  code = f"""
+    import json, numpy as np, jax
+    from vatt_jax.train import checkpoint as ckpt
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager('{workdir}/checkpoints', item_handlers=ckpt._handlers())
+    step = {step!r} if {step!r} is not None else manager.latest_step()
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    stored = manager.item_metadata(step)['params'].tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), stored)
+    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    flat = {{jax.tree_util.keystr(p): np.asarray(v).tolist()
+             for p, v in jax.tree_util.tree_leaves_with_path(restored['params'])}}
+    print(json.dumps({{'step': step, 'params': flat}}))
+  """
+  return _run_python(code, devices=1)
+
+
+def _metrics(workdir) -> list[dict]:
+  path = workdir / 'metrics.jsonl'
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+_MESHES = """
+  import json, jax, numpy as np
+  from tests.conftest import ROOT, load_config
+  import data_pipelines
+  from vatt_jax.train import sharding, trainer
+
+  config = load_config(ROOT / 'configs' / 'vatt_bbs.py', 'runlocal')
+  config.model.dropout_rate = config.model.attention_dropout_rate = 0.0
+  batch = next(data_pipelines.build(config.data, 'train', batch_size=8))
+  results = {}
+  for shape in [(1, 1, 1), (8, 1, 1), (4, 2, 1), (4, 1, 2), (2, 2, 2)]:
+    config.mesh.data, config.mesh.fsdp, config.mesh.model = shape
+    mesh = sharding.make_mesh(config.mesh)
+    program = trainer.build_program(config, mesh, batch)
+    state = program.init(jax.random.key(0))
+    specs = {str(s.spec) for s in jax.tree.leaves(program.shardings.params)}
+    with jax.set_mesh(mesh):
+      state, metrics = program.step(state, sharding.put_batch(batch, mesh))
+    results['x'.join(map(str, shape))] = {
+      'loss': float(metrics['loss']), 'loss_va': float(metrics['loss_va']),
+      'params': [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.params)],
+      'specs': sorted(specs),
+    }
+  print(json.dumps(results))
+"""
+
+
+def test_meshes_give_the_single_device_step():
+  results = _run_python(_MESHES)
+  one = results.pop('1x1x1')
+  for shape, got in results.items():
+    assert got['loss'] == pytest.approx(one['loss'], rel=1e-5), shape
+    assert got['loss_va'] == pytest.approx(one['loss_va'], rel=1e-5), shape
+    for a, b in zip(got['params'], one['params'], strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=shape)
+  # The layouts differ: FSDP splits the width, the model axis the heads / MLP units.
+  assert any('fsdp' in s for s in results['4x2x1']['specs'])
+  assert any('model' in s for s in results['4x1x2']['specs'])
+  assert any('fsdp' in s for s in results['2x2x2']['specs'])
+  assert any('model' in s for s in results['2x2x2']['specs'])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  steps = ['--config.total_steps=3', '--config.checkpoint_steps=3', '--config.seed=3']
+  one = subprocess.run(
+    [*TRAIN, f'--workdir={tmp_path / "one"}', *steps, '--config.mesh.data=2'],
+    cwd=ROOT, env=_env(2), capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      [
+        *TRAIN,
+        f'--workdir={tmp_path / "two"}',
+        *steps,
+        f'--coordinator_address=localhost:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+      cwd=ROOT,
+      env=_env(1),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )  # fmt: skip
+    for i in range(2)
+  ]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  a, b = _metrics(tmp_path / 'one'), _metrics(tmp_path / 'two')
+  assert [r['step'] for r in a] == [r['step'] for r in b] == [1, 2, 3]
+  for x, y in zip(a, b, strict=True):
+    assert y['loss'] == pytest.approx(x['loss'], rel=1e-5)
+  pa, pb = _params(tmp_path / 'one'), _params(tmp_path / 'two')
+  assert pa['step'] == pb['step'] == 3
+  for key in pa['params']:
+    np.testing.assert_allclose(pb['params'][key], pa['params'][key], rtol=1e-5, atol=1e-7)
+
+
+def _wait_for_step(workdir, step: int, proc, timeout: float = 240) -> int:
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    done = _metrics(workdir)
+    if done and done[-1]['step'] >= step:
+      return done[-1]['step']
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  raise TimeoutError(f'step {step} not reached')
+
+
+def test_kill_9_and_resume_is_bit_identical(tmp_path):
+  args = ['--config.total_steps=14', '--config.checkpoint_steps=2', '--config.log_steps=1',
+          '--config.keep_checkpoints=2']  # fmt: skip
+  straight = subprocess.run(
+    [*TRAIN, f'--workdir={tmp_path / "straight"}', *args],
+    cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(
+    [*TRAIN, f'--workdir={killed}', *args],
+    cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  _wait_for_step(killed, random.Random().randint(3, 10), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL
+  resumed = subprocess.run(
+    [*TRAIN, f'--workdir={killed}', *args],
+    cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from' in resumed.stderr
+  a, b = _params(tmp_path / 'straight'), _params(killed)
+  assert a['step'] == b['step'] == 14
+  for key in a['params']:
+    np.testing.assert_array_equal(np.asarray(b['params'][key]), np.asarray(a['params'][key]))
+  last = {r['step']: r['loss'] for r in _metrics(killed)}
+  assert last[14] == _metrics(tmp_path / 'straight')[-1]['loss']
+
+
+def test_sigterm_checkpoints_the_step_it_arrived_at(tmp_path):
+  proc = subprocess.Popen(
+    [*TRAIN, f'--workdir={tmp_path}', '--config.total_steps=100000', '--config.log_steps=1',
+     '--config.checkpoint_steps=100000'],
+    cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  seen = _wait_for_step(tmp_path, 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  stopped = int(err.split('stopped by signal at step ')[1].split(';')[0])
+  assert seen <= stopped <= seen + 5  # the step in flight when the signal came, or the next
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == [str(stopped)]
+  assert _params(tmp_path)['step'] == stopped
+
+
+_RESHARD = """
+  import json, jax, numpy as np
+  from tests.conftest import ROOT, load_config
+  import data_pipelines
+  from vatt_jax.train import checkpoint as ckpt, sharding, trainer
+
+  config = load_config(ROOT / 'configs' / 'vatt_bbs.py', 'runlocal')
+  batch = next(data_pipelines.build(config.data, 'train', batch_size=8))
+  def program(shape, devices):
+    config.mesh.data, config.mesh.fsdp, config.mesh.model = shape
+    mesh = sharding.make_mesh(config.mesh, devices)
+    return mesh, trainer.build_program(config, mesh, batch)
+  report = {}
+  for name, src, dst in [('8to1', ((2, 2, 2), jax.devices()), ((1, 1, 1), jax.devices()[:1])),
+                         ('1to8', ((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices()))]:
+    mesh, p = program(*src)
+    state = p.init(jax.random.key(1))
+    with jax.set_mesh(mesh):
+      state, _ = p.step(state, sharding.put_batch(batch, mesh))
+    saver = ckpt.Checkpointer(f'{WORKDIR}/{name}', save_steps=1, keep=1)
+    saver.save(1, state, {'step': 1}, force=True)
+    saver.close()
+    mesh2, p2 = program(*dst)
+    restorer = ckpt.Checkpointer(f'{WORKDIR}/{name}', save_steps=1, keep=1)
+    restored, position = restorer.restore(1, p2.abstract)
+    restorer.close()
+    leaves = lambda s: jax.tree.leaves(s.replace(rng=jax.random.key_data(s.rng)))
+    same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(leaves(state), leaves(restored), strict=True))
+    devices = {len(x.sharding.device_set) for x in jax.tree.leaves(restored.params)}
+    params = ckpt.restore_params(f'{WORKDIR}/{name}', {'params': p2.abstract.params,
+                                                      'batch_stats': p2.abstract.batch_stats})
+    same_params = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                      zip(jax.tree.leaves(state.params), jax.tree.leaves(params['params'])))
+    report[name] = {'same': same, 'devices': sorted(devices), 'position': position,
+                    'same_params': same_params}
+  print(json.dumps(report))
+"""
+
+
+def test_checkpoint_restores_onto_another_device_count(tmp_path):
+  report = _run_python(_RESHARD.replace('{WORKDIR}', str(tmp_path)))
+  assert report['8to1'] == {
+    'same': True,
+    'devices': [1],
+    'position': {'step': 1},
+    'same_params': True,
+  }
+  assert report['1to8']['same'] and report['1to8']['same_params']
+  assert max(report['1to8']['devices']) > 1  # spread over the 8 devices again
+
+
+def test_resume_with_another_model_is_refused(tmp_path):
+  first = subprocess.run(
+    [*TRAIN, f'--workdir={tmp_path}', '--config.total_steps=2', '--config.checkpoint_steps=2'],
+    cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert first.returncode == 0, first.stderr[-3000:]
+  other = subprocess.run(
+    [*TRAIN, f'--workdir={tmp_path}', '--config.total_steps=4', '--config.model.head.va_dim=48'],
+    cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert other.returncode != 0
+  assert 'model.head.va_dim: 32 in the stored run, 48 now' in other.stderr
+  assert 'train step compiled' not in other.stderr  # refused before building or compiling
+  # Longer training of the same model resumes.
+  more = subprocess.run(
+    [*TRAIN, f'--workdir={tmp_path}', '--config.total_steps=3', '--config.checkpoint_steps=3'],
+    cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert more.returncode == 0, more.stderr[-3000:]
+  assert [r['step'] for r in _metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_restore_params_refuses_another_model(tmp_path):
+  code = f"""
+    import json, jax
+    from tests.conftest import ROOT, load_config
+    import data_pipelines
+    from vatt_jax.train import checkpoint as ckpt, sharding, trainer
+    config = load_config(ROOT / 'configs' / 'vatt_bbs.py', 'runlocal')
+    batch = next(data_pipelines.build(config.data, 'train', batch_size=8))
+    mesh = sharding.make_mesh(config.mesh)
+    p = trainer.build_program(config, mesh, batch)
+    saver = ckpt.Checkpointer('{tmp_path}', save_steps=1, keep=1)
+    saver.save(1, p.init(jax.random.key(0)), {{}}, force=True)
+    saver.close()
+    config.model.head.vt_dim = 24
+    q = trainer.build_program(config, mesh, batch)
+    try:
+      ckpt.restore_params('{tmp_path}', {{'params': q.abstract.params,
+                                          'batch_stats': q.abstract.batch_stats}})
+      print(json.dumps({{'error': None}}))
+    except ValueError as e:
+      print(json.dumps({{'error': str(e)}}))
+  """
+  error = _run_python(code, devices=1)['error']
+  assert error and 'another model' in error and '(16,)' in error and '(24,)' in error
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
+  import data_pipelines
+  from tests.conftest import load_config
+  from vatt_jax.train import trainer
+
+  class Poisoned(data_pipelines.synthetic.SyntheticSource):
+    """Synthetic batches, with NaN frames in the batches of the steps listed in `poison`."""
+
+    poison = set()
+
+    def __next__(self):
+      batch = super().__next__()
+      if self._step in self.poison:  # _step counts the batches given so far: the step's number
+        batch['video'] = np.full_like(batch['video'], np.nan)
+      return batch
+
+  monkeypatch.setitem(data_pipelines.SOURCES, 'poisoned', Poisoned)
+  config = load_config(ROOT / 'configs' / 'vatt_bbs.py', 'runlocal')
+  config.data.name = 'poisoned'
+  config.total_steps, config.checkpoint_steps, config.max_nonfinite_steps = 6, 2, 3
+  Poisoned.poison = {2, 5}
+  history = trainer.train(config, str(tmp_path / 'skip'))
+  by_step = {r['step']: r for r in history}
+  assert not np.isfinite(by_step[2]['loss']) and np.isfinite(by_step[3]['loss'])
+  assert by_step[6]['nonfinite_steps'] == 2 and by_step[6]['nonfinite_run'] == 0
+
+  Poisoned.poison = {3, 4, 5, 6}
+  with pytest.raises(trainer.NonFiniteError, match='3 consecutive steps up to 5'):
+    trainer.train(config, str(tmp_path / 'stop'))
+  good = _params(tmp_path / 'stop', step=2)  # the last checkpoint before the run went bad
+  assert all(np.isfinite(np.asarray(v)).all() for v in good['params'].values())
+
+
+def test_print_topology_shows_the_mesh():
+  out = subprocess.run(
+    [sys.executable, 'scripts/print_topology.py', '--config=configs/vatt_bbs.py',
+     '--config.mesh.fsdp=2', '--config.mesh.model=2'],
+    cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 2, 'model': 2} over 8 devices" in out.stdout
+  assert 'global batch 2048: 512 per data-parallel device' in out.stdout
+  bad = subprocess.run(
+    [sys.executable, 'scripts/print_topology.py', '--config.mesh.data=16'],
+    cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  assert bad.returncode != 0 and 'mesh.data=16' in bad.stderr

@@ -1,0 +1,97 @@
+"""What a run reports: clu metric writers (TensorBoard event files), metrics.jsonl, a console line.
+
+Only process 0 writes files; every process logs its console line (absl) so each host's log shows
+its own input wait.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+from absl import logging
+from clu import metric_writers
+
+METRICS_FILENAME = 'metrics.jsonl'
+
+
+def quiet_libraries() -> None:
+  """Keeps orbax's per-save INFO chatter (a dozen lines per checkpoint) out of the run's log."""
+  import logging as std_logging
+
+  def keep(record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+  handler = logging.get_absl_handler()
+  if keep not in handler.filters:
+    handler.addFilter(keep)
+  std_logging.getLogger('absl').addFilter(keep)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  return f'{hours}h{rest // 60:02d}m' if hours else f'{rest // 60}m{rest % 60:02d}s'
+
+
+class MetricLogger:
+  """Collects per-step metrics and writes one record every `log_steps` steps.
+
+  A record: step, the loss terms, learning rate, gradient norm, rejected-step counts, clips/s and
+  the fraction of wall time spent waiting for input over the window since the last record, and the
+  ETA of the run at that pace.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, batch_size: int, first_step: int):
+    self.total_steps, self.batch_size = total_steps, batch_size
+    self.is_writer = jax.process_index() == 0
+    self.path = os.path.join(workdir, METRICS_FILENAME)
+    # TensorBoard event files from process 0 (the console line below is ours, not clu's).
+    self.writer = (
+      metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+      if self.is_writer
+      else metric_writers.MultiWriter([])
+    )
+    self._window_start = time.perf_counter()
+    self._window_steps, self._wait = 0, 0.0
+    self._first_step = first_step
+    self.history: list[dict] = []
+
+  def add_wait(self, seconds: float) -> None:
+    self._wait += seconds
+
+  def step_done(self) -> None:
+    self._window_steps += 1
+
+  def write(self, step: int, metrics: dict) -> dict:
+    """metrics: host scalars of the step just finished. Returns the record written."""
+    elapsed = time.perf_counter() - self._window_start
+    record = {'step': step, **{k: float(v) for k, v in metrics.items()}}
+    record['clips_per_second'] = self._window_steps * self.batch_size / elapsed
+    record['data_wait_fraction'] = self._wait / elapsed
+    seconds_per_step = elapsed / max(self._window_steps, 1)
+    eta = (self.total_steps - step) * seconds_per_step
+    self.history.append(record)
+    terms = ' '.join(f'{k}={record[k]:.4f}' for k in sorted(record) if k.startswith('loss'))
+    logging.info(
+      'step %d/%d  %s  lr=%.3g  grad_norm=%.3g  %.1f clips/s  data-wait %.0f%%  ETA %s',
+      step, self.total_steps, terms, record['learning_rate'], record['grad_norm'],
+      record['clips_per_second'], 100 * record['data_wait_fraction'], _duration(eta),
+    )  # fmt: skip
+    if self.is_writer:
+      self.writer.write_scalars(step, {k: v for k, v in record.items() if k != 'step'})
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    self._window_start, self._window_steps, self._wait = time.perf_counter(), 0, 0.0
+    return record
+
+  def write_summary(self, step: int, values: dict) -> None:
+    """One-off scalars (compile time, memory estimates) for TensorBoard."""
+    if self.is_writer:
+      self.writer.write_scalars(step, values)
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.writer.close()
