@@ -2,15 +2,33 @@ r"""Speed and memory benchmarks; each prints a table, or with --json one object 
 figure its issue sets a goal on (raw numbers beside it). Ratios are measured in one run, one machine.
 
   python scripts/benchmark.py --what input [--shards demo/shards] [--json]
+  python scripts/benchmark.py --what train [--model video_base|mbs] [--batch_size B]
+      [--dtype float32|bfloat16] [--steps N] [--repeats R] [--json]
 
 input: decoded + augmented clips/s (and frames/s, per core) of the shard pipeline for the demo_tiny
 config and for the paper's 32×224² config (on temporary 256-px shards made here), and
 ratio = demo input clips/s ÷ clips/s that the demo_tiny train step consumes (goal ≥ 3).
+
+train: step time and clips/s of a jitted, donating training step (forward, backward, Adam update)
+on synthetic data; the model FLOPs per step from XLA's cost analysis of the compiled step; the
+achieved FLOP/s; and ratio = achieved FLOP/s ÷ FLOP/s of a large square matmul in the same dtype,
+timed in the same run on the same device (the machine's practical peak, not a datasheet figure).
+  --model video_base (default): the paper's VATT-Base video tower alone (32×224², 4×16×16 patches,
+    DropToken 0.5, dropout on) with its common-space head and a mean-square loss. Goal on CPU:
+    ratio ≥ 0.40 in float32.
+  --model mbs: the full VATT-MBS step of the trainer (three towers, NCE + MIL-NCE). Goal: ≥ 35 %
+    MFU in bfloat16 on an H100; on a known GPU the MFU against its nominal dense bf16 peak is
+    printed too (labelled nominal).
+Default batch: 2 on CPU; on an accelerator 16 (video_base 32). Timing: the fastest of --repeats
+windows of --steps steps dispatched back to back (a shared machine disturbs the others).
+Run it without XLA_FLAGS (tests set --xla_backend_optimization_level=0, which would understate
+the step); a warning is printed when XLA_FLAGS is set.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -20,11 +38,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-_WHAT = flags.DEFINE_enum('what', 'input', ['input'], 'Which benchmark.')
+_WHAT = flags.DEFINE_enum('what', 'input', ['input', 'train'], 'Which benchmark.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
 _SHARDS = flags.DEFINE_string('shards', 'demo/shards', 'Shards of the demo (make demo makes them).')
 _BATCHES = flags.DEFINE_integer('batches', 40, 'Batches (or steps) per timed window.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows per figure; the fastest is kept.')
+_MODEL = flags.DEFINE_enum(
+  'model', 'video_base', ['video_base', 'mbs'], 'train: the VATT-Base video tower, or VATT-MBS.'
+)
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 0, 'train: clips per step; 0 picks by device.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'train: compute dtype.')
+_STEPS = flags.DEFINE_integer('steps', 0, 'train: steps per timed window; 0 picks by device.')
+
+# Nominal dense bf16 peaks (datasheets), for an MFU printed beside the measured-matmul ratio.
+_NOMINAL_BF16_PEAK = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12))
 
 
 def _best_rate(run_one, windows: int, per_window: int, items_per_call: int) -> float:
@@ -142,18 +169,208 @@ def bench_input() -> dict:
   }
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  result = {'input': bench_input}[_WHAT.value]()
-  if _JSON.value:
-    print(json.dumps(result))
-    return
+def _matmul_flops_per_s(dtype, on_cpu: bool) -> float:
+  """FLOP/s of a jitted square matmul [n, n] @ [n, n] (2·n³ FLOPs), fastest of the windows."""
+  import jax
+  import jax.numpy as jnp
+
+  n, calls = (2048, 4) if on_cpu else (8192, 50)
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32).astype(dtype)
+  matmul = jax.jit(jnp.matmul)
+
+  def window():
+    for _ in range(calls):
+      out = matmul(a, b)
+    jax.block_until_ready(out)
+
+  window()
+  return _best_rate(window, max(3, _REPEATS.value), 1, calls * 2 * n**3)
+
+
+def _video_base_step(config, batch_size: int):
+  """The VATT-Base video tower's training step: tokenizer, DropToken, encoder, common-space head,
+  a mean-square loss on its embeddings, value_and_grad and an Adam update. → (step, state, batch)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from vatt_jax.models import build_model
+
+  model = build_model(config.model)
+  v = config.model.video
+  video = jax.random.uniform(
+    jax.random.key(3), (batch_size, v.num_frames, v.frame_size, v.frame_size, 3), minval=-1.0
+  )
+  batch = {'video': video}
+  variables = jax.jit(lambda r: nn.meta.unbox(model.init(r, batch, train=False)))(jax.random.key(0))
+  tx = optax.adam(1e-4)
+  state = {
+    'params': variables['params'],
+    'batch_stats': variables['batch_stats'],
+    'opt_state': tx.init(variables['params']),
+    'step': jnp.zeros((), jnp.int32),
+  }
+
+  def step(state, batch):
+    rng = jax.random.fold_in(jax.random.key(4), state['step'])
+    dropout_rng, droptoken_rng = jax.random.split(rng)
+
+    def loss_fn(params):
+      out, updates = model.apply(
+        {'params': params, 'batch_stats': state['batch_stats']},
+        batch,
+        train=True,
+        rngs={'dropout': dropout_rng, 'droptoken': droptoken_rng},
+        mutable=['batch_stats'],
+      )
+      loss = jnp.mean(jnp.square(out['video_va'])) + jnp.mean(jnp.square(out['video_vt']))
+      return loss, updates['batch_stats']
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    new_state = {
+      'params': optax.apply_updates(state['params'], updates),
+      'batch_stats': batch_stats,
+      'opt_state': opt_state,
+      'step': state['step'] + 1,
+    }
+    return new_state, {'loss': loss}
+
+  return step, state, batch
+
+
+def _mbs_step(config, batch_size: int):
+  """The trainer's full VATT-MBS step on a synthetic batch. → (step, state, batch)."""
+  import jax
+  import jax.numpy as jnp
+
+  import data_pipelines
+  from vatt_jax.losses import build_loss
+  from vatt_jax.models import build_model
+  from vatt_jax.optim import build_optimizer
+  from vatt_jax.train.state import init_train_state
+  from vatt_jax.train.step import make_train_step
+
+  config.data.name = 'synthetic'
+  batch = next(data_pipelines.build(config.data, 'train', batch_size=batch_size))
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  model = build_model(config.model)
+  tx, schedule = build_optimizer(config.optimizer, config.total_steps)
+  state = jax.jit(lambda r: init_train_state(model, tx, batch, r))(jax.random.key(0))
+  return make_train_step(model, build_loss(config.loss), tx, schedule), state, batch
+
+
+def _video_base_analytic_flops(config, batch_size: int) -> float:
+  """Matmul FLOPs of the video tower's training step: 3× the forward (the patch projection 2×: no
+  gradient w.r.t. the pixels); element-wise work, the head and the optimizer are left out."""
+  from vatt_jax.models import get_size
+
+  v = config.model.video
+  size = get_size(v.size)
+  d = size.width
+  dims = (v.num_frames, v.frame_size, v.frame_size)
+  patches = math.prod(-(-n // p) for n, p in zip(dims, v.patch_size, strict=True))
+  patch_dim = math.prod(v.patch_size) * 3
+  kept = max(1, int((1.0 - v.drop_token_rate) * patches + 1e-6)) + 1  # + the AGG token
+  per_layer = kept * (8 * d * d + 4 * d * size.mlp_dim) + 4 * kept * kept * d
+  return batch_size * (2 * 2 * patches * patch_dim * d + 3 * size.num_layers * per_layer)
+
+
+def bench_train() -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from configs import common, vatt_mbs
+
+  device = jax.devices()[0]
+  on_cpu = device.platform == 'cpu'
+  name = _MODEL.value
+  batch_size = _BATCH_SIZE.value or (2 if on_cpu else (32 if name == 'video_base' else 16))
+  steps = _STEPS.value or (2 if on_cpu else 20)
+  if name == 'video_base':
+    config = common.pretraining_config(common.model_config())
+  else:
+    config = vatt_mbs.get_config()
+  config.model.dtype = _DTYPE.value
+  build = _video_base_step if name == 'video_base' else _mbs_step
+  step, state, batch = build(config, batch_size)
+  compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: a list of one dict
+  flops = float(cost['flops'])
+  holder = [state]
+
+  def window(n=steps):  # dispatched back to back as the trainer does; done when the last is
+    for _ in range(n):
+      holder[0], metrics = compiled(holder[0], batch)
+    jax.block_until_ready(metrics)
+
+  window(1)
+  steps_per_s = _best_rate(window, _REPEATS.value, 1, steps)
+  dtype = jnp.bfloat16 if _DTYPE.value == 'bfloat16' else jnp.float32
+  matmul = _matmul_flops_per_s(dtype, on_cpu)
+  achieved = flops * steps_per_s
+  result = {
+    'what': 'train',
+    'model': name,
+    'dtype': _DTYPE.value,
+    'batch_size': batch_size,
+    'device': device.device_kind,
+    'step_seconds': 1.0 / steps_per_s,
+    'clips_per_s': steps_per_s * batch_size,
+    'flops_per_step': flops,
+    'achieved_flops_per_s': achieved,
+    'matmul_flops_per_s': matmul,
+    'ratio': achieved / matmul,
+    'goal': '>= 0.40' if name == 'video_base' else '>= 0.35 (MFU, H100 bf16)',
+  }
+  if name == 'video_base':
+    result['analytic_flops_per_step'] = _video_base_analytic_flops(config, batch_size)
+  peak = next((p for k, p in _NOMINAL_BF16_PEAK if k in device.device_kind), None)
+  if peak and not on_cpu and _DTYPE.value == 'bfloat16':
+    result['nominal_peak_flops_per_s'] = peak
+    result['nominal_mfu'] = achieved / peak
+  return result
+
+
+def _print_input(result: dict) -> None:
   print(f'{"pipeline":<16}{"clips/s":>10}{"frames/s/core":>16}   ({result["cores"]} cores)')
   for name, r in result['input'].items():
     print(f'{name:<16}{r["clips_per_s"]:>10.1f}{r["frames_per_s_per_core"]:>16.1f}')
   print(f'demo_tiny train step consumes {result["train_step_clips_per_s"]:.1f} clips/s')
   print(f'ratio (demo input / train step): {result["ratio"]:.2f}  (goal {result["goal"]})')
+
+
+def _print_train(r: dict) -> None:
+  print(f'{r["model"]} train step, {r["dtype"]}, batch {r["batch_size"]}, on {r["device"]}')
+  print(f'{"step time":<28}{r["step_seconds"]:>12.3f} s')
+  print(f'{"clips/s":<28}{r["clips_per_s"]:>12.2f}')
+  print(f'{"FLOPs/step (XLA)":<28}{r["flops_per_step"] / 1e9:>12.1f} GFLOP')
+  if 'analytic_flops_per_step' in r:
+    print(f'{"FLOPs/step (analytic)":<28}{r["analytic_flops_per_step"] / 1e9:>12.1f} GFLOP')
+  print(f'{"achieved":<28}{r["achieved_flops_per_s"] / 1e9:>12.1f} GFLOP/s')
+  print(f'{"large matmul, same device":<28}{r["matmul_flops_per_s"] / 1e9:>12.1f} GFLOP/s')
+  print(f'ratio (achieved / matmul): {r["ratio"]:.3f}  (goal {r["goal"]})')
+  if 'nominal_mfu' in r:
+    print(
+      f'nominal MFU (vs datasheet {r["nominal_peak_flops_per_s"] / 1e12:.0f} TFLOP/s dense bf16): '
+      f'{r["nominal_mfu"]:.3f}'
+    )
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _WHAT.value == 'train' and os.environ.get('XLA_FLAGS'):
+    print(f'warning: XLA_FLAGS={os.environ["XLA_FLAGS"]!r} is set; figures may not be representative',
+          file=sys.stderr)  # fmt: skip
+  result = {'input': bench_input, 'train': bench_train}[_WHAT.value]()
+  if _JSON.value:
+    print(json.dumps(result))
+    return
+  {'input': _print_input, 'train': _print_train}[_WHAT.value](result)
 
 
 if __name__ == '__main__':
