@@ -266,10 +266,13 @@ def test_checkpoint_restores_onto_another_device_count(tmp_path):
 
 def test_resume_with_another_model_is_refused(tmp_path):
   first = subprocess.run(
-    [*TRAIN, f'--workdir={tmp_path}', '--config.total_steps=2', '--config.checkpoint_steps=2'],
+    [*TRAIN, f'--workdir={tmp_path}', '--config.total_steps=2', '--config.checkpoint_steps=2',
+     '--profile_steps=1:2'],
     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
   )  # fmt: skip
   assert first.returncode == 0, first.stderr[-3000:]
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))  # the jax.profiler trace of steps 1–2
+  assert list(tmp_path.glob('events.out.tfevents.*'))  # TensorBoard scalars
   other = subprocess.run(
     [*TRAIN, f'--workdir={tmp_path}', '--config.total_steps=4', '--config.model.head.va_dim=48'],
     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
@@ -359,3 +362,31 @@ def test_print_topology_shows_the_mesh():
     cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=120,
   )  # fmt: skip
   assert bad.returncode != 0 and 'mesh.data=16' in bad.stderr
+
+
+def test_checkpoints_kept_last_k_and_every_mth(tmp_path):
+  import jax
+  import jax.numpy as jnp
+
+  from vatt_jax.train import checkpoint as ckpt
+  from vatt_jax.train.state import TrainState
+
+  def state(step):
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+      step=jnp.asarray(step, jnp.int32), params={'w': jnp.full((3,), float(step))},
+      batch_stats={}, opt_state={'mu': jnp.zeros(3)}, rng=jax.random.key(step),
+      nonfinite_steps=zero, nonfinite_run=zero,
+    )  # fmt: skip
+
+  saver = ckpt.Checkpointer(str(tmp_path), save_steps=2, keep=2, keep_period=4)
+  saved = [s for s in range(1, 12) if saver.save(s, state(s), {'step': s}, force=s == 11)]
+  saver.close()
+  assert saved == [2, 4, 6, 8, 10, 11]
+  assert ckpt.Checkpointer(str(tmp_path), save_steps=2, keep=2).all_steps() == [4, 8, 10, 11]
+  restorer = ckpt.Checkpointer(str(tmp_path), save_steps=2, keep=2)
+  abstract = jax.eval_shape(lambda: state(0))
+  restored, position = restorer.restore(8, abstract)
+  restorer.close()
+  assert position == {'step': 8} and float(restored.params['w'][0]) == 8.0
+  assert (jax.random.key_data(restored.rng) == jax.random.key_data(jax.random.key(8))).all()
