@@ -117,6 +117,7 @@ class Checkpointer:
       create=True,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+    self._last_saved = self.manager.latest_step()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -129,7 +130,10 @@ class Checkpointer:
     step. Returns at once (the previous save is awaited first); True if this step is saved."""
     if not (force or step % self.save_steps == 0):  # (orbax on its own also saves the first step)
       return False
+    if step == self._last_saved:  # e.g. a signal right after a periodic save, or after a restore
+      return True
     params, train = _split(state)
+    self._last_saved = step
     return self.manager.save(
       step,
       args=ocp.args.Composite(

@@ -44,7 +44,7 @@ class MetricLogger:
   ETA of the run at that pace.
   """
 
-  def __init__(self, workdir: str, *, total_steps: int, batch_size: int, first_step: int):
+  def __init__(self, workdir: str, *, total_steps: int, batch_size: int):
     self.total_steps, self.batch_size = total_steps, batch_size
     self.is_writer = jax.process_index() == 0
     self.path = os.path.join(workdir, METRICS_FILENAME)
@@ -56,7 +56,6 @@ class MetricLogger:
     )
     self._window_start = time.perf_counter()
     self._window_steps, self._wait = 0, 0.0
-    self._first_step = first_step
     self.history: list[dict] = []
 
   def add_wait(self, seconds: float) -> None:

@@ -217,7 +217,7 @@ def train(
   with jax.set_mesh(mesh):
     train_step = program.step.lower(abstract, global_batch).compile()
   compile_seconds = time.perf_counter() - compile_start
-  memory = train_step.memory_analysis()
+  temp_bytes = getattr(train_step.memory_analysis(), 'temp_size_in_bytes', 0)
   per_device_state = sum(
     math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
     for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
@@ -226,17 +226,15 @@ def train(
     'model: %s parameters (%.1f MB); per device: state %.1f MB, activations and temporaries '
     '%.1f MB (XLA estimate); train step compiled in %.1f s',
     f'{num_params:,}', _bytes(state.params) / 1e6, per_device_state / 1e6,
-    getattr(memory, 'temp_size_in_bytes', 0) / 1e6, compile_seconds,
+    temp_bytes / 1e6, compile_seconds,
   )  # fmt: skip
 
   first_step = int(state.step)
-  logger = MetricLogger(
-    workdir, total_steps=config.total_steps, batch_size=config.batch_size, first_step=first_step
-  )
+  logger = MetricLogger(workdir, total_steps=config.total_steps, batch_size=config.batch_size)
   logger.write_summary(
     first_step,
     {'compile_seconds': compile_seconds, 'state_mb_per_device': per_device_state / 1e6,
-     'temp_mb_per_device': getattr(memory, 'temp_size_in_bytes', 0) / 1e6},
+     'temp_mb_per_device': temp_bytes / 1e6},
   )  # fmt: skip
   max_nonfinite = config.get('max_nonfinite_steps', 0)
   step, pending = first_step, None
