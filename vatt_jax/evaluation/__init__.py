@@ -1,0 +1,1 @@
+"""Evaluation: metrics, linear probe, retrieval."""
