@@ -73,6 +73,72 @@ def drop_token(tokens: jax.Array, drop_rate: float, rng: jax.Array) -> jax.Array
   return jnp.take(tokens, index, axis=1)
 
 
+def _keys_cubic(t: jax.Array) -> jax.Array:
+  """Keys' cubic convolution kernel with a = -0.5 (what 'bicubic' resizing uses)."""
+  t = jnp.abs(t)
+  near = (1.5 * t - 2.5) * t * t + 1.0
+  far = ((-0.5 * t + 2.5) * t - 4.0) * t + 2.0
+  return jnp.where(t <= 1.0, near, jnp.where(t < 2.0, far, 0.0))
+
+
+def interpolate_positions(table: jax.Array, length: int) -> jax.Array:
+  """[n, D] learned position rows → [length, D], cubic, for a patch grid of another size.
+
+  Fine-tuning at another resolution (224² → 320²) or clip length changes how many rows each
+  factorized table needs. Row i of the result sits at old coordinate i·(n−1)/(length−1) (the first
+  and last rows stay where they were); each is a Keys cubic (a = −½) combination of the four
+  nearest old rows, with the table linearly extrapolated by two rows at each end, so equal sizes
+  give the table back and a linear ramp is reproduced exactly.
+  """
+  n = table.shape[0]
+  if length < 1:
+    raise ValueError(f'interpolate_positions: length must be >= 1, got {length}')
+  if length == n:
+    return table
+  if n == 1:
+    return jnp.repeat(table, length, axis=0)
+  first, last = table[0], table[-1]
+  before, after = first - table[1], last - table[-2]  # one step outwards at each end
+  padded = jnp.concatenate(
+    [jnp.stack([first + 2 * before, first + before]), table,
+     jnp.stack([last + after, last + 2 * after])]
+  )  # fmt: skip
+  x = jnp.arange(length, dtype=jnp.float32) * ((n - 1) / max(length - 1, 1))
+  base = jnp.clip(jnp.floor(x).astype(jnp.int32), 0, n - 2)
+  offsets = jnp.arange(-1, 3)  # the 4 taps: base-1 … base+2
+  taps = base[:, None] + offsets[None]  # [length, 4] old-row indices
+  weights = _keys_cubic(x[:, None] - taps.astype(jnp.float32))
+  rows = padded[taps + 2]  # +2: the two extrapolated rows in front
+  return jnp.einsum('lk,lkd->ld', weights.astype(table.dtype), rows)
+
+
+_VIDEO_TABLES = ('temporal_position', 'horizontal_position', 'vertical_position')
+
+
+def resize_positions(
+  params: dict, *, video_grid: Sequence[int] | None = None, audio_patches: int | None = None
+) -> dict:
+  """A copy of a VATT parameter tree whose position tables fit another input size.
+
+  video_grid: the new (t, h, w) patch grid (e.g. (8, 20, 20) for 32 × 320² with 4×16×16 patches);
+  audio_patches: the new number of waveform patches. Tables are resized with
+  `interpolate_positions`; everything else is shared, not copied.
+  """
+  params = dict(params)
+  if video_grid is not None:
+    if len(video_grid) != 3:
+      raise ValueError(f'video_grid must be (t, h, w), got {video_grid!r}')
+    tokenizer = dict(params['video_tokenizer'])
+    for name, length in zip(_VIDEO_TABLES, video_grid, strict=True):
+      tokenizer[name] = interpolate_positions(tokenizer[name], int(length))
+    params['video_tokenizer'] = tokenizer
+  if audio_patches is not None:
+    tokenizer = dict(params['audio_tokenizer'])
+    tokenizer['position'] = interpolate_positions(tokenizer['position'], int(audio_patches))
+    params['audio_tokenizer'] = tokenizer
+  return params
+
+
 class VoxelTokenizer(nn.Module):
   """Non-overlapping t×h×w×3 voxel patches → width, plus factorized learned positions.
 
