@@ -390,3 +390,29 @@ def test_checkpoints_kept_last_k_and_every_mth(tmp_path):
   restorer.close()
   assert position == {'step': 8} and float(restored.params['w'][0]) == 8.0
   assert (jax.random.key_data(restored.rng) == jax.random.key_data(jax.random.key(8))).all()
+
+
+def test_load_model_rebuilds_a_trained_run(tmp_path):
+  import jax
+  import jax.numpy as jnp
+
+  from tests.conftest import load_config
+  from vatt_jax.models.summary import example_inputs
+  from vatt_jax.train import checkpoint as ckpt
+  from vatt_jax.train import trainer
+
+  config = load_config(ROOT / 'configs' / 'vatt_bbs.py', 'runlocal')
+  config.total_steps, config.checkpoint_steps = 2, 1
+  trainer.train(config, str(tmp_path))
+  loaded, model, variables = ckpt.load_model(str(tmp_path))
+  _, _, first = ckpt.load_model(str(tmp_path), step=1)
+  assert loaded.model.to_dict() == json.loads(config.model.to_json_best_effort())
+  now, before = jax.tree.leaves(variables['params']), jax.tree.leaves(first['params'])
+  changed = [not np.array_equal(a, b) for a, b in zip(now, before, strict=True)]
+  assert any(changed)  # step 2's parameters, not step 1's
+  batch = {k: jnp.ones(s.shape, s.dtype) for k, s in example_inputs(loaded.model, 2).items()}
+  out = model.apply(variables, batch, train=False)
+  assert out['video_va'].shape == (2, config.model.head.va_dim)
+  assert all(np.isfinite(np.asarray(v)).all() for v in out.values())
+  with pytest.raises(FileNotFoundError, match='not a training workdir'):
+    ckpt.load_model(str(tmp_path / 'nowhere'))

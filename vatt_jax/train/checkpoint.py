@@ -203,6 +203,30 @@ def restore_params(workdir: str, abstract_params: dict, step: int | None = None)
     manager.close()
 
 
+def load_model(workdir: str, step: int | None = None):
+  """(config, model, variables) of a trained run, on this process's first device: the model
+  rebuilt from the workdir's stored config.json, {'params', 'batch_stats'} from its checkpoint
+  (latest unless `step`). The entry point of evaluation, embedding extraction and export."""
+  from vatt_jax.models import build_model, init_variables
+  from vatt_jax.models.summary import example_inputs
+
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training workdir')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  model = build_model(config.model)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = jax.eval_shape(
+    lambda batch: init_variables(model, jax.random.key(0), batch), example_inputs(config.model)
+  )
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+    {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})},
+  )
+  return config, model, restore_params(workdir, abstract, step)
+
+
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
   if isinstance(tree, dict):
     out = {}
