@@ -166,7 +166,8 @@ def _wait_for_step(workdir, step: int, proc, timeout: float = 240) -> int:
 
 
 def test_kill_9_and_resume_is_bit_identical(tmp_path):
-  args = ['--config.total_steps=14', '--config.checkpoint_steps=2', '--config.log_steps=1',
+  total = 100  # long enough that the kill lands mid-run
+  args = [f'--config.total_steps={total}', '--config.checkpoint_steps=10', '--config.log_steps=1',
           '--config.keep_checkpoints=2']  # fmt: skip
   straight = subprocess.run(
     [*TRAIN, f'--workdir={tmp_path / "straight"}', *args],
@@ -178,7 +179,9 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
     [*TRAIN, f'--workdir={killed}', *args],
     cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
-  _wait_for_step(killed, random.Random().randint(3, 10), proc)
+  _wait_for_step(killed, random.Random().randint(15, 70), proc)
+  while not any(p.name.isdigit() for p in (killed / 'checkpoints').iterdir()):
+    time.sleep(0.01)  # a finished checkpoint to resume from
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   assert proc.returncode == -signal.SIGKILL
@@ -189,11 +192,11 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resumed from' in resumed.stderr
   a, b = _params(tmp_path / 'straight'), _params(killed)
-  assert a['step'] == b['step'] == 14
+  assert a['step'] == b['step'] == total
   for key in a['params']:
     np.testing.assert_array_equal(np.asarray(b['params'][key]), np.asarray(a['params'][key]))
   last = {r['step']: r['loss'] for r in _metrics(killed)}
-  assert last[14] == _metrics(tmp_path / 'straight')[-1]['loss']
+  assert last[total] == _metrics(tmp_path / 'straight')[-1]['loss']
 
 
 def test_sigterm_checkpoints_the_step_it_arrived_at(tmp_path):
