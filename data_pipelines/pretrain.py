@@ -48,8 +48,8 @@ def shard_files(path: str, split: str, process_index: int, process_count: int) -
   return mine
 
 
-# Sources still open at exit are closed while Python is alive: TensorFlow cannot finalize a generator
-# dataset's iterator after the interpreter has begun tearing down (it warns, loudly, otherwise).
+# Sources still open at exit are closed while Python is alive: TensorFlow cannot finalize an iterator
+# holding a py_function (the end-of-shard check) once the interpreter has begun tearing down.
 _OPEN_SOURCES = weakref.WeakSet()
 atexit.register(lambda: [source.close() for source in list(_OPEN_SOURCES)])
 

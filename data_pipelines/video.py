@@ -50,8 +50,8 @@ def _crop_window(
       bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
       seed=seed,
       min_object_covered=0.0,
-      area_range=(0.08, 1.0),
-      aspect_ratio_range=(0.5, 2.0),
+      area_range=area_range,
+      aspect_ratio_range=aspect_range,
       max_attempts=50,
       use_image_if_no_bounding_boxes=True,
     )

@@ -313,3 +313,18 @@ def test_damaged_shard_counted_once_over_epochs(tmp_path, tokenizer_path):
     batch = next(source)
     assert batch['video'].shape[0] == 5
   assert source.counts['corrupt_shards'] == 1 and source.counts['skipped_records'] == 0
+
+
+def test_crop_ranges_from_the_config_are_used():
+  from data_pipelines import video as video_ops
+
+  shape = tf.constant([48, 64, 3])
+  for seed in range(5):
+    window = video_ops._crop_window(
+      shape, tf.constant([seed, 1]), True, area_range=(1.0, 1.0), aspect_range=(4 / 3, 4 / 3)
+    )
+    np.testing.assert_array_equal(window.numpy(), [0, 0, 48, 64])  # the whole frame, every time
+    small = video_ops._crop_window(
+      shape, tf.constant([seed, 1]), True, area_range=(0.05, 0.15), aspect_range=(0.5, 2.0)
+    ).numpy()
+    assert small[2] * small[3] <= 0.2 * 48 * 64  # (the paper's range allows up to the whole frame)
