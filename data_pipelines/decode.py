@@ -140,6 +140,12 @@ def output_size(width: int, height: int, short_side: int, pixel_aspect: Fraction
   return max(1, round(display_w * scale)), max(1, round(display_h * scale))
 
 
+def _seconds(value: float | None) -> Fraction | None:
+  # The decimal a person wrote: 1.8 s is 9/5, not the binary float just above it (which would
+  # keep a frame at exactly 1.8 s).
+  return None if value is None else Fraction(repr(float(value)))
+
+
 def _time(pts: int | None, time_base: Fraction | None) -> Fraction | None:
   if pts is None or time_base is None:
     return None
@@ -161,7 +167,7 @@ class _VideoSink:
     self._stream = stream
     self._origin = origin
     self._options = options
-    self._limit = None if options.max_duration is None else Fraction(options.max_duration)
+    self._limit = _seconds(options.max_duration)
     self._schedule = FrameSchedule(options.fps, self._limit)
     self._prev: av.VideoFrame | None = None
     self._prev_ts: Fraction | None = None
@@ -239,7 +245,7 @@ class _AudioSink:
     self._stream = stream
     self._origin = origin
     self._rate = options.sample_rate
-    self._limit = None if options.max_duration is None else Fraction(options.max_duration)
+    self._limit = _seconds(options.max_duration)
     # Keep the source channels and average them ourselves: swresample's mono downmix adds channels
     # with a 1/sqrt(2) gain, which clips loud in-phase stereo.
     self._resampler = av.AudioResampler(format='fltp', layout=None, rate=self._rate)
@@ -360,8 +366,35 @@ def convert_row(row: ManifestRow, options: Options) -> schema.Record:
     raise ValueError(row.error)
   if '://' not in row.path and not os.path.isfile(row.path):
     raise FileNotFoundError(f'no such file: {row.path}')
-  record, duration = decode_media(row.path, options)
-  record.media_id = row.media
-  record.captions = _clip_captions(row.captions, duration)
+  if row.start is None:
+    record, duration = decode_media(row.path, options)
+    captions = row.captions
+  else:
+    # Decode up to the window's end, then cut: frames and samples are on fixed grids from time 0.
+    limit = row.end if options.max_duration is None else min(row.end, options.max_duration)
+    record, duration = decode_media(row.path, dataclasses.replace(options, max_duration=limit))
+    record, duration = _cut(record, row.start, duration, row.media)
+    captions = [schema.Caption(c.start - row.start, c.end - row.start, c.text)
+                for c in row.captions if c.end > row.start]  # fmt: skip
+    captions = [schema.Caption(max(c.start, 0.0), c.end, c.text) for c in captions]
+  record.media_id = row.media_id
+  record.captions = _clip_captions(captions, duration)
   record.labels = list(row.labels)
   return record
+
+
+def _cut(record: schema.Record, start: float, end: float, media: str):
+  """The part of a decoded record from `start` to its end (the window's end) s; time 0 = start."""
+  if start >= end:
+    raise MediaError(
+      f'{media}: the window starts at {start:g} s, after the media ends ({end:.2f} s)'
+    )
+  if record.frames:
+    first = math.floor(start * record.frame_rate + 0.5)
+    record.frames = record.frames[first:]
+    if not record.frames:
+      raise MediaError(f'{media}: no video frame after {start:g} s')
+  if record.waveform is not None:
+    record.waveform = record.waveform[math.floor(start * record.sample_rate + 0.5) :]
+  record.duration = end - start
+  return record, record.duration

@@ -26,7 +26,9 @@ class ManifestRow:
 
   index: 0-based data row (blank JSONL lines and the CSV header do not count); decides the shard.
   line: 1-based line of the manifest file, for people looking for the row.
-  media: the path as written (becomes the record's media_id); path: where to open it.
+  media: the path as written; path: where to open it.
+  start, end: a window of the media in seconds (a YouCook2 segment, a Kinetics clip): only it is
+    converted, and time 0 of the record is `start`; None: the whole file.
   """
 
   index: int
@@ -36,6 +38,16 @@ class ManifestRow:
   captions: tuple[schema.Caption, ...] = ()
   labels: tuple[int, ...] = ()
   error: str | None = None
+  start: float | None = None
+  end: float | None = None
+
+  @property
+  def media_id(self) -> str:
+    """The record's id: the media path as written, plus `#t=start,end` (a W3C media fragment)
+    for a window, so the segments of one video have distinct ids."""
+    if self.start is None:
+      return self.media
+    return f'{self.media}#t={self.start:g},{self.end:g}'
 
 
 def _is_number(value: Any) -> bool:
@@ -94,6 +106,30 @@ def _parse_csv_labels(text: str) -> tuple[int, ...]:
   return tuple(labels)
 
 
+def _parse_window(start: Any, end: Any) -> tuple[float | None, float | None]:
+  if start is None and end is None:
+    return None, None
+  if start is None or end is None:
+    raise ValueError(f'start and end: give both or neither (got start={start!r}, end={end!r})')
+  for key, value in (('start', start), ('end', end)):
+    if isinstance(value, str):  # CSV cells
+      try:
+        value = float(value)
+      except ValueError:
+        raise ValueError(f'{key}: {value!r} is not a number') from None
+    if not _is_number(value):
+      raise ValueError(f'{key}: {value!r} is not a finite number')
+    if key == 'start':
+      start = float(value)
+    else:
+      end = float(value)
+  if start < 0:
+    raise ValueError(f'start: {start} is negative')
+  if not end > start:
+    raise ValueError(f'end {end} is not after start {start}')
+  return start, end
+
+
 def _resolve(media: str, base_dir: str) -> str:
   if '://' in media:  # a URL: FFmpeg opens it as it is
     return media
@@ -110,10 +146,12 @@ def _row_from_fields(
   if csv_row:
     labels = _parse_csv_labels(fields.get('label') or '')
     captions: tuple[schema.Caption, ...] = ()
+    window = _parse_window(fields.get('start') or None, fields.get('end') or None)
   else:
     labels = _parse_labels(fields.get('label'))
     captions = _parse_captions(fields.get('captions'))
-  return ManifestRow(index, line, media, _resolve(media, base_dir), captions, labels)
+    window = _parse_window(fields.get('start'), fields.get('end'))
+  return ManifestRow(index, line, media, _resolve(media, base_dir), captions, labels, None, *window)
 
 
 def read_manifest(path: str) -> list[ManifestRow]:

@@ -253,6 +253,49 @@ def test_max_duration_truncates_everything(media):
   assert [c.text for c in decode._clip_captions(captions, duration)] == ['a red square']
 
 
+def test_window_rows_convert_only_their_segment(media, tmp_path):
+  """YouCook2 / Kinetics rows: start and end cut the media; time 0 of the record is `start`."""
+  rows = [
+    {'media': 'five.mkv', 'start': 1.0, 'end': 3.0, 'label': 2},  # seconds 1–3: BLUE, GREEN
+    {'media': 'av.mp4', 'start': 0.5, 'end': 1.8, 'captions': CAPTIONS},
+    {'media': 'av.mp4', 'start': 5.0, 'end': 6.0},  # after the end of the media
+  ]
+  manifest = _write_jsonl(media / 'windows.jsonl', rows)
+  summary = ingest.convert(str(manifest), str(tmp_path), 1, OPTIONS, workers=1, progress=False)
+  assert (summary['written'], summary['skipped']) == (2, 1)
+  assert 'the window starts at 5 s' in (tmp_path / 'report.jsonl').read_text()
+  records = _read_records(tmp_path)
+  five = records['five.mkv#t=1,3']
+  assert five['duration'] == pytest.approx(2.0) and len(five['frames']) == 20
+  assert five['labels'].tolist() == [2]
+  np.testing.assert_allclose(_mean_colour(five['frames'][0]), BLUE, atol=12)
+  np.testing.assert_allclose(_mean_colour(five['frames'][9]), BLUE, atol=12)
+  np.testing.assert_allclose(_mean_colour(five['frames'][10]), GREEN, atol=12)
+  av_clip = records['av.mp4#t=0.5,1.8']
+  assert av_clip['duration'] == pytest.approx(1.3) and len(av_clip['frames']) == 13
+  assert len(av_clip['waveform']) == round(1.3 * 48000)
+  np.testing.assert_allclose(_mean_colour(av_clip['frames'][4]), RED, atol=12)  # at 0.9 s
+  np.testing.assert_allclose(_mean_colour(av_clip['frames'][6]), BLUE, atol=12)  # at 1.1 s
+  # Captions move with the window and are clipped to it.
+  assert [t.decode() for t in av_clip['captions']] == ['a red square', 'now blue — ünïcode']
+  np.testing.assert_allclose(av_clip['caption_start'], [0.0, 0.5])
+  np.testing.assert_allclose(av_clip['caption_end'], [0.3, 1.3])
+
+
+@pytest.mark.parametrize(
+  'window, error',
+  [
+    ({'start': 1.0}, 'give both or neither'),
+    ({'start': 2.0, 'end': 2.0}, 'not after start'),
+    ({'start': -1.0, 'end': 2.0}, 'start: -1.0 is negative'),
+    ({'start': 'soon', 'end': 2.0}, "start: 'soon'"),
+  ],
+)
+def test_malformed_windows(tmp_path, window, error):
+  (row,) = read_manifest(str(_write_jsonl(tmp_path / 'm.jsonl', [{'media': 'a.mp4', **window}])))
+  assert error in row.error
+
+
 def test_frame_repeats():
   # 25 → 10 fps over 2 s: 20 outputs at 0, .1, .2, …: the source frames at 0, .08, .2 (exactly
   # on time counts as at or before), .28, …
