@@ -9,7 +9,7 @@ naming digit and direction. So video, audio and text share two measurable concep
 Layout under output_dir: media/{split}/{id}.mp4, {split}.jsonl (one row per video: media path
 relative to the manifest, duration s, captions [{start, end, text}], label = first segment's digit,
 segments [{start, end, digit, direction}], noise = what was corrupted), retrieval_{split}.jsonl
-(one row per segment with its clean caption), dataset_info.json and README.txt.
+(one row per segment: a manifest of windows with the clean caption and the digit as label), dataset_info.json and README.txt.
 
 Optional noise (fractions, exact counts per split, chosen from the seed) corrupts captions or audio
 for robustness experiments; the clean content of every video does not depend on it. Same arguments
@@ -403,8 +403,16 @@ def generate(
   splits = {}
   for split, (videos, rows) in planned.items():
     (out / f'{split}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    # A YouCook2-style manifest: prepare_data converts each segment (start/end) into its own
+    # record, labelled with its digit and captioned with its clean caption.
     pairs = [
-      {'id': f'{v["id"]}/{k}', 'media': v['media'], **{k: seg[k] for k in _RETRIEVAL_KEYS}}
+      {
+        'id': f'{v["id"]}/{k}',
+        'media': v['media'],
+        **{key: seg[key] for key in _RETRIEVAL_KEYS},
+        'captions': [{'start': seg['start'], 'end': seg['end'], 'text': seg['caption']}],
+        'label': seg['digit'],
+      }
       for v in videos
       for k, seg in enumerate(v['segments'])
     ]

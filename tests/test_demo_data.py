@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import demo
+from data_pipelines.manifest import read_manifest
 from tests.conftest import ROOT
 
 TINY = {'train': 3, 'val': 3, 'test': 3}
@@ -121,6 +122,13 @@ def test_manifests_and_captions(clean):
         assert direction[seg['direction']] & words, cap['text']
     texts = [c['text'] for r in rows for c in r['captions']]
     assert [p['caption'] for p in pairs] == texts
+    # The retrieval file is a manifest of windows: each row converts to one labelled segment.
+    windows = read_manifest(str(root / f'retrieval_{split}.jsonl'))
+    segments = [s for r in rows for s in r['segments']]
+    assert [(w.start, w.end, w.labels) for w in windows] == [
+      (s['start'], s['end'], (s['digit'],)) for s in segments
+    ]
+    assert [w.captions[0].text for w in windows] == texts and not any(w.error for w in windows)
   info = json.loads((root / 'dataset_info.json').read_text())
   assert info['seed'] == 0 and info['noise']['audio_swap'] == 0
   assert (root / 'README.txt').exists()
