@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   creates .venv, installs the pinned requirements, makes the demo media and shards,
-#               trains demo_tiny on them (DEMO_DIR=./demo by default)
+#               trains demo_tiny on them, then evaluates it against a random init
+#               (linear probe, retrieval: DEMO_DIR/run/results.json, plots) (DEMO_DIR=./demo by default)
 #   make test   creates .venv, installs, runs ruff and pytest
 PYTHON ?= python3
 VENV ?= .venv
@@ -33,6 +34,12 @@ demo-shards: $(DEMO_MEDIA)/dataset_info.json
 	    --output_dir=$(DEMO_SHARDS)/$$split --num_shards=4 --short_side=64 --sample_rate=8000 \
 	    || exit 1; \
 	done
+	# One record per segment (the retrieval manifests are manifests of windows): probe and retrieval.
+	for split in train test; do \
+	  $(PY) scripts/prepare_data.py --manifest=$(DEMO_MEDIA)/retrieval_$$split.jsonl \
+	    --output_dir=$(DEMO_SHARDS)/segments_$$split --num_shards=2 --short_side=64 \
+	    --sample_rate=8000 || exit 1; \
+	done
 
 $(DEMO_SHARDS)/tokenizer.model: | demo-shards
 	$(PY) scripts/train_tokenizer.py --input_dir=$(DEMO_SHARDS)/train \
@@ -42,6 +49,8 @@ demo: demo-shards $(DEMO_SHARDS)/tokenizer.model
 	rm -rf $(DEMO_DIR)/run
 	$(PY) scripts/train.py --config=configs/demo_tiny.py --workdir=$(DEMO_DIR)/run \
 	  --config.data.path=$(DEMO_SHARDS)
+	# Linear probe + zero-shot retrieval, pretrained vs. random init: results.json and plots/.
+	$(PY) scripts/report.py --workdir=$(DEMO_DIR)/run
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

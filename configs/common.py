@@ -113,6 +113,9 @@ def pretraining_config(model: ml_collections.ConfigDict) -> ml_collections.Confi
   # parallel with parameters and optimizer state split, model = heads / MLP / vocabulary split.
   # rules: logical axis → mesh axis; empty = vatt_jax.train.sharding.DEFAULT_RULES.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, rules=()))
+  # Evaluations during training (DESIGN.md): name → dict(type=…, log_steps=…, …), each type an
+  # evaluator in vatt_jax.evaluation.EVALUATORS; scripts/report.py runs the same ones standalone.
+  config.evals = ml_collections.ConfigDict()
   config.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row (0: never)
   config.keep_checkpoint_period = 0  # also keep every this-many-th step's checkpoint for good
   return config

@@ -38,6 +38,18 @@ def get_config(arg=None):
   config.data.path = 'demo/shards'  # make demo writes media, shards and tokenizer under demo/
   config.data.sample_rate = 8000  # the demo's tones sit below 3 kHz; prepare_data resamples
   config.data.shuffle_buffer = 256
+  # The paper's crops keep 8–100 % of the frame; at 64 px most small crops would miss the digit.
+  config.data.crop_area_range = (0.5, 1.0)
+  config.data.crop_aspect_range = (0.75, 1.33)
+  # The segment shards (make demo-shards): one record per captioned, labelled 2 s segment.
+  probe = dict(type='linear_probe', train_split='segments_train', test_split='segments_test',
+               num_classes=10, steps=2000, num_clips=4, log_steps=500)  # fmt: skip
+  config.evals = dict(
+    linear_probe=dict(probe, modality='video'),
+    linear_probe_audio=dict(probe, modality='audio'),
+    retrieval=dict(type='retrieval', split='segments_test', num_clips=4, log_steps=500),
+  )
   if 'runlocal' in common.parse_arg(arg):
     common.runlocal(config)
+    config.evals = {}  # they read the demo's shards; runlocal has synthetic data
   return config

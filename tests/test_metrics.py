@@ -69,6 +69,23 @@ def test_video_to_text_with_groups():
   np.testing.assert_array_equal(m2['ranks'], [2, 3])
 
 
+def test_correct_matrix_many_to_many():
+  # A caption shared by videos 0 and 2 (q0), one only of video 1 (q1).
+  s = np.array([[0.2, 0.9, 0.5], [0.4, 0.4, 0.9]])
+  correct = np.array([[1, 0, 1], [0, 1, 0]], bool)
+  m = retrieval_metrics(s, correct=correct, ks=(1, 2))
+  # q0: best correct is video 2 (0.5) behind video 1 (0.9): 2; q1: video 1 (0.4) behind video 2
+  # (0.9) and tied with video 0 (0.4, lower index, comes first): 3.
+  np.testing.assert_array_equal(m['ranks'], [2, 3])
+  assert m['R2'] == 50.0 and m['MedR'] == 2.5
+  with pytest.raises(ValueError, match='query 1 has no correct target'):
+    retrieval_metrics(s, correct=np.array([[1, 0, 0], [0, 0, 0]], bool))
+  with pytest.raises(ValueError, match='bool array of shape'):
+    retrieval_metrics(s, correct=correct.astype(int))
+  with pytest.raises(ValueError, match='cannot be combined'):
+    retrieval_metrics(s, [0, 1], correct=correct)
+
+
 @pytest.mark.parametrize('seed', range(5))
 def test_against_brute_force(seed):
   rng = np.random.default_rng(seed)

@@ -15,7 +15,7 @@ import ml_collections
 
 # One dict per kind: eval type → 'module:Class' (imported on use: TensorFlow loads only when needed).
 EVALUATORS = {
-  'linear_probe': 'vatt_jax.evaluation.linear_probe_eval:LinearProbeEvaluator',
+  'linear_probe': 'vatt_jax.evaluation.linear_probe:LinearProbeEvaluator',
   'retrieval': 'vatt_jax.evaluation.retrieval:RetrievalEvaluator',
   'classification': 'vatt_jax.evaluation.finetune:ClassificationEvaluator',
 }

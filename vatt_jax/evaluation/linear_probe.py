@@ -1,4 +1,5 @@
-"""Linear-probe classifiers on frozen features (VATT appendix): low-rank softmax and linear SVM.
+"""Linear probes on frozen features (VATT appendix): low-rank softmax and linear SVM classifiers,
+and the evaluator that extracts the features from a model and fits them.
 
 Low-rank classifier: logits = ((x - mean) / std) @ U @ V + b with U [d, n], V [n, classes]. At
 each training step a fraction (10 %) of the n components is sampled uniformly without replacement
@@ -13,15 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from vatt_jax.evaluation import metrics
+import data_pipelines
+from vatt_jax.evaluation import embeddings, metrics, retrieval
 
 __all__ = [
   'LowRankConfig',
@@ -238,3 +244,98 @@ def evaluate(
     model = train_svm(x_train, y_train, C=svm_c, seed=config.seed, num_classes=num_classes)
     logits = predict_svm(model, x_test)
   return metrics.topk_accuracy(logits, y_test, ks=(1, 5))
+
+
+class LinearProbeEvaluator:
+  """config.evals entry: dict(type='linear_probe', modality='video' | 'audio', feature='agg'
+  (or 'va' / 'vt': the common space), train_split=…, test_split=…, num_classes=0 (0: from the
+  labels), classifier='low_rank' | 'svm', steps=…, data=dict(path=… or name='tfds', tfds_name=…),
+  num_clips=…, batch_size=32, log_steps=…).
+
+  Features of each record are averaged over its clips (evaluation mode: uniformly spaced clips,
+  central crops). run(variables) → {'top1', 'top5'}; `last` keeps features and labels.
+  `cache(key)` (the scripts) stores features as .npz under cache_dir, keyed by model and split.
+  """
+
+  def __init__(self, eval_cfg, config, model, *, cache_dir: str | None = None, cache_key=None):
+    self.eval_cfg, self.model = eval_cfg, model
+    self.data = retrieval.eval_data_config(config, eval_cfg)
+    self.modality = eval_cfg.get('modality', 'video')
+    self.feature = eval_cfg.get('feature', 'agg')
+    if (
+      self.modality not in ('video', 'audio')
+      or self.feature not in embeddings.OUTPUTS[self.modality]
+    ):
+      raise ValueError(
+        f'linear probe: modality must be video or audio and feature one of its outputs '
+        f'{embeddings.OUTPUTS}, got {self.modality!r} / {self.feature!r}'
+      )
+    self.cache_dir, self.cache_key = cache_dir, cache_key
+    self.config = LowRankConfig(
+      components=eval_cfg.get('components', 128),
+      sample_fraction=eval_cfg.get('sample_fraction', 0.1),
+      learning_rate=eval_cfg.get('learning_rate', 5e-4),
+      batch_size=eval_cfg.get('probe_batch_size', 64),
+      steps=eval_cfg.get('steps', 2000),
+      seed=eval_cfg.get('seed', 0),
+    )
+    self.last = None
+
+  def _cache_path(self, split: str) -> str | None:
+    if not self.cache_dir or self.cache_key is None:
+      return None
+    spec = json.dumps(
+      [self.cache_key, self.data.to_dict(), split, self.modality], sort_keys=True, default=str
+    )
+    name = f'{split}_{self.modality}_{hashlib.sha256(spec.encode()).hexdigest()[:16]}.npz'
+    return os.path.join(self.cache_dir, name)
+
+  def features(self, variables, split: str) -> dict[str, np.ndarray]:
+    """{'{modality}/{output}', 'label', 'media_id'} of a split, from the cache when there."""
+    path = self._cache_path(split)
+    if path and os.path.exists(path):
+      with np.load(path, allow_pickle=False) as f:
+        return dict(f)
+    batch_size = self.eval_cfg.get('batch_size', 32)
+    source = data_pipelines.build(self.data, split, batch_size=batch_size)
+    try:
+      out = embeddings.embed_source(
+        source,
+        embeddings.Embedder(self.model, variables, batch_size=batch_size),
+        [self.modality],
+      )
+    finally:
+      if hasattr(source, 'close'):
+        source.close()
+    out['media_id'] = out['media_id'].astype(str)
+    if path:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = path + '.tmp.npz'
+      np.savez(tmp, **out)
+      os.replace(tmp, path)  # a cache file is whole or absent
+    return out
+
+  def _usable(self, f: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
+    keep = f['label'] >= 0
+    if self.modality == 'audio' and 'audio_mask' in f:
+      keep &= f['audio_mask'] > 0
+    if not keep.any():
+      raise ValueError(f'linear probe: no labelled {self.modality} records in split {split!r}')
+    if (~keep).any():
+      logging.warning('linear probe: %d of %d records of %r skipped (no label or no %s)',
+                      int((~keep).sum()), len(keep), split, self.modality)  # fmt: skip
+    return f[f'{self.modality}/{self.feature}'][keep], f['label'][keep]
+
+  def run(self, variables) -> dict[str, float]:
+    train_split = self.eval_cfg.get('train_split', 'train')
+    test_split = self.eval_cfg.get('test_split', 'test')
+    x_train, y_train = self._usable(self.features(variables, train_split), train_split)
+    x_test, y_test = self._usable(self.features(variables, test_split), test_split)
+    num_classes = self.eval_cfg.get('num_classes', 0) or int(max(y_train.max(), y_test.max())) + 1
+    result = evaluate(
+        x_train, y_train, x_test, y_test, num_classes,
+        classifier=self.eval_cfg.get('classifier', 'low_rank'), config=self.config,
+        svm_c=self.eval_cfg.get('svm_c', 1.0),
+    )  # fmt: skip
+    self.last = {'train': (x_train, y_train), 'test': (x_test, y_test), 'num_classes': num_classes}
+    return result

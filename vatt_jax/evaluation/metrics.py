@@ -71,6 +71,7 @@ def retrieval_metrics(
   ks: Sequence[int] = (1, 5, 10),
   query_groups: Any = None,
   target_groups: Any = None,
+  correct: Any = None,
 ) -> dict[str, Any]:
   """Recall@k, median and mean rank for a [Q, T] similarity matrix (higher = more similar).
 
@@ -81,6 +82,8 @@ def retrieval_metrics(
     * else with ``query_groups`` [Q]: ``key_q(i) = query_groups[i]``; if only ``query_groups``
       is given (requires Q == T, pair i <-> i) it is also used as ``key_t``;
     * else (requires Q == T): ``key_q(i) = key_t(i)``, i.e. the diagonal.
+    * or with ``correct`` [Q, T] bool, given directly (many-to-many: a caption shared by several
+      videos is correct for each of them); it excludes the three arguments above.
   Ties are broken by target index (see the module docstring). Returns ``{'R<k>': % for k in ks,
   'MedR': float, 'MeanR': float, 'ranks': int ndarray [Q]}``.
   """
@@ -89,6 +92,17 @@ def retrieval_metrics(
   ks = tuple(int(k) for k in ks)
   if any(k < 1 for k in ks):
     raise ValueError(f'ks must be positive integers, got {ks}')
+  if correct is not None:
+    if query_to_target is not None or query_groups is not None or target_groups is not None:
+      raise ValueError('correct cannot be combined with query_to_target or groups')
+    correct = np.asarray(correct)
+    if correct.shape != (nq, nt) or correct.dtype != bool:
+      raise ValueError(f'correct must be a bool array of shape ({nq}, {nt}), got {correct.shape}')
+    if not correct.any(axis=1).all():
+      raise ValueError(
+        f'correct: query {int(np.argmin(correct.any(axis=1)))} has no correct target'
+      )
+    return _summarise(s, lambda lo, hi: correct[lo:hi], ks)
   if query_to_target is not None and query_groups is not None:
     raise ValueError('query_groups cannot be combined with query_to_target')
   if query_to_target is None and (query_groups is None or target_groups is None) and nq != nt:
@@ -116,10 +130,15 @@ def retrieval_metrics(
   if (qc < 0).any():
     raise ValueError(f'query_groups: query {int(np.argmax(qc < 0))} has no correct target')
 
+  return _summarise(s, lambda lo, hi: qc[lo:hi, None] == tc[None, :], ks)
+
+
+def _summarise(s: np.ndarray, correct_rows, ks: tuple[int, ...]) -> dict[str, Any]:
+  nq = s.shape[0]
   ranks = np.empty(nq, dtype=np.int64)
   for lo in range(0, nq, _CHUNK):
     hi = min(lo + _CHUNK, nq)
-    ranks[lo:hi] = _stable_ranks(s[lo:hi], qc[lo:hi, None] == tc[None, :])
+    ranks[lo:hi] = _stable_ranks(s[lo:hi], correct_rows(lo, hi))
   out: dict[str, Any] = {f'R{k}': 100.0 * float(np.mean(ranks <= k)) for k in ks}
   out['MedR'] = float(np.median(ranks))
   out['MeanR'] = float(np.mean(ranks))

@@ -203,6 +203,27 @@ def restore_params(workdir: str, abstract_params: dict, step: int | None = None)
     manager.close()
 
 
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run stored in its workdir (config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training workdir')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest finished checkpoint step of a workdir (None: none)."""
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def load_model(workdir: str, step: int | None = None):
   """(config, model, variables) of a trained run, on this process's first device: the model
   rebuilt from the workdir's stored config.json, {'params', 'batch_stats'} from its checkpoint
@@ -210,11 +231,7 @@ def load_model(workdir: str, step: int | None = None):
   from vatt_jax.models import build_model, init_variables
   from vatt_jax.models.summary import example_inputs
 
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training workdir')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = read_config(workdir)
   model = build_model(config.model)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shapes = jax.eval_shape(

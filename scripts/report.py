@@ -1,0 +1,168 @@
+r"""Evaluates a run's `config.evals` (linear probe, retrieval) on its checkpoint and on a randomly
+initialised copy of the model, prints a table, writes RUN/results.json and the plots RUN/plots/.
+
+  python scripts/report.py --workdir=demo/run          # `make demo` ends with this
+
+results.json: {"pretrained": {eval name: results}, "random_init": {…same keys…}, "chance": {…}}
+(percentages), with "linear_probe": {"top1", "top5"} and "retrieval": {"t2v": {"R1", "R5",
+"R10", "MedR", …}, "v2t": {…}} for evals of those names. Chance: 100 / classes for a probe's
+top-1, and the expected R@5 of a random ranking (hypergeometric, per query) for retrieval.
+Plots (pretrained model): t-SNE of each modality in the tokenizer's input space and in the
+common space (VATT Fig. 3 top), positive vs. negative pair similarities (Fig. 3 bottom), and the
+training curves of metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints).')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random-init baseline.')
+_PLOTS = flags.DEFINE_bool('plots', True, 'Write RUN/plots/*.png.')
+flags.mark_flags_as_required(['workdir'])
+
+
+def evaluate(config, model, variables, *, cache_key: str, workdir: str):
+  """{name: results} of every config.evals entry, and the evaluators (their `last` outputs)."""
+  from vatt_jax.evaluation import build_evaluator
+  from vatt_jax.evaluation.linear_probe import LinearProbeEvaluator
+
+  results, evaluators = {}, {}
+  for name, eval_cfg in config.evals.items():
+    if eval_cfg.type == 'linear_probe':
+      evaluator = LinearProbeEvaluator(eval_cfg, config, model,
+                                       cache_dir=os.path.join(workdir, 'features'),
+                                       cache_key=cache_key)  # fmt: skip
+      results[name] = evaluator.run(variables)
+    elif eval_cfg.type == 'retrieval':
+      evaluator = build_evaluator(eval_cfg, config, model)
+      embedded = evaluator.embed(variables, with_audio=True)
+      from vatt_jax.evaluation.retrieval import zero_shot
+
+      evaluator.last = {
+        'embeddings': embedded,
+        'results': zero_shot(embedded['video/vt'], embedded['text/vt'], embedded['correct']),
+      }
+      results[name] = evaluator.last['results']
+    else:
+      logging.info('report: eval %r of type %r is not part of the report', name, eval_cfg.type)
+      continue
+    evaluators[name] = evaluator
+  return results, evaluators
+
+
+def chance(config, evaluators) -> dict:
+  from vatt_jax.evaluation import retrieval
+
+  out = {}
+  for name, evaluator in evaluators.items():
+    if config.evals[name].type == 'linear_probe':
+      out[f'{name}_top1'] = 100.0 / evaluator.last['num_classes']
+    else:
+      prefix = '' if name == 'retrieval' else f'{name}_'
+      correct = evaluator.last['embeddings']['correct']
+      out[f'{prefix}t2v_R5'] = retrieval.chance_recall(correct, 5)
+      out[f'{prefix}v2t_R5'] = retrieval.chance_recall(correct.T[correct.T.any(1)], 5)
+  return out
+
+
+def write_plots(workdir: str, evaluators: dict, title: str) -> list[str]:
+  import numpy as np
+
+  from vatt_jax import plots
+
+  out_dir = os.path.join(workdir, plots.PLOTS_DIR)
+  written = []
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(metrics_path):
+    written.append(plots.training_curves(metrics_path, os.path.join(out_dir, 'training.png'),
+                                         title=title))  # fmt: skip
+  retrieval = [e for e in evaluators.values() if hasattr(e, 'embed')]
+  if not retrieval:
+    logging.warning('no retrieval eval in config.evals: no t-SNE or similarity plots')
+    return written
+  e = retrieval[0].last['embeddings']
+  correct = e['correct']
+  text_labels = e['label'][np.argmax(correct, axis=1)]  # the label of the first video it describes
+  audio = e['audio_mask'] > 0
+  panels = [
+    [('video · input space', e['video/input'], e['label']),
+     ('audio · input space', e['audio/input'][audio], e['label'][audio]),
+     ('text · input space', e['text/input'], text_labels)],
+    [('video · common space (vt)', e['video/vt'], e['label']),
+     ('audio · common space (va)', e['audio/va'][audio], e['label'][audio]),
+     ('text · common space (vt)', e['text/vt'], text_labels)],
+  ]  # fmt: skip
+  written.append(plots.tsne_grid(panels, os.path.join(out_dir, 'tsne.png'), title=title))
+  pairs = [
+    ('video–text (vt space)', *plots.pair_similarities(e['text/vt'], e['video/vt'], correct)),
+    (
+      'video–audio (va space)',
+      *plots.pair_similarities(e['video/va'][audio], e['audio/va'][audio]),
+    ),
+  ]
+  written.append(plots.similarity_histograms(pairs, os.path.join(out_dir, 'similarities.png'),
+                                             title=title))  # fmt: skip
+  return written
+
+
+def table(results: dict, chance_figures: dict) -> str:
+  rows = []
+  for name in results['pretrained']:
+    for metric, pre, rand in _flat(results['pretrained'][name], results['random_init'][name]):
+      rows.append((f'{name} {metric}', pre, rand))
+  width = max(len(r[0]) for r in rows) + 2
+  lines = [f'{"":{width}}{"pretrained":>12}{"random init":>13}']
+  lines += [f'{n:{width}}{p:12.2f}{r:13.2f}' for n, p, r in rows]
+  lines.append('chance: ' + ', '.join(f'{k} {v:.2f}' for k, v in chance_figures.items()))
+  return '\n'.join(lines)
+
+
+def _flat(pre: dict, rand: dict, prefix: str = ''):
+  for key, value in pre.items():
+    if isinstance(value, dict):
+      yield from _flat(value, rand[key], f'{prefix}{key} ')
+    elif key not in ('queries', 'MeanR'):
+      yield f'{prefix}{key}', float(value), float(rand[key])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  from vatt_jax.evaluation import embeddings
+
+  workdir = _WORKDIR.value
+  results, described, evaluators = {}, {}, {}
+  for tag, random_init in (('pretrained', False), ('random_init', True)):
+    config, model, variables, what = embeddings.load(
+      workdir, step=_STEP.value, random_init=random_init, seed=_SEED.value
+    )
+    if not config.get('evals'):
+      raise app.UsageError(f'{workdir}/config.json has no config.evals to report')
+    results[tag], evaluators[tag] = evaluate(
+      config, model, variables, cache_key=what, workdir=workdir
+    )
+    described[tag] = what
+  chance_figures = chance(config, evaluators['pretrained'])
+  report = {**results, 'chance': chance_figures, 'models': described}
+  path = os.path.join(workdir, 'results.json')
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=2)
+  print(f'\n{described["pretrained"]} vs. {described["random_init"]}')
+  print(table(results, chance_figures))
+  print(f'→ {path}')
+  if _PLOTS.value:
+    for plot in write_plots(workdir, evaluators['pretrained'], described['pretrained']):
+      print(f'→ {plot}')
+
+
+if __name__ == '__main__':
+  app.run(main)
