@@ -1,0 +1,406 @@
+"""A self-contained bundle of a trained model, and the loader that turns it back into encoders.
+
+  from vatt_jax.export import load_bundle
+  encoders = load_bundle('export/bundle')
+  v = encoders.video(frames)      # [B, T, H, W, 3] float32 in [-1, 1] → {'agg', 'va', 'vt'}
+  t = encoders.text(['a seven drifts to the left'])  # strings, or int32 ids [B, W] → {'agg', 'vt'}
+  scores = v['vt'] @ t['vt'].T    # video–text similarity (and v['va'] with encoders.audio(x)['va'])
+
+Layout of `bundle/` (no pickle: JSON and safetensors / msgpack are read without running code):
+  params.safetensors   every variable, key '<collection>/<module>/…/<name>' ('params/…' and
+                       'batch_stats/…'); or params.msgpack (flax.serialization) with the same tree
+  config.json          the run's resolved config (model section rebuilds the module)
+  tokenizer.model      the run's sentencepiece model, when it had one (synthetic-data runs do not)
+  bundle.json          format version, input shapes / dtypes / ranges, output names and widths, the
+                       preprocessing spec, every tensor's shape and dtype, sha256 of the
+                       parameter and tokenizer files
+The loader checks the files' checksums, then every tensor's name and shape against the module that
+config.json describes, before any array reaches a device: a bundle of another model, a truncated or
+edited file fails with an error naming the culprit.
+
+Outputs per modality (model.apply's names in brackets): video {'agg' (video_agg), 'va' (video_va),
+'vt' (video_vt)}, audio {'agg' (audio_agg), 'va' (audio_va)}, text {'agg' (text_agg), 'vt'
+(text_vt)}; 'agg' is the backbone's AGG token, 'va' / 'vt' the common-space embeddings.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import serialization, traverse_util
+
+FORMAT = 'vatt-jax-bundle'
+FORMAT_VERSION = 1
+BUNDLE_DIR = 'bundle'
+PARAMS_FILES = {'safetensors': 'params.safetensors', 'msgpack': 'params.msgpack'}
+OUTPUTS = {  # encoder output name → model.apply output name
+  'video': {'agg': 'video_agg', 'va': 'video_va', 'vt': 'video_vt'},
+  'audio': {'agg': 'audio_agg', 'va': 'audio_va'},
+  'text': {'agg': 'text_agg', 'vt': 'text_vt'},
+}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def encode(model, modality: str, variables: dict, inputs: jax.Array) -> dict[str, jax.Array]:
+  """One modality's embeddings, {'agg', 'va'/'vt'}: [B, D] float32 each (eval mode).
+
+  inputs: video [B, T, H, W, 3] float32 in [-1, 1]; audio [B, S] float32 in [-1, 1]; text [B, W]
+  int32 ids (0 = padding). Models are static arguments: modules built from equal configs share
+  one compiled function.
+  """
+  out = model.apply(variables, {modality: inputs}, train=False)
+  return {short: out[name] for short, name in OUTPUTS[modality].items()}
+
+
+def check_exportable(model_cfg: ml_collections.ConfigDict) -> None:
+  """The export covers the pretrained VATT encoders (config model.name 'vatt') only."""
+  if model_cfg.get('name') != 'vatt':
+    raise ValueError(
+      f"export handles VATT encoders (config model.name 'vatt'); this run's model.name is "
+      f'{model_cfg.get("name")!r}'
+    )
+
+
+def run_tokenizer_path(config: ml_collections.ConfigDict) -> str | None:
+  """The run's sentencepiece model (config.data.tokenizer, else {data.path}/tokenizer.model), or
+  None when the run had none (synthetic data)."""
+  data = config.get('data', ml_collections.ConfigDict())
+  path = data.get('tokenizer', '') or (
+    os.path.join(data.path, 'tokenizer.model') if data.get('path') else ''
+  )
+  return path if path and os.path.isfile(path) else None
+
+
+def input_spec(model_cfg: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  """Per modality: shape (None = any batch), dtype and value range the encoders take."""
+  v, a, t = model_cfg.video, model_cfg.audio, model_cfg.text
+  height, width = (v.frame_size,) * 2 if isinstance(v.frame_size, int) else tuple(v.frame_size)
+  return {
+    'video': dict(shape=[None, v.num_frames, height, width, 3], dtype='float32', range=[-1, 1]),
+    'audio': dict(shape=[None, a.num_samples], dtype='float32', range=[-1, 1]),
+    'text': dict(
+      shape=[None, t.max_words], dtype='int32', range=[0, t.vocab_size - 1], padding_id=0
+    ),
+  }
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _flatten(variables: dict) -> dict[str, np.ndarray]:
+  flat = traverse_util.flatten_dict(variables)
+  bad = ['/'.join(map(str, k)) for k in flat if any('/' in str(part) for part in k)]
+  if bad:
+    raise ValueError(f"variable names may not contain '/': {bad[:5]}")
+  return {'/'.join(k): np.ascontiguousarray(jax.device_get(v)) for k, v in flat.items()}
+
+
+def _abstract_variables(model, model_cfg) -> dict[str, jax.ShapeDtypeStruct]:
+  """'collection/…/name' → ShapeDtypeStruct of every variable the module defines (no FLOPs)."""
+  from vatt_jax.models import init_variables
+  from vatt_jax.models.summary import example_inputs
+
+  shapes = jax.eval_shape(
+    lambda batch: init_variables(model, jax.random.key(0), batch), example_inputs(model_cfg)
+  )
+  return {'/'.join(k): v for k, v in traverse_util.flatten_dict(shapes).items()}
+
+
+def _check_against_model(flat: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+  problems = [f'{k}: missing' for k in sorted(expected.keys() - flat.keys())]
+  problems += [f'{k}: not in this model' for k in sorted(flat.keys() - expected.keys())]
+  problems += [
+    f'{k}: {tuple(flat[k].shape)} {flat[k].dtype}, the model wants '
+    f'{tuple(expected[k].shape)} {expected[k].dtype}'
+    for k in sorted(flat.keys() & expected.keys())
+    if tuple(flat[k].shape) != tuple(expected[k].shape) or flat[k].dtype != expected[k].dtype
+  ]
+  if problems:
+    shown = '; '.join(problems[:8]) + (f'; … {len(problems) - 8} more' if len(problems) > 8 else '')
+    raise ValueError(f'{where} does not match the model its config describes: {shown}')
+
+
+def _tokenizer_size(path: str) -> int:
+  import sentencepiece as spm
+
+  processor = spm.SentencePieceProcessor(model_file=path)
+  if processor.pad_id() != 0:
+    raise ValueError(f'tokenizer {path}: pad_id is {processor.pad_id()}, the models expect 0')
+  return processor.get_piece_size()
+
+
+def write_bundle(
+  config: ml_collections.ConfigDict,
+  variables: dict,
+  output_dir: str,
+  tokenizer_path: str | None = None,
+  *,
+  fmt: str = 'safetensors',
+  step: int | None = None,
+) -> str:
+  """Writes `output_dir/bundle/` (see the module docstring) and returns its path.
+
+  Args:
+    config: the run's config (load_model's); its model section must describe `variables`.
+    variables: {'params': …, 'batch_stats': …} of arrays.
+    output_dir: the bundle goes into its `bundle/` subdirectory, which must not hold files yet.
+    tokenizer_path: the run's sentencepiece model (run_tokenizer_path(config)), or None.
+    fmt: 'safetensors' or 'msgpack' for the parameters.
+    step: the checkpoint step, recorded in bundle.json.
+  """
+  from vatt_jax.models import build_model
+
+  if fmt not in PARAMS_FILES:
+    raise ValueError(f'bundle format must be one of {sorted(PARAMS_FILES)}, got {fmt!r}')
+  path = os.path.join(output_dir, BUNDLE_DIR)
+  if os.path.isdir(path) and os.listdir(path):
+    raise FileExistsError(f'{path} already holds files; export into an empty directory')
+  model_cfg = config.model
+  check_exportable(model_cfg)
+  model = build_model(model_cfg)
+  flat = _flatten(variables)
+  abstract = _abstract_variables(model, model_cfg)
+  _check_against_model(flat, abstract, 'the variables to export')
+  vocab_size = int(model_cfg.text.vocab_size)
+  if tokenizer_path is not None:
+    if not os.path.isfile(tokenizer_path):
+      raise FileNotFoundError(f'tokenizer {tokenizer_path} does not exist')
+    pieces = _tokenizer_size(tokenizer_path)
+    if pieces > vocab_size:
+      raise ValueError(
+        f'tokenizer {tokenizer_path} has {pieces} pieces, more than config model.text.vocab_size '
+        f'{vocab_size}: it is not the tokenizer of this model'
+      )
+
+  os.makedirs(path, exist_ok=True)
+  params_file = os.path.join(path, PARAMS_FILES[fmt])
+  if fmt == 'safetensors':
+    from safetensors.numpy import save_file
+
+    save_file(flat, params_file, metadata={'format': FORMAT, 'format_version': str(FORMAT_VERSION)})
+    os.chmod(params_file, 0o666 & ~_umask())  # (safetensors creates it owner-only)
+  else:
+    with open(params_file, 'wb') as f:
+      f.write(serialization.msgpack_serialize(traverse_util.unflatten_dict(flat, sep='/')))
+  resolved = json.loads(config.to_json_best_effort())
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump(resolved, f, indent=2, sort_keys=True)
+  files = {'params': PARAMS_FILES[fmt], 'config': 'config.json'}
+  if tokenizer_path is not None:
+    shutil.copyfile(tokenizer_path, os.path.join(path, 'tokenizer.model'))
+    files['tokenizer'] = 'tokenizer.model'
+
+  one_each = {
+    m: jax.ShapeDtypeStruct((1, *s['shape'][1:]), s['dtype'])
+    for m, s in input_spec(model_cfg).items()
+  }
+  apply_shapes = jax.eval_shape(
+    lambda v, batch: model.apply(v, batch, train=False),
+    traverse_util.unflatten_dict(abstract, sep='/'),
+    one_each,
+  )
+  data = config.get('data', ml_collections.ConfigDict())
+  info = {
+    'format': FORMAT,
+    'format_version': FORMAT_VERSION,
+    'vatt_jax_version': _package_version(),
+    'step': step,
+    'files': files,
+    # config.json is left editable (e.g. dtype='bfloat16' for inference): the shape check guards it
+    'sha256': {n: _sha256(os.path.join(path, f)) for n, f in files.items() if n != 'config'},
+    'inputs': input_spec(model_cfg),
+    'outputs': {
+      m: {short: int(apply_shapes[name].shape[-1]) for short, name in names.items()}
+      for m, names in OUTPUTS.items()
+    },
+    'preprocessing': {
+      'fps': data.get('fps'),
+      'num_frames': model_cfg.video.num_frames,
+      'frame_size': model_cfg.video.frame_size,
+      'video': 'RGB, central square crop resized (bilinear) to frame_size, x / 127.5 - 1',
+      'sample_rate': data.get('sample_rate'),
+      'num_samples': model_cfg.audio.num_samples,
+      'audio': 'mono waveform at sample_rate in [-1, 1], zero-padded to num_samples',
+      'max_words': model_cfg.text.max_words,
+      'text': 'sentencepiece ids (tokenizer.model), truncated or padded with 0 to max_words',
+    },
+    'tensors': {k: {'shape': list(v.shape), 'dtype': str(v.dtype)} for k, v in flat.items()},
+    'num_parameters': int(sum(v.size for k, v in flat.items() if k.startswith('params/'))),
+  }
+  with open(os.path.join(path, 'bundle.json'), 'w') as f:
+    json.dump(info, f, indent=2)
+  return path
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _package_version() -> str | None:
+  from importlib import metadata
+
+  try:
+    return metadata.version('vatt-jax')
+  except metadata.PackageNotFoundError:
+    return None
+
+
+class Encoders:
+  """The video, audio and text encoders of one model; each call runs one jitted function.
+
+  Attributes:
+    config: the run's config; model: the flax module; variables: {'params', 'batch_stats'} on
+    the default device; info: bundle.json (or None when built from memory); tokenizer_path: the
+    sentencepiece model, or None (then `text` takes ids only).
+  """
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    model,
+    variables: dict,
+    *,
+    info: dict | None = None,
+    tokenizer_path: str | None = None,
+  ):
+    self.config, self.model, self.info = config, model, info
+    self.variables = jax.device_put(variables)
+    self.tokenizer_path = tokenizer_path
+    self._tokenizer = None
+    self._spec = input_spec(config.model)
+
+  def _check(self, modality: str, x) -> np.ndarray:
+    spec = self._spec[modality]
+    x = np.asarray(x)
+    want = tuple(spec['shape'][1:])
+    if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
+      raise ValueError(
+        f'{modality} input has shape {x.shape}, the model takes [B, {", ".join(map(str, want))}]'
+        + (' (add a batch axis: x[None])' if tuple(x.shape) == want else '')
+      )
+    if spec['dtype'] == 'float32':
+      if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(
+          f'{modality} input is {x.dtype}; the model takes float32 in [-1, 1] '
+          '(e.g. uint8 frames / 127.5 - 1)'
+        )
+      return x.astype(np.float32)
+    if not np.issubdtype(x.dtype, np.integer):
+      raise ValueError(f'text input is {x.dtype}: pass strings or int32 token ids')
+    low, high = spec['range']
+    if x.size and (x.min() < low or x.max() > high):
+      raise ValueError(f'text ids must lie in [{low}, {high}] (config model.text.vocab_size)')
+    return x.astype(np.int32)
+
+  def video(self, video) -> dict[str, jax.Array]:
+    """video: [B, T, H, W, 3] float32 in [-1, 1] → {'agg': [B, Dv], 'va': [B, va], 'vt': [B, vt]}"""
+    return encode(self.model, 'video', self.variables, self._check('video', video))
+
+  def audio(self, audio) -> dict[str, jax.Array]:
+    """audio: [B, S] float32 in [-1, 1] → {'agg': [B, Da], 'va': [B, va]}."""
+    return encode(self.model, 'audio', self.variables, self._check('audio', audio))
+
+  def text(self, text: str | Sequence[str] | np.ndarray) -> dict[str, jax.Array]:
+    """A string, a list of B strings or int32 ids [B, W] (0 = padding) → {'agg': [B, Dt],
+    'vt': [B, vt]}. Strings need the bundle's tokenizer."""
+    if isinstance(text, str | bytes):
+      text = [text]
+    if isinstance(text, np.ndarray) and text.dtype.kind in 'USO':
+      text = text.tolist()
+    if isinstance(text, list | tuple) and text and all(isinstance(t, str | bytes) for t in text):
+      text = self.tokenize(text)
+    return encode(self.model, 'text', self.variables, self._check('text', text))
+
+  def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+    """[B] strings → [B, max_words] int32 ids, exactly as the training pipeline tokenizes."""
+    if self.tokenizer_path is None:
+      raise ValueError(
+        'this bundle has no tokenizer.model (the run had none, e.g. synthetic data): pass int32 '
+        'token ids [B, W] to text(), or re-export with the tokenizer'
+      )
+    if self._tokenizer is None:
+      from data_pipelines.text import Tokenizer  # (imports TensorFlow: only when strings are used)
+
+      self._tokenizer = Tokenizer(self.tokenizer_path)
+    return self._tokenizer.encode(texts, self._spec['text']['shape'][1])
+
+
+def _read_json(path: str, what: str) -> dict:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} is missing: not a complete vatt-jax bundle ({what})')
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path} is corrupt: {e}') from None
+
+
+def _read_params(path: str, fmt_file: str) -> dict[str, np.ndarray]:
+  try:
+    if fmt_file.endswith('.safetensors'):
+      from safetensors.numpy import load_file
+
+      return load_file(path)
+    with open(path, 'rb') as f:
+      return _flatten(serialization.msgpack_restore(f.read()))
+  except Exception as e:  # safetensors and msgpack raise their own types for malformed data
+    raise ValueError(f'{path} cannot be read ({type(e).__name__}: {e}); re-export it') from None
+
+
+def load_bundle(path: str) -> Encoders:
+  """Encoders from a bundle directory written by write_bundle (`O/bundle`, or `O` itself).
+
+  Raises FileNotFoundError for a missing file, ValueError for a corrupt one, a bundle of a newer
+  format, or parameters that do not fit the model its config.json describes.
+  """
+  from vatt_jax.models import build_model
+
+  if not os.path.isfile(os.path.join(path, 'bundle.json')) and os.path.isfile(
+    os.path.join(path, BUNDLE_DIR, 'bundle.json')
+  ):
+    path = os.path.join(path, BUNDLE_DIR)
+  info = _read_json(os.path.join(path, 'bundle.json'), 'its index')
+  if info.get('format') != FORMAT:
+    raise ValueError(f'{path}/bundle.json is not a {FORMAT} index (format {info.get("format")!r})')
+  if info.get('format_version', 0) > FORMAT_VERSION:
+    raise ValueError(
+      f'{path} is bundle format {info["format_version"]}; this vatt-jax reads up to '
+      f'{FORMAT_VERSION}: upgrade vatt-jax'
+    )
+  files = info.get('files') or {}
+  if not {'params', 'config'} <= files.keys():
+    raise ValueError(f'{path}/bundle.json lists no params or config file: it is corrupt')
+  for name, file in files.items():
+    full = os.path.join(path, file)
+    if not os.path.isfile(full):
+      raise FileNotFoundError(f'{full} is missing: the bundle is incomplete')
+    if info.get('sha256', {}).get(name) not in (None, _sha256(full)):
+      raise ValueError(f'{full} is corrupt: its sha256 differs from the one in bundle.json')
+  config = ml_collections.ConfigDict(
+    _read_json(os.path.join(path, files['config']), 'the run config')
+  )
+  check_exportable(config.model)
+  model = build_model(config.model)
+  params_path = os.path.join(path, files['params'])
+  flat = _read_params(params_path, files['params'])
+  _check_against_model(flat, _abstract_variables(model, config.model), params_path)
+  variables = traverse_util.unflatten_dict(flat, sep='/')
+  variables.setdefault('batch_stats', {})
+  tokenizer = os.path.join(path, files['tokenizer']) if 'tokenizer' in files else None
+  return Encoders(config, model, variables, info=info, tokenizer_path=tokenizer)
