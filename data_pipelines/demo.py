@@ -1,8 +1,8 @@
 """The bundled demo dataset: real mp4 files of handwritten digits moving over textured backgrounds.
 
 Each video (default 64×64 px at 10 fps, H.264 yuv420p + mono 48 kHz AAC) is 3–4 segments of
-1.8–2.2 s. A segment shows one scikit-learn `load_digits` digit (8×8, upscaled to 3/8 of the frame)
-crossing the frame left/right/up/down at constant speed, while the audio plays that digit's
+1.8–2.2 s over one of NUM_BACKGROUNDS shared textures. A segment shows one scikit-learn
+`load_digits` digit (8×8, upscaled to 3/8 of the frame) crossing the frame left/right/up/down at constant speed, while the audio plays that digit's
 three-tone chord (DIGIT_TONES, Hz) with 20 ms fades and a little noise. Every segment has a caption
 naming digit and direction. So video, audio and text share two measurable concepts per segment.
 
@@ -39,6 +39,7 @@ DIGIT_TONES = tuple((250 + 50 * d, 900 + 70 * d, 1800 + 110 * d) for d in range(
 NUM_SEGMENTS = (3, 4)  # inclusive range; with ~2 s segments a video lasts 5.4–8.8 s
 SEGMENT_SECONDS = (1.8, 2.2)  # inclusive range, rounded to whole frames
 FADE_SECONDS = 0.02
+NUM_BACKGROUNDS = 8  # textures shared by all videos (so no video is recognisable by its own)
 _SEGMENT_KEYS = ('start', 'end', 'digit', 'direction')  # a segment as the manifest shows it
 _RETRIEVAL_KEYS = ('start', 'end', 'caption', 'digit', 'direction')
 
@@ -162,7 +163,11 @@ def _plan_video(seed: int, split: str, index: int, fps: int, pools, images) -> d
     duration=round(frame / fps, 4),
     fps=fps,
     segments=segments,
-    background_seed=int(rng.integers(2**63)),
+    # From a small pool shared by all splits: a background of its own would let a model tell the
+    # training videos apart (and match them to their captions) without looking at the digits.
+    background_seed=int(
+      np.random.default_rng([seed, 1000 + int(rng.integers(NUM_BACKGROUNDS))]).integers(2**63)
+    ),  # fmt: skip
     audio_seed=int(rng.integers(2**63)),
   )
 

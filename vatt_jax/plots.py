@@ -48,7 +48,7 @@ def tsne_grid(
   """panels: rows of (title, features [N, D], labels [N]) → one t-SNE scatter each, coloured by
   label."""
   rows, cols = len(panels), max(len(r) for r in panels)
-  fig = Figure(figsize=(3.6 * cols, 3.4 * rows))
+  fig = Figure(figsize=(3.6 * cols, 3.4 * rows), layout='constrained')
   labels_seen = set()
   for i, row in enumerate(panels):
     for j, (name, x, labels) in enumerate(row):
@@ -84,7 +84,7 @@ def similarity_histograms(
 ) -> str:
   """pairs: (title, positive-pair similarities, negative-pair similarities) → overlaid histograms
   (densities), one panel each; the legend gives each distribution's mean."""
-  fig = Figure(figsize=(4.2 * len(pairs), 3.2))
+  fig = Figure(figsize=(4.2 * len(pairs), 3.2), layout='constrained')
   for j, (name, pos, neg) in enumerate(pairs):
     ax = fig.add_subplot(1, len(pairs), j + 1)
     pos, neg = np.ravel(pos), np.ravel(neg)
@@ -134,17 +134,19 @@ def training_curves(metrics_path: str, path: str, *, title: str = '') -> str:
   losses = [k for k in keys if k.startswith('loss')]
   evals = sorted({k.split('/')[0] for k in keys if '/' in k})
   panels = [('loss', losses)] + [('learning rate', ['learning_rate'])] * ('learning_rate' in keys)
-  panels += [(name, [k for k in keys if k.startswith(name + '/')]) for name in evals]
+  # Evaluation panels show the percentages (R@k, top-k), not timings or ranks (other scales).
+  percent = lambda k: not k.endswith(('/seconds', '/MedR', '/MeanR'))  # noqa: E731
+  panels += [(name, [k for k in keys if k.startswith(name + '/') and percent(k)]) for name in evals]
   cols = min(3, len(panels))
   rows = math.ceil(len(panels) / cols)
-  fig = Figure(figsize=(4.4 * cols, 3.2 * rows))
+  fig = Figure(figsize=(4.4 * cols, 3.2 * rows), layout='constrained')
   for j, (name, series) in enumerate(panels):
     ax = fig.add_subplot(rows, cols, j + 1)
     for key in series:
       points = [(r['step'], r[key]) for r in records if key in r]
       steps, values = zip(*points, strict=True)
-      ax.plot(steps, values, marker='.' if len(points) < 20 else None, label=key)
-    ax.set_title(name, fontsize=10)
+      ax.plot(steps, values, marker='.' if len(points) < 20 else None, label=key.split('/', 1)[-1])
+    ax.set_title(name if name in ('loss', 'learning rate') else f'{name} (%)', fontsize=10)
     ax.set_xlabel('step')
     ax.legend(fontsize=7)
   if title:
