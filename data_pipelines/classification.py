@@ -1,12 +1,17 @@
-"""Labelled clips from TFDS video or audio datasets, with the pretraining pipeline's preprocessing.
+"""Labelled clips from TFDS video, audio or image datasets, with the pretraining preprocessing.
 
   config.data = dict(name='tfds', tfds_name='ucf101', modality='video', stored_fps=25.0, ...)
 
 Video datasets (ucf101, hmdb51, kinetics…) give decoded uint8 frames; audio datasets give integer or
-float waveforms. Clips are sampled at data.fps from data.stored_fps (TFDS stores no frame rate),
-cropped and jittered exactly as in pretraining (random resized crop for training, central crop and
-`eval_clips` uniformly spaced clips for evaluation). Shards made by scripts/prepare_data.py that carry
-labels are read by the shard pipeline instead (data.name='shards'); its batches have `label` too.
+float waveforms; image datasets (imagenet2012, …; modality 'image') give one uint8 image, which
+becomes a clip of num_frames copies of the same frame (VATT's ImageNet fine-tuning feeds the video
+tower "the input image replicated"). Clips are sampled at data.fps from data.stored_fps (TFDS stores
+no frame rate), cropped and jittered exactly as in pretraining (random resized crop for training;
+for evaluation `eval_clips` uniformly spaced clips, each in `eval_crops` crops: the central square,
+or n squares spaced along the long side, clip-major). With data.multi_label the label feature is a
+list of classes and "label" a multi-hot float32 [num_classes]. Shards made by
+scripts/prepare_data.py that carry labels are read by the shard pipeline instead
+(data.name='shards'); its batches have `label` too.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from data_pipelines import video as video_ops
 
 tf.config.set_visible_devices([], 'GPU')
 
+MODALITIES = ('video', 'audio', 'image')
+
 
 class TfdsSource:
-  """Iterator of numpy batches {'video' | 'audio', 'label'}; eval batches add a clip axis.
+  """Iterator of numpy batches {'video' | 'audio', 'label'}; eval batches add a view axis.
 
-  Train: video [B, T, S, S, 3] or audio [B, N]; eval: video [B, k, T, S, S, 3] or audio [B, k, N].
+  Train: video [B, T, S, S, 3] (an image: T equal frames) or audio [B, N]; eval: video
+  [B, k·c, T, S, S, 3] (k clips × c crops; an image: c crops) or audio [B, k, N]. label: int32 [B],
+  or float32 [B, num_classes] multi-hot with data.multi_label.
   """
 
   def __init__(
@@ -38,8 +47,15 @@ class TfdsSource:
     process_index: int = 0,
     process_count: int = 1,
   ):
-    if cfg.modality not in ('video', 'audio'):
-      raise ValueError(f"config data.modality must be 'video' or 'audio', got {cfg.modality!r}")
+    if cfg.modality not in MODALITIES:
+      raise ValueError(f'config data.modality must be one of {MODALITIES}, got {cfg.modality!r}')
+    self.eval_crops = int(cfg.get('eval_crops', 1))
+    if self.eval_crops < 1:
+      raise ValueError(f'config data.eval_crops must be >= 1, got {self.eval_crops}')
+    self.multi_label = bool(cfg.get('multi_label', False))
+    self.num_classes = int(cfg.get('num_classes', 0))
+    if self.multi_label and self.num_classes < 1:
+      raise ValueError('config data.multi_label needs config data.num_classes >= 1')
     self.cfg, self.split, self.seed = cfg, split, seed
     self.train = split.startswith('train')
     self.local_batch_size = batch_size // process_count
@@ -54,11 +70,42 @@ class TfdsSource:
         train=self.train, eval_clips=self.cfg.eval_clips,
     )  # fmt: skip
 
+  def _label(self, value):
+    if not self.multi_label:
+      return tf.cast(value, tf.int32)
+    labels = tf.reshape(tf.cast(value, tf.int32), [-1])
+    tf.debugging.assert_less(labels, self.num_classes, message='label >= config data.num_classes')
+    hot = tf.one_hot(labels, self.num_classes, dtype=tf.float32)
+    return tf.reduce_max(tf.concat([hot, tf.zeros([1, self.num_classes])], 0), axis=0)
+
+  def _crops(self, frames, seed):
+    """uint8 frames [T, H, W, 3] → a train clip [T, S, S, 3] or eval crops [c, T, S, S, 3]."""
+    size = self.cfg.frame_size
+    if self.train:
+      return video_ops.crop_clip(
+        frames, size, seed, train=True,
+        area_range=tuple(self.cfg.get('crop_area_range', video_ops.AREA_RANGE)),
+        aspect_range=tuple(self.cfg.get('crop_aspect_range', video_ops.ASPECT_RANGE)),
+      )  # fmt: skip
+    windows = video_ops.eval_windows(tf.shape(frames)[1:], self.eval_crops)
+    return tf.stack(
+      [
+        video_ops.crop_clip(frames, size, seed, train=False, window=windows[c])
+        for c in range(self.eval_crops)
+      ]
+    )
+
   def _process(self, index, example):
     cfg = self.cfg
     seed = tf.stack([tf.cast(self.seed, tf.int64), index])
     seeds = tf.random.experimental.stateless_split(seed, 2)
-    label = tf.cast(example[cfg.label_key], tf.int32)
+    label = self._label(example[cfg.label_key])
+    size = cfg.frame_size
+    if cfg.modality == 'image':
+      image = example[cfg.get('image_key', 'image')]
+      # Crop and resize one frame, then repeat it: the same pixels as repeating first.
+      views = self._crops(image[None], seeds[1])
+      return {'video': tf.repeat(views, cfg.num_frames, axis=-4), 'label': label}
     if cfg.modality == 'video':
       frames = example[cfg.video_key]
       num = tf.shape(frames)[0]
@@ -66,15 +113,16 @@ class TfdsSource:
 
       def clip(start):
         idx = video_ops.frame_indices(start, cfg.stored_fps, num, cfg.num_frames, cfg.fps)
-        return video_ops.crop_clip(
-          tf.gather(frames, idx), cfg.frame_size, seeds[1], train=self.train
-        )
+        return self._crops(tf.gather(frames, idx), seeds[1])
 
+      if self.train:
+        return {'video': clip(starts[0]), 'label': label}
       clips = tf.map_fn(
-          clip, starts,
-          fn_output_signature=tf.TensorSpec([cfg.num_frames, cfg.frame_size, cfg.frame_size, 3]),
-      )  # fmt: skip
-      return {'video': clips[0] if self.train else clips, 'label': label}
+        clip,
+        starts,
+        fn_output_signature=tf.TensorSpec([self.eval_crops, cfg.num_frames, size, size, 3]),
+      )
+      return {'video': tf.reshape(clips, [-1, cfg.num_frames, size, size, 3]), 'label': label}
     wave = example[cfg.audio_key]
     if wave.dtype.is_integer:  # PCM: int16 full scale is 32768
       wave = tf.cast(wave, tf.float32) / 32768.0

@@ -4,9 +4,16 @@
         ─▶ drop/mask bad input (counted) ─▶ batch ─▶ prefetch ─▶ numpy dicts
 
 Training samples one random clip per record; evaluation takes `eval_clips` uniformly spaced clips
-per record with central crops. Every random choice is a stateless function of (seed, element index),
-so in deterministic mode the same config gives the same batches, and a restored position
-(`set_state`) replays the stream from exactly where it stopped.
+per record, each in `eval_crops` crops (1: the central square; 3: left/centre/right), so a video
+batch holds eval_clips × eval_crops views per record, clip-major. Every random choice is a stateless
+function of (seed, element index), so in deterministic mode the same config gives the same batches,
+and a restored position (`set_state`) replays the stream from exactly where it stopped.
+
+Fine-tuning options (config.data): `modalities` (default all three) limits what is decoded and
+emitted (a video classifier needs no audio, text or tokenizer); `multi_label` with `num_classes`
+turns each record's label list into a multi-hot float32 [num_classes] "label" (otherwise the first
+label, or −1); `split_folders` maps a split name to its folder under `path` (e.g. train →
+segments_train).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from data_pipelines import text as text_ops
 from data_pipelines import video as video_ops
 
 tf.config.set_visible_devices([], 'GPU')  # TensorFlow never takes an accelerator from JAX
+
+MODALITIES = ('video', 'audio', 'text')
 
 
 def shard_files(path: str, split: str, process_index: int, process_count: int) -> list[str]:
@@ -80,8 +89,9 @@ class ShardSource:
   """Iterator of numpy batch dicts read from record shards; see the module docstring.
 
   Train batch: video [B, T, S, S, 3] f32 in [-1, 1], audio [B, N] f32, text [B, K, W] int32,
-  video_mask / audio_mask / text_mask [B] f32, label [B] int32 (-1: none). Eval adds a clip axis:
-  video [B, k, T, S, S, 3], audio [B, k, N], and media_id [B] bytes.
+  video_mask / audio_mask / text_mask [B] f32, label [B] int32 (-1: none) or [B, C] f32 multi-hot.
+  Eval adds a view axis: video [B, k·c, T, S, S, 3] (k clips × c crops, clip-major), audio
+  [B, k, N], and media_id [B] bytes. Only the fields of config data.modalities are present.
   `counts` holds what was skipped or masked, by reason.
   """
 
@@ -99,22 +109,38 @@ class ShardSource:
       raise ValueError(
         f"config data.on_bad_input must be 'skip' or 'fatal', got {cfg.on_bad_input!r}"
       )
-    clip_seconds = cfg.num_frames / cfg.fps
-    if abs(cfg.num_samples - clip_seconds * cfg.sample_rate) > 1:
+    self.modalities = tuple(cfg.get('modalities', MODALITIES))
+    if not self.modalities or set(self.modalities) - set(MODALITIES):
       raise ValueError(
-        f'config data.num_samples={cfg.num_samples} at {cfg.sample_rate} Hz is not the '
-        f'{clip_seconds:.3f} s that {cfg.num_frames} frames at {cfg.fps} fps last'
+        f'config data.modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}'
       )
+    if 'video' in self.modalities:
+      self.clip_seconds = cfg.num_frames / cfg.fps
+      if (
+        'audio' in self.modalities
+        and abs(cfg.num_samples - self.clip_seconds * cfg.sample_rate) > 1
+      ):
+        raise ValueError(
+          f'config data.num_samples={cfg.num_samples} at {cfg.sample_rate} Hz is not the '
+          f'{self.clip_seconds:.3f} s that {cfg.num_frames} frames at {cfg.fps} fps last'
+        )
+    else:  # audio (and text) only: the clip is the waveform's length
+      self.clip_seconds = cfg.num_samples / cfg.sample_rate
+    self.eval_crops = int(cfg.get('eval_crops', 1))
+    if self.eval_crops < 1:
+      raise ValueError(f'config data.eval_crops must be >= 1, got {self.eval_crops}')
+    self.multi_label = bool(cfg.get('multi_label', False))
+    self.num_classes = int(cfg.get('num_classes', 0))
+    if self.multi_label and self.num_classes < 1:
+      raise ValueError('config data.multi_label needs config data.num_classes >= 1')
     self.cfg, self.split, self.seed = cfg, split, seed
     self.train = split == 'train'
     self.local_batch_size = batch_size // process_count
-    self.files = shard_files(cfg.path, split, process_index, process_count)
-    self.tokenizer = text_ops.Tokenizer(cfg.tokenizer or os.path.join(cfg.path, 'tokenizer.model'))
-    if self.tokenizer.vocab_size > cfg.vocab_size:
-      raise ValueError(
-        f'tokenizer {self.tokenizer.model_path} has {self.tokenizer.vocab_size} pieces, more than the '
-        f'model vocabulary (config model.text.vocab_size={cfg.vocab_size})'
-      )
+    folder = dict(cfg.get('split_folders', {})).get(split, split)
+    self.files = shard_files(cfg.path, folder, process_index, process_count)
+    self.tokenizer = None
+    if 'text' in self.modalities:
+      self._load_tokenizer()
     self._check_format()
     self.counts = collections.Counter()
     self._position = 0  # stream elements consumed (emitted or dropped)
@@ -122,6 +148,15 @@ class ShardSource:
     self._bad_shards = set()
     self._iterator = None
     _OPEN_SOURCES.add(self)
+
+  def _load_tokenizer(self) -> None:
+    cfg = self.cfg
+    self.tokenizer = text_ops.Tokenizer(cfg.tokenizer or os.path.join(cfg.path, 'tokenizer.model'))
+    if self.tokenizer.vocab_size > cfg.vocab_size:
+      raise ValueError(
+        f'tokenizer {self.tokenizer.model_path} has {self.tokenizer.vocab_size} pieces, more than the '
+        f'model vocabulary (config model.text.vocab_size={cfg.vocab_size})'
+      )
 
   def _check_format(self) -> None:
     """Fails now on shards of another format or version: a stream that skipped every record would
@@ -217,45 +252,102 @@ class ShardSource:
     ex = schema.parse(serialized)
     seed = tf.stack([tf.cast(self.seed, tf.int64), index])
     seeds = tf.random.experimental.stateless_split(seed, 3)
-    clip_seconds = cfg.num_frames / cfg.fps
+    clip_seconds = self.clip_seconds
     starts = video_ops.clip_starts(
       ex['duration'], clip_seconds, seeds[0], train=self.train, eval_clips=cfg.eval_clips
     )
+    out = {
+      'label': self._label(ex['labels']),
+      '_index': index,
+      '_audio_incomplete': tf.constant(False),
+      '_audio_rate_mismatch': tf.constant(False),
+      '_empty_captions': tf.constant(0, tf.int32),
+    }
+    if 'video' in self.modalities:
+      out['video'] = self._video(ex, starts, seeds[1])
+      out['video_mask'] = tf.ones([], tf.float32)  # records without frames were dropped
+    if 'audio' in self.modalities:
+      out.update(self._audio(ex, starts))
+    if 'text' in self.modalities:
+      out.update(self._text(ex, starts, clip_seconds))
+    if not self.train:
+      out['media_id'] = ex['media_id']
+    return out
+
+  def _label(self, labels):
+    """The record's label list → its first label (−1: none), or multi-hot [num_classes]."""
+    if not self.multi_label:
+      return tf.cond(tf.size(labels) > 0, lambda: tf.cast(labels[0], tf.int32), lambda: -1)
+    # A label past num_classes fails the record (skipped and counted, or fatal), never dropped.
+    tf.debugging.assert_less(
+      labels, tf.cast(self.num_classes, labels.dtype), message='label >= config data.num_classes'
+    )
+    hot = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes, dtype=tf.float32)
+    return tf.reduce_max(tf.concat([hot, tf.zeros([1, self.num_classes])], 0), axis=0)
+
+  def _video(self, ex, starts, seed):
+    """Train: one clip [T, S, S, 3]; eval: [k·c, T, S, S, 3], the c crops of each of k clips."""
+    cfg = self.cfg
     num_stored = tf.shape(ex['frames'])[0]
     # A record without frames fails here: dropped by ignore_errors and counted by the index gap
     # in 'skip' mode, raised in 'fatal' mode.
     tf.debugging.assert_greater(num_stored, 0, message='record without frames')
+    crops = 1 if self.train else self.eval_crops
+    windows = None
+    if not self.train:
+      windows = video_ops.eval_windows(tf.image.extract_jpeg_shape(ex['frames'][0]), crops)
 
     def one_clip(start):
       index = video_ops.frame_indices(start, ex['frame_rate'], num_stored, cfg.num_frames, cfg.fps)
       jpegs = tf.gather(ex['frames'], index)
-      clip = video_ops.decode_clip(
-          jpegs, cfg.frame_size, seeds[1], train=self.train,
+      decode = lambda window: video_ops.decode_clip(  # noqa: E731
+          jpegs, cfg.frame_size, seed, train=self.train, window=window,
           area_range=cfg.crop_area_range, aspect_range=cfg.crop_aspect_range,
       )  # fmt: skip
-      wave, complete = audio_ops.cut_waveform_bytes(
-        ex['waveform_bytes'], start, cfg.sample_rate, cfg.num_samples
-      )
-      return clip, wave, complete
+      if self.train:
+        return decode(None)
+      return tf.stack([decode(windows[c]) for c in range(crops)])
 
     if self.train:
-      clips, waves, complete = (t[None] for t in one_clip(starts[0]))
+      return one_clip(starts[0])
+    size = cfg.frame_size
+    clips = tf.map_fn(
+      one_clip, starts, fn_output_signature=tf.TensorSpec([crops, cfg.num_frames, size, size, 3])
+    )
+    return tf.reshape(clips, [-1, cfg.num_frames, size, size, 3])
+
+  def _audio(self, ex, starts):
+    cfg = self.cfg
+
+    def one_clip(start):
+      return audio_ops.cut_waveform_bytes(
+        ex['waveform_bytes'], start, cfg.sample_rate, cfg.num_samples
+      )
+
+    if self.train:
+      waves, complete = one_clip(starts[0])
     else:
-      clips, waves, complete = tf.map_fn(
+      waves, complete = tf.map_fn(
         one_clip,
         starts,
         fn_output_signature=(
-          tf.TensorSpec([cfg.num_frames, cfg.frame_size, cfg.frame_size, 3], tf.float32),
           tf.TensorSpec([cfg.num_samples], tf.float32),
           tf.TensorSpec([], tf.bool),
         ),
       )
-
     rate_ok = tf.equal(ex['sample_rate'], cfg.sample_rate)
     has_audio = tf.equal(ex['has_audio'], 1)
     audio_complete = tf.reduce_all(complete)
     audio_ok = has_audio & rate_ok & audio_complete
+    return {
+      'audio': waves * tf.cast(audio_ok, tf.float32),
+      'audio_mask': tf.cast(audio_ok, tf.float32),
+      '_audio_incomplete': has_audio & rate_ok & ~audio_complete,
+      '_audio_rate_mismatch': has_audio & ~rate_ok,
+    }
 
+  def _text(self, ex, starts, clip_seconds):
+    cfg = self.cfg
     nonempty = tf.strings.length(tf.strings.strip(ex['captions'])) > 0
     captions = tf.boolean_mask(ex['captions'], nonempty)
     cap_start = tf.boolean_mask(ex['caption_start'], nonempty)
@@ -270,25 +362,12 @@ class ShardSource:
     chosen = text_ops.narration_indices(
       cap_start, cap_end, centre, centre + clip_seconds, cfg.num_narrations
     )
-
-    labels = ex['labels']
-    out = {
-      'video': clips[0] if self.train else clips,
-      'audio': (waves[0] if self.train else waves) * tf.cast(audio_ok, tf.float32),
+    return {
       # Strings now, ids after batching: one tokenizer call per batch, not one per example.
       'text': tf.where(has_text, tf.gather(captions, chosen), ''),
-      'video_mask': tf.ones([], tf.float32),  # records without frames were dropped above
-      'audio_mask': tf.cast(audio_ok, tf.float32),
       'text_mask': tf.cast(has_text, tf.float32),
-      'label': tf.cond(tf.size(labels) > 0, lambda: tf.cast(labels[0], tf.int32), lambda: -1),
-      '_index': index,
-      '_audio_incomplete': has_audio & rate_ok & ~audio_complete,
-      '_audio_rate_mismatch': has_audio & ~rate_ok,
       '_empty_captions': tf.reduce_sum(tf.cast(~nonempty, tf.int32)),
     }
-    if not self.train:
-      out['media_id'] = ex['media_id']
-    return out
 
   def _dataset(self) -> tf.data.Dataset:
     cfg = self.cfg
@@ -300,9 +379,10 @@ class ShardSource:
     if cfg.on_bad_input == 'skip':
       ds = ds.ignore_errors()  # undecodable records/frames: dropped here, counted by index gaps
     ds = ds.batch(self.local_batch_size, drop_remainder=self.train)
-    ds = ds.map(
-      self._tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic
-    )
+    if self.tokenizer is not None:
+      ds = ds.map(
+        self._tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic
+      )
     return ds.prefetch(tf.data.AUTOTUNE)
 
   def _tokenize(self, batch):

@@ -2,8 +2,10 @@
 
 Training: one random resized crop (area [0.08, 1], aspect [0.5, 2]) for every frame of the clip, one
 horizontal flip coin, one set of colour jitters (brightness 32/255, saturation 0.4, contrast 0.4,
-hue 0.2), clip to [0, 1], scale to [-1, 1]. Evaluation: the central square, resized. All randomness is
-stateless, from a per-example seed, so deterministic mode replays exactly.
+hue 0.2), clip to [0, 1], scale to [-1, 1]. Evaluation: the central square, resized; with
+`eval_crops` = n > 1, n squares of the short side spaced evenly along the long side (first, …,
+last; 3 = the left/centre/right crops of SlowFast and VATT's 3-crop test), each resized. All
+randomness is stateless, from a per-example seed, so deterministic mode replays exactly.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ def _crop_window(
   shape: tf.Tensor, seed: tf.Tensor, train: bool, area_range=AREA_RANGE, aspect_range=ASPECT_RANGE
 ) -> tf.Tensor:
   """[y, x, h, w] of the crop of a frame of `shape` ([H, W, C]), chosen once per clip."""
-  height, width = shape[0], shape[1]
   if train:
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       shape,
@@ -56,8 +57,32 @@ def _crop_window(
       use_image_if_no_bounding_boxes=True,
     )
     return tf.stack([begin[0], begin[1], size[0], size[1]])
+  return eval_windows(shape, 1)[0]
+
+
+def eval_windows(shape: tf.Tensor, crops: int) -> tf.Tensor:
+  """[crops, 4] windows [y, x, h, w] of a frame of `shape` ([H, W, C]) for evaluation.
+
+  Each is the square of the short side; along the long side crop i of n starts at
+  round(i · (long − short) / (n − 1)): the first, evenly spaced ones, the last. One crop is the
+  central square ((long − short) // 2). Resizing the square to S is the same as resizing the short
+  side to S and cropping S × S, the SlowFast / VATT recipe.
+  """
+  if crops < 1:
+    raise ValueError(f'config data.eval_crops must be >= 1, got {crops}')
+  height, width = shape[0], shape[1]
   side = tf.minimum(height, width)
-  return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
+  if crops == 1:
+    offsets = tf.reshape((tf.maximum(height, width) - side) // 2, [1])
+  else:
+    spare = tf.cast(tf.maximum(height, width) - side, tf.float32)
+    offsets = tf.cast(tf.round(tf.linspace(0.0, 1.0, crops) * spare), tf.int32)
+  zeros = tf.zeros_like(offsets)
+  tall = height > width
+  ys = tf.where(tall, offsets, zeros)
+  xs = tf.where(tall, zeros, offsets)
+  sides = tf.fill(tf.shape(offsets), side)
+  return tf.stack([ys, xs, sides, sides], axis=1)
 
 
 def _finish(frames: tf.Tensor, size: int, seed: tf.Tensor, train: bool) -> tf.Tensor:
@@ -86,14 +111,17 @@ def decode_clip(
   train: bool,
   area_range=AREA_RANGE,
   aspect_range=ASPECT_RANGE,
+  window: tf.Tensor | None = None,
 ) -> tf.Tensor:
   """Decodes [T] JPEG frames into a [T, size, size, 3] float32 clip in [-1, 1].
 
-  Only the crop window is decoded (decode_and_crop_jpeg), the same window for every frame.
+  Only the crop window is decoded (decode_and_crop_jpeg), the same window for every frame: the
+  given `window` [y, x, h, w] (one of `eval_windows`), else a random one (train) or the centre.
   """
-  window = _crop_window(
-    tf.image.extract_jpeg_shape(jpegs[0]), seed, train, area_range, aspect_range
-  )
+  if window is None:
+    window = _crop_window(
+      tf.image.extract_jpeg_shape(jpegs[0]), seed, train, area_range, aspect_range
+    )
   frames = tf.map_fn(
     lambda jpeg: tf.image.decode_and_crop_jpeg(jpeg, window, channels=3),
     jpegs,
@@ -110,8 +138,10 @@ def crop_clip(
   train: bool,
   area_range=AREA_RANGE,
   aspect_range=ASPECT_RANGE,
+  window: tf.Tensor | None = None,
 ) -> tf.Tensor:
   """The same as decode_clip for already decoded uint8 frames [T, H, W, 3] (e.g. from TFDS)."""
-  window = _crop_window(tf.shape(frames)[1:], seed, train, area_range, aspect_range)
+  if window is None:
+    window = _crop_window(tf.shape(frames)[1:], seed, train, area_range, aspect_range)
   frames = frames[:, window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
   return _finish(frames, size, seed, train)

@@ -53,6 +53,7 @@ def test_adam_uses_the_configured_epsilon():
 def test_demo_loss_falls(tmp_path):
   config = load_config(ROOT / 'configs' / 'demo_tiny.py')
   config.data.name = 'synthetic'  # the shard path is tested end to end in test_pipeline.py
+  config.evals = {}  # demo_tiny's evals read the demo's segment shards
   config.total_steps, config.log_steps, config.optimizer.warmup_steps = 80, 10, 10
   history = trainer.train(config, str(tmp_path))
   losses = [h['loss'] for h in history]

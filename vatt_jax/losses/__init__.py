@@ -1,4 +1,8 @@
-"""Objectives: `build_loss(config.loss)` returns fn(embeddings, batch) -> (loss, terms)."""
+"""Objectives: `build_loss(config.loss)` returns fn(model output, batch) -> (loss, terms).
+
+Pretraining: 'vatt' (NCE + MIL-NCE on the common-space embeddings); fine-tuning: 'softmax_xent'
+(label smoothing) and 'sigmoid_xent' (multi-label) on a classifier's logits.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,19 @@ import functools
 
 import ml_collections
 
+from vatt_jax.losses.classification import BALANCES, mixup, sigmoid_xent, softmax_xent
 from vatt_jax.losses.contrastive import mil_nce, nce, vatt_pretraining_loss
 
-__all__ = ['build_loss', 'mil_nce', 'nce', 'vatt_pretraining_loss', 'LOSSES']
+__all__ = [
+  'build_loss',
+  'mil_nce',
+  'mixup',
+  'nce',
+  'sigmoid_xent',
+  'softmax_xent',
+  'vatt_pretraining_loss',
+  'LOSSES',
+]
 
 
 def _vatt(cfg: ml_collections.ConfigDict):
@@ -20,7 +34,21 @@ def _vatt(cfg: ml_collections.ConfigDict):
   )
 
 
-LOSSES = {'vatt': _vatt}
+def _softmax_xent(cfg: ml_collections.ConfigDict):
+  smoothing = cfg.get('label_smoothing', 0.0)
+  if not 0.0 <= smoothing < 1.0:
+    raise ValueError(f'config loss.label_smoothing must be in [0, 1), got {smoothing}')
+  return functools.partial(softmax_xent, label_smoothing=smoothing)
+
+
+def _sigmoid_xent(cfg: ml_collections.ConfigDict):
+  balance = cfg.get('balance', 'none')
+  if balance not in BALANCES:
+    raise ValueError(f'config loss.balance must be one of {BALANCES}, got {balance!r}')
+  return functools.partial(sigmoid_xent, balance=balance)
+
+
+LOSSES = {'vatt': _vatt, 'softmax_xent': _softmax_xent, 'sigmoid_xent': _sigmoid_xent}
 
 
 def build_loss(cfg: ml_collections.ConfigDict):

@@ -12,6 +12,7 @@ import ml_collections
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
+from vatt_jax.models.classifier import build_classifier
 from vatt_jax.models.heads import CommonSpace
 from vatt_jax.models.partitioning import ACTIVATION_AXES, PARAM_AXES
 from vatt_jax.models.transformer import REMAT_POLICIES, SIZES, get_size
@@ -92,7 +93,10 @@ def _pair(size):
 
 
 # One dict per kind: config.model.name → builder.
-MODEL_BUILDERS = {'vatt': _build_vatt}
+MODEL_BUILDERS = {
+  'vatt': _build_vatt,
+  'classifier': lambda cfg: build_classifier(cfg, _build_vatt(cfg)),
+}
 
 
 def build_model(cfg: ml_collections.ConfigDict):

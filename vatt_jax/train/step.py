@@ -11,6 +11,8 @@ import optax
 
 from vatt_jax.train.state import TrainState
 
+_AUGMENT_STREAM = 0x6D6978  # fold_in constant of the batch transform's key ('mix')
+
 
 def make_train_step(
   model: nn.Module,
@@ -19,6 +21,7 @@ def make_train_step(
   schedule: Callable,
   *,
   axis_rules: tuple = (),
+  augment: Callable[[dict, jax.Array], dict] | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns train_step(state, batch) -> (state, metrics).
 
@@ -30,6 +33,9 @@ def make_train_step(
 
   axis_rules: logical → mesh axis rules for the model's activation-sharding constraints (traced
   under them; without a mesh they are no-ops).
+  augment: an optional pure batch transform (batch, rng) -> batch run on the global batch before
+  the model (fine-tuning's mixup); its key is its own stream, so the dropout and DropToken draws
+  are those of a run without it.
   """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -39,6 +45,8 @@ def make_train_step(
   def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     step_rng = jax.random.fold_in(state.rng, state.step)
     dropout_rng, droptoken_rng = jax.random.split(step_rng)
+    if augment is not None:
+      batch = augment(batch, jax.random.fold_in(step_rng, _AUGMENT_STREAM))
 
     def compute_loss(params):
       out, updates = model.apply(

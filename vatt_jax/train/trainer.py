@@ -4,6 +4,13 @@ A run in a workdir that holds checkpoints resumes from the latest: parameters, o
 RNG and the input position, so the resumed run continues the same stream of batches and random
 draws (bit-identical on CPU). SIGTERM or SIGINT (preemption, Ctrl-C) saves a checkpoint at the step
 reached and returns cleanly; a second SIGINT interrupts at once.
+
+Fine-tuning uses the same loop: `config.init_from` (a pretraining workdir; `init_from_step`, −1 for
+its latest) fills a fresh run's tower from that checkpoint (position tables resized to the new
+patch grid) while the head keeps its initialisation; a resumed run ignores it. `config.mixup.alpha`
+> 0 mixes each training batch in the step. `config.evals` = {name: dict(type=…, log_steps=…, …)}
+run every log_steps (0: only at the end) and at the last step; their metrics join that step's
+record as '<name>/<metric>'.
 """
 
 from __future__ import annotations
@@ -23,8 +30,11 @@ import optax
 from absl import logging
 
 import data_pipelines
+from vatt_jax.evaluation import build_evaluator
 from vatt_jax.losses import build_loss
+from vatt_jax.losses.classification import build_augment, check_labels
 from vatt_jax.models import build_model, logical_specs
+from vatt_jax.models.classifier import load_pretrained_tower
 from vatt_jax.optim import build_optimizer
 from vatt_jax.train import checkpoint as ckpt
 from vatt_jax.train import sharding
@@ -138,14 +148,16 @@ def build_program(config: ml_collections.ConfigDict, mesh, example_batch: dict) 
   abstract = jax.eval_shape(init, jax.random.key(0))
   specs = logical_specs(model, example)
   shardings = sharding.state_shardings(
-    abstract, specs['params'], specs['batch_stats'], tx, mesh, axis_rules
+    abstract, specs['params'], specs.get('batch_stats', {}), tx, mesh, axis_rules
   )
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
   batch = sharding.batch_sharding(mesh)
   step = jax.jit(
-    make_train_step(model, loss_fn, tx, schedule, axis_rules=axis_rules),
+    make_train_step(
+      model, loss_fn, tx, schedule, axis_rules=axis_rules, augment=build_augment(config)
+    ),
     in_shardings=(shardings, batch),
     out_shardings=(shardings, sharding.replicated(mesh)),
     donate_argnums=(0,),
@@ -196,7 +208,10 @@ def train(
   )
   start_position = data.get_state()
   first = next(data)  # shapes only; the stream is rewound (or moved to the checkpoint) below
-  local_batch = first['video'].shape[0]
+  local_batch = _batch_size(first)
+  num_classes = config.model.get('num_classes', 0)
+  if num_classes and 'label' in first:
+    check_labels(first['label'], num_classes, 'the train input')
   program = build_program(config, mesh, first)
   abstract, shardings = program.abstract, program.shardings
 
@@ -206,8 +221,16 @@ def train(
     logging.info('resumed from %s/%d', checkpointer.directory, resume_step)
   else:
     state = program.init(jax.random.key(config.seed))
+    if config.get('init_from'):
+      state = init_from_pretrained(
+        state, program, config.init_from, config.get('init_from_step', -1)
+      )
     data.set_state(start_position)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  evaluators = {
+    name: (build_evaluator(eval_cfg, config, program.model), _eval_every(name, eval_cfg))
+    for name, eval_cfg in config.get('evals', {}).items()
+  }
 
   global_batch = {
     k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=program.batch)
@@ -249,10 +272,10 @@ def train(
         wait_start = time.perf_counter()
         batch = next(data)
         logger.add_wait(time.perf_counter() - wait_start)
-        if batch['video'].shape[0] != local_batch:
-          raise ValueError(
-            f'the input gave a batch of {batch["video"].shape[0]}, not {local_batch}'
-          )
+        if _batch_size(batch) != local_batch:
+          raise ValueError(f'the input gave a batch of {_batch_size(batch)}, not {local_batch}')
+        if num_classes and 'label' in batch:
+          check_labels(batch['label'], num_classes, 'the train input')
         step += 1
         if profile and step == profile[0]:
           jax.profiler.start_trace(os.path.join(workdir, 'profile'))
@@ -267,8 +290,13 @@ def train(
         if pending is not None:
           _check_nonfinite(*pending, max_nonfinite, checkpointer)
         pending = (step, metrics)
-        if step % config.log_steps == 0 or step == config.total_steps:
-          logger.write(step, jax.device_get(metrics))
+        last = step == config.total_steps
+        due = [n for n, (_, every) in evaluators.items() if last or (every and step % every == 0)]
+        if step % config.log_steps == 0 or last or due:
+          record = jax.device_get(metrics)
+          for name in due:  # the evaluations join this step's record
+            record.update(_evaluate(name, evaluators[name][0], state))
+          logger.write(step, record)
         checkpointer.save(step, state, data.get_state(), force=step == config.total_steps)
       if pending is not None:
         _check_nonfinite(*pending, max_nonfinite, checkpointer)
@@ -281,6 +309,76 @@ def train(
     if hasattr(data, 'close'):
       data.close()
   return logger.history
+
+
+def _batch_size(batch: dict) -> int:
+  """Examples in a batch (any field: video, audio or label, whatever the task reads)."""
+  return len(next(iter(batch.values())))
+
+
+def _eval_every(name: str, eval_cfg: ml_collections.ConfigDict) -> int:
+  every = int(eval_cfg.get('log_steps', 0))
+  if every < 0:
+    raise ValueError(
+      f'config evals.{name}.log_steps must be >= 0 (0: at the end only), got {every}'
+    )
+  return every
+
+
+def _evaluate(name: str, evaluator, state) -> dict[str, float]:
+  """Runs one evaluator on the current parameters → {'<name>/<metric>': value}."""
+  start = time.perf_counter()
+  result = evaluator.run({'params': state.params, 'batch_stats': state.batch_stats})
+  record = {f'{name}/{k}': float(v) for k, v in result.items()}
+  record[f'{name}/seconds'] = time.perf_counter() - start
+  logging.info('eval %s: %s', name, '  '.join(f'{k}={v:.4g}' for k, v in sorted(record.items())))
+  return record
+
+
+def init_from_pretrained(state, program: Program, workdir: str, step: int = -1):
+  """`state` (freshly initialised) with its tower loaded from the run in `workdir` (a pretraining
+  or an earlier fine-tuning workdir; checkpoint `step`, −1 for the latest).
+
+  Tower parameters are matched by name (vatt_jax.models.classifier.load_pretrained_tower:
+  position tables resized when the patch grid differs, any other difference an error); the head
+  keeps its initialisation, batch-norm statistics are kept, and the optimizer state is rebuilt for
+  the new parameters. Logs what was loaded, resized, kept and left unused.
+  """
+  config_path = os.path.join(workdir, CONFIG_FILENAME)
+  directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+  if not os.path.exists(config_path) or not os.path.isdir(directory):
+    raise ValueError(
+      f'config init_from={workdir!r} is not a training workdir (it needs {CONFIG_FILENAME} and '
+      f'{ckpt.CHECKPOINT_DIR}/ as scripts/train.py writes them)'
+    )
+  if step is None or step < 0:
+    step = ckpt.latest_step(workdir)  # finished checkpoints only
+    if step is None:
+      raise ValueError(f'config init_from={workdir!r}: no finished checkpoint in {directory}')
+  _, _, pretrained = ckpt.load_model(workdir, step)
+  pretrained = jax.device_get(pretrained['params'])
+  try:
+    params, report = load_pretrained_tower(state.params, pretrained)
+  except ValueError as e:
+    raise ValueError(f'config init_from={workdir!r} (step {step}): {e}') from None
+
+  def place(value, sharding):
+    if isinstance(value, jax.Array):
+      return value  # kept at its initialisation, already placed
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  params = jax.tree.map(place, params, program.shardings.params)
+  opt_state = jax.jit(program.tx.init, out_shardings=program.shardings.opt_state)(params)
+  unused = sorted(set(pretrained) - {path.split('/')[0] for path in report['loaded']})
+  resized = '; '.join(f'{k} {a} → {b}' for k, (a, b) in sorted(report['resized'].items()))
+  logging.info(
+    'init_from %s step %d: loaded %d tower parameters (%s); position tables resized: %s; kept '
+    'their initialisation: %s; not used from the checkpoint: %s',
+    workdir, step, len(report['loaded']),
+    ', '.join(sorted({p.split('/')[0] for p in report['loaded']})), resized or 'none',
+    ', '.join(report['kept_init']) or 'none', ', '.join(unused) or 'none',
+  )  # fmt: skip
+  return state.replace(params=params, opt_state=opt_state)
 
 
 def _check_nonfinite(step: int, metrics: dict, limit: int, checkpointer) -> None:
