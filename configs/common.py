@@ -140,3 +140,42 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.data.name = 'synthetic'  # no shards needed on a laptop
   config.data.synthetic.num_classes = 4
   return config
+
+
+def finetuning_optimizer(learning_rate: float, warmup_steps: int, grad_clip_norm: float = 0.75):
+  """The paper's fine-tuning optimizer: SGD momentum 0.9, linear warm-up, half-period cosine to 0."""
+  return ml_collections.ConfigDict(
+    dict(
+      name='sgd',
+      momentum=0.9,
+      learning_rate=learning_rate,
+      end_learning_rate=0.0,
+      warmup_steps=warmup_steps,
+      schedule='cosine',
+      grad_clip_norm=grad_clip_norm,
+    )
+  )
+
+
+def classification_eval(split: str, log_steps: int, batch_size: int, num_examples: int = 0):
+  """A config.evals entry: multi-view classification of `split` (num_examples 0: all of it)."""
+  return dict(
+    type='classification',
+    split=split,
+    log_steps=log_steps,
+    batch_size=batch_size,
+    num_examples=num_examples,
+  )
+
+
+def finetuning_variants(config: ml_collections.ConfigDict, args: set[str], eval_name: str):
+  """`scratch` (no init_from) and `runlocal` (tiny, synthetic, its labels, a 16-example eval of
+  the synthetic 'test' split under the config's eval name) for a fine-tuning config."""
+  if 'scratch' in args:
+    config.init_from = ''
+  if 'runlocal' in args:
+    runlocal(config)
+    config.init_from = ''  # no pretraining run on a laptop; the tests build one themselves
+    config.model.num_classes = config.data.synthetic.num_classes
+    config.evals = {eval_name: classification_eval('test', 0, 8, 16)}
+  return config

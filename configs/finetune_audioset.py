@@ -55,27 +55,10 @@ def get_config(arg=None):
   d.eval_clips = 4
   d.shuffle_buffer = 4096
   config.loss = dict(name='sigmoid_xent', balance='inverse_frequency')
-  config.optimizer = dict(
-    name='sgd',
-    momentum=0.9,
-    learning_rate=0.005,
-    end_learning_rate=0.0,
-    warmup_steps=5000,
-    schedule='cosine',
-    grad_clip_norm=0.75,
-  )
+  config.optimizer = common.finetuning_optimizer(0.005, 5000, 0.75)
   config.mixup = dict(alpha=5.0)  # λ ~ Beta(5, 5)
-  config.evals = dict(
-    eval=dict(type='classification', split='eval', log_steps=5000, batch_size=64, num_examples=0)
-  )
-  if 'scratch' in args:
-    config.init_from = ''
+  config.evals = dict(eval=common.classification_eval('eval', 5000, 64))
+  common.finetuning_variants(config, args, 'eval')
   if 'runlocal' in args:
-    common.runlocal(config)
-    config.init_from = ''
-    m.num_classes = config.data.synthetic.num_classes
     m.classifier.bias_init = -math.log(m.num_classes - 1)
-    config.evals = dict(
-      eval=dict(type='classification', split='test', log_steps=0, batch_size=8, num_examples=16)
-    )
   return config

@@ -48,26 +48,8 @@ def get_config(arg=None):
   d.split_folders = dict(train='segments_train')  # train on the one-record-per-segment shards
   d.eval_clips, d.eval_crops = 4, 1
   config.loss = dict(name='softmax_xent', label_smoothing=0.1)
-  config.optimizer = dict(
-    name='sgd',
-    momentum=0.9,
-    learning_rate=0.1,
-    end_learning_rate=0.0,
-    warmup_steps=50,
-    schedule='cosine',
-    grad_clip_norm=0.75,
-  )
+  config.optimizer = common.finetuning_optimizer(0.1, 50, 0.75)
   config.mixup = dict(alpha=0.0)
-  config.evals = dict(
-    test=dict(type='classification', split='segments_test', log_steps=200, batch_size=16)
-  )
-  if 'scratch' in args:
-    config.init_from = ''
-  if 'runlocal' in args:
-    common.runlocal(config)
-    config.init_from = ''
-    m.num_classes = config.data.synthetic.num_classes
-    config.evals = dict(
-      test=dict(type='classification', split='test', log_steps=0, batch_size=8, num_examples=16)
-    )
+  config.evals = dict(test=common.classification_eval('segments_test', 200, 16))
+  common.finetuning_variants(config, args, 'test')
   return config

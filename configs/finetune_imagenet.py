@@ -64,30 +64,8 @@ def get_config(arg=None):
     synthetic=dict(num_classes=16, noise=0.3, missing_text_rate=0.0, missing_audio_rate=0.0),
   )
   config.loss = dict(name='softmax_xent', label_smoothing=0.1)
-  config.optimizer = dict(
-    name='sgd',
-    momentum=0.9,
-    learning_rate=0.08,
-    end_learning_rate=0.0,
-    warmup_steps=2500,
-    schedule='cosine',
-    grad_clip_norm=0.0,
-  )
+  config.optimizer = common.finetuning_optimizer(0.08, 2500, 0.0)
   config.mixup = dict(alpha=0.0)
-  config.evals = dict(
-    validation=dict(
-      type='classification', split='validation', log_steps=10_000, batch_size=64, num_examples=0
-    )
-  )
-  if 'scratch' in args:
-    config.init_from = ''
-  if 'runlocal' in args:
-    common.runlocal(config)
-    config.init_from = ''
-    m.num_classes = config.data.synthetic.num_classes
-    config.evals = dict(
-      validation=dict(
-        type='classification', split='test', log_steps=0, batch_size=8, num_examples=16
-      )
-    )
+  config.evals = dict(validation=common.classification_eval('validation', 10_000, 64))
+  common.finetuning_variants(config, args, 'validation')
   return config

@@ -51,26 +51,8 @@ def get_config(arg=None):
   d.eval_clips, d.eval_crops = 4, 3
   d.shuffle_buffer = 1024
   config.loss = dict(name='softmax_xent', label_smoothing=0.1)
-  config.optimizer = dict(
-    name='sgd',
-    momentum=0.9,
-    learning_rate=0.005,
-    end_learning_rate=0.0,
-    warmup_steps=2500,
-    schedule='cosine',  # half-period cosine to end_learning_rate
-    grad_clip_norm=0.75,
-  )
+  config.optimizer = common.finetuning_optimizer(0.005, 2500, 0.75)
   config.mixup = dict(alpha=0.0)
-  config.evals = dict(
-    val=dict(type='classification', split='val', log_steps=10_000, batch_size=16, num_examples=0)
-  )
-  if 'scratch' in args:
-    config.init_from = ''
-  if 'runlocal' in args:
-    common.runlocal(config)
-    config.init_from = ''  # no pretraining run on a laptop; the test builds one itself
-    m.num_classes = config.data.synthetic.num_classes
-    config.evals = dict(
-      val=dict(type='classification', split='test', log_steps=0, batch_size=8, num_examples=16)
-    )
+  config.evals = dict(val=common.classification_eval('val', 10_000, 16))
+  common.finetuning_variants(config, args, 'val')
   return config
