@@ -67,7 +67,7 @@ def tsne_grid(
     Line2D([], [], marker='o', linestyle='', markersize=4, color=_colour(c), label=t)
     for c, t in sorted(labels_seen)
   ]
-  fig.legend(handles=handles, loc='center right', fontsize=8, title='label')
+  fig.legend(handles=handles, loc='outside right center', fontsize=8, title='label')
   if title:
     fig.suptitle(title)
   return _save(fig, path)
