@@ -22,6 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_pipelines import audio as audio_ops
+from data_pipelines import labels as labels_ops
 from data_pipelines import video as video_ops
 
 tf.config.set_visible_devices([], 'GPU')
@@ -49,13 +50,8 @@ class TfdsSource:
   ):
     if cfg.modality not in MODALITIES:
       raise ValueError(f'config data.modality must be one of {MODALITIES}, got {cfg.modality!r}')
-    self.eval_crops = int(cfg.get('eval_crops', 1))
-    if self.eval_crops < 1:
-      raise ValueError(f'config data.eval_crops must be >= 1, got {self.eval_crops}')
-    self.multi_label = bool(cfg.get('multi_label', False))
-    self.num_classes = int(cfg.get('num_classes', 0))
-    if self.multi_label and self.num_classes < 1:
-      raise ValueError('config data.multi_label needs config data.num_classes >= 1')
+    self.eval_crops = video_ops.eval_crops(cfg)
+    self.multi_label, self.num_classes = labels_ops.options(cfg)
     self.cfg, self.split, self.seed = cfg, split, seed
     self.train = split.startswith('train')
     self.local_batch_size = batch_size // process_count
@@ -73,10 +69,7 @@ class TfdsSource:
   def _label(self, value):
     if not self.multi_label:
       return tf.cast(value, tf.int32)
-    labels = tf.reshape(tf.cast(value, tf.int32), [-1])
-    tf.debugging.assert_less(labels, self.num_classes, message='label >= config data.num_classes')
-    hot = tf.one_hot(labels, self.num_classes, dtype=tf.float32)
-    return tf.reduce_max(tf.concat([hot, tf.zeros([1, self.num_classes])], 0), axis=0)
+    return labels_ops.multi_hot(value, self.num_classes)
 
   def _crops(self, frames, seed):
     """uint8 frames [T, H, W, 3] → a train clip [T, S, S, 3] or eval crops [c, T, S, S, 3]."""

@@ -31,6 +31,7 @@ import tensorflow as tf
 from absl import logging
 
 from data_pipelines import audio as audio_ops
+from data_pipelines import labels as labels_ops
 from data_pipelines import schema
 from data_pipelines import text as text_ops
 from data_pipelines import video as video_ops
@@ -126,13 +127,8 @@ class ShardSource:
         )
     else:  # audio (and text) only: the clip is the waveform's length
       self.clip_seconds = cfg.num_samples / cfg.sample_rate
-    self.eval_crops = int(cfg.get('eval_crops', 1))
-    if self.eval_crops < 1:
-      raise ValueError(f'config data.eval_crops must be >= 1, got {self.eval_crops}')
-    self.multi_label = bool(cfg.get('multi_label', False))
-    self.num_classes = int(cfg.get('num_classes', 0))
-    if self.multi_label and self.num_classes < 1:
-      raise ValueError('config data.multi_label needs config data.num_classes >= 1')
+    self.eval_crops = video_ops.eval_crops(cfg)
+    self.multi_label, self.num_classes = labels_ops.options(cfg)
     self.cfg, self.split, self.seed = cfg, split, seed
     self.train = split == 'train'
     self.local_batch_size = batch_size // process_count
@@ -278,12 +274,7 @@ class ShardSource:
     """The record's label list → its first label (−1: none), or multi-hot [num_classes]."""
     if not self.multi_label:
       return tf.cond(tf.size(labels) > 0, lambda: tf.cast(labels[0], tf.int32), lambda: -1)
-    # A label past num_classes fails the record (skipped and counted, or fatal), never dropped.
-    tf.debugging.assert_less(
-      labels, tf.cast(self.num_classes, labels.dtype), message='label >= config data.num_classes'
-    )
-    hot = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes, dtype=tf.float32)
-    return tf.reduce_max(tf.concat([hot, tf.zeros([1, self.num_classes])], 0), axis=0)
+    return labels_ops.multi_hot(labels, self.num_classes)
 
   def _video(self, ex, starts, seed):
     """Train: one clip [T, S, S, 3]; eval: [k·c, T, S, S, 3], the c crops of each of k clips."""

@@ -60,6 +60,14 @@ def _crop_window(
   return eval_windows(shape, 1)[0]
 
 
+def eval_crops(cfg) -> int:
+  """config.data.eval_crops (default 1), checked."""
+  crops = int(cfg.get('eval_crops', 1))
+  if crops < 1:
+    raise ValueError(f'config data.eval_crops must be >= 1, got {crops}')
+  return crops
+
+
 def eval_windows(shape: tf.Tensor, crops: int) -> tf.Tensor:
   """[crops, 4] windows [y, x, h, w] of a frame of `shape` ([H, W, C]) for evaluation.
 

@@ -43,13 +43,7 @@ def evaluate(config, model, variables, *, cache_key: str, workdir: str):
       results[name] = evaluator.run(variables)
     elif eval_cfg.type == 'retrieval':
       evaluator = build_evaluator(eval_cfg, config, model)
-      embedded = evaluator.embed(variables, with_audio=True)
-      from vatt_jax.evaluation.retrieval import zero_shot
-
-      evaluator.last = {
-        'embeddings': embedded,
-        'results': zero_shot(embedded['video/vt'], embedded['text/vt'], embedded['correct']),
-      }
+      evaluator.run(variables, with_audio=True)
       results[name] = evaluator.last['results']
     else:
       logging.info('report: eval %r of type %r is not part of the report', name, eval_cfg.type)

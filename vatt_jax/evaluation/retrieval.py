@@ -139,8 +139,9 @@ class RetrievalEvaluator:
     return {**videos, **{f'text/{k}': v for k, v in embedder('text', ids).items()},
             'texts': texts, 'correct': correct}  # fmt: skip
 
-  def run(self, variables) -> dict[str, float]:
-    embedded = self.embed(variables)
+  def run(self, variables, *, with_audio: bool = False) -> dict[str, float]:
+    """with_audio: also embed the clips' audio (kept in `last`, for the video–audio plots)."""
+    embedded = self.embed(variables, with_audio=with_audio)
     results = zero_shot(embedded['video/vt'], embedded['text/vt'], embedded['correct'])
     self.last = {'embeddings': embedded, 'results': results}
     return {
