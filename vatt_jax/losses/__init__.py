@@ -15,6 +15,7 @@ from vatt_jax.losses.contrastive import mil_nce, nce, vatt_pretraining_loss
 
 __all__ = [
   'build_loss',
+  'loss_components',
   'mil_nce',
   'mixup',
   'nce',
@@ -49,6 +50,23 @@ def _sigmoid_xent(cfg: ml_collections.ConfigDict):
 
 
 LOSSES = {'vatt': _vatt, 'softmax_xent': _softmax_xent, 'sigmoid_xent': _sigmoid_xent}
+
+
+def loss_components(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, float], ...]:
+  """((term, weight), …) whose weighted terms sum to the loss: what gradient harmonization
+  differentiates separately. Only the VATT objective has several (video–audio first)."""
+  if cfg.name != 'vatt':
+    raise ValueError(
+      f'gradient harmonization (config optimizer.harmonization) needs a loss of several terms; '
+      f'config loss.name {cfg.name!r} has one'
+    )
+  total = cfg.weight_va + cfg.weight_vt
+  if cfg.weight_va <= 0 or cfg.weight_vt <= 0:
+    raise ValueError(
+      'gradient harmonization needs both loss terms: config loss.weight_va and weight_vt must be '
+      f'> 0, got {cfg.weight_va}, {cfg.weight_vt}'
+    )
+  return (('loss_va', cfg.weight_va / total), ('loss_vt', cfg.weight_vt / total))
 
 
 def build_loss(cfg: ml_collections.ConfigDict):

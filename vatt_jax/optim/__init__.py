@@ -1,5 +1,9 @@
 """Optimizers: `build_optimizer(config.optimizer, total_steps)` → (optax transform, lr schedule).
 
+With config.optimizer.harmonization switched on (realign, curriculum or monitor), the transform takes
+K-stacked per-loss gradients and chains the gradient harmonization of `harmonization.py` in front of
+the optimizer (and of its clipping, which acts on the combined gradient).
+
 Schedules come from optax. The paper's "quarter-period cosine" from the peak to the end value is
 optax's cosine decay with exponent 0.5, since (½(1 + cos πp))^½ = cos(πp/2) for p in [0, 1].
 """
@@ -10,6 +14,8 @@ from collections.abc import Callable
 
 import ml_collections
 import optax
+
+from vatt_jax.optim import harmonization
 
 _COSINE_EXPONENT = {'quarter_cosine': 0.5, 'cosine': 1.0}
 
@@ -62,4 +68,11 @@ def build_optimizer(
   tx = OPTIMIZERS[cfg.name](cfg, schedule)
   if cfg.get('grad_clip_norm'):
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
-  return tx, schedule
+  harmonized = harmonization.build(cfg.get('harmonization'), total_steps, tx)
+  return (harmonized or tx), schedule
+
+
+def harmonized(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether build_optimizer's transform takes per-loss (K-stacked) gradients."""
+  h = cfg.get('harmonization')
+  return bool(h and (h.get('realign') or h.get('curriculum') or h.get('monitor')))

@@ -15,6 +15,10 @@ from absl import logging
 from clu import metric_writers
 
 METRICS_FILENAME = 'metrics.jsonl'
+# Gradient harmonization's per-step values (vatt_jax.optim.harmonization): every step goes to
+# GRADIENTS_FILENAME; each record carries their means over its window.
+GRADIENTS_FILENAME = 'gradients.jsonl'
+PER_STEP = ('grad_cosine', 'grad_conflict', 'grad_skipped')
 
 
 def quiet_libraries() -> None:
@@ -41,7 +45,8 @@ class MetricLogger:
 
   A record: step, the loss terms, learning rate, gradient norm, rejected-step counts, clips/s and
   the fraction of wall time spent waiting for input over the window since the last record, and the
-  ETA of the run at that pace.
+  ETA of the run at that pace. With per-loss gradients, also the window's mean gradient cosine and
+  its fractions of conflicting and skipped steps (from `add_step`, called every step).
   """
 
   def __init__(self, workdir: str, *, total_steps: int, batch_size: int):
@@ -57,6 +62,9 @@ class MetricLogger:
     self._window_start = time.perf_counter()
     self._window_steps, self._wait = 0, 0.0
     self.history: list[dict] = []
+    self._per_step: dict[int, dict[str, float]] = {}
+    self._flushed = -1  # per-step values up to this step are written
+    self.gradients_path = os.path.join(workdir, GRADIENTS_FILENAME)
 
   def add_wait(self, seconds: float) -> None:
     self._wait += seconds
@@ -64,10 +72,33 @@ class MetricLogger:
   def step_done(self) -> None:
     self._window_steps += 1
 
+  def add_step(self, step: int, metrics: dict) -> None:
+    """Keeps one step's PER_STEP values (host scalars; others are ignored) until the next record."""
+    values = {k: float(metrics[k]) for k in PER_STEP if k in metrics}
+    if values and step > self._flushed:
+      self._per_step[step] = values
+
+  def _flush_steps(self, step: int, record: dict) -> None:
+    self.add_step(step, record)
+    window = sorted(s for s in self._per_step if s <= step)
+    if not window:
+      return
+    rows = [{'step': s, **self._per_step.pop(s)} for s in window]
+    for key, name in (('grad_cosine', 'grad_cosine_mean'), ('grad_conflict', 'grad_conflict_fraction'),
+                      ('grad_skipped', 'grad_skipped_fraction')):  # fmt: skip
+      values = [r[key] for r in rows if key in r]
+      if values:
+        record[name] = sum(values) / len(values)
+    self._flushed = step
+    if self.is_writer:
+      with open(self.gradients_path, 'a') as f:
+        f.write(''.join(json.dumps(r) + '\n' for r in rows))
+
   def write(self, step: int, metrics: dict) -> dict:
     """metrics: host scalars of the step just finished. Returns the record written."""
     elapsed = time.perf_counter() - self._window_start
     record = {'step': step, **{k: float(v) for k, v in metrics.items()}}
+    self._flush_steps(step, record)
     record['clips_per_second'] = self._window_steps * self.batch_size / elapsed
     record['data_wait_fraction'] = self._wait / elapsed
     seconds_per_step = elapsed / max(self._window_steps, 1)

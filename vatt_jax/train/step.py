@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vatt_jax.optim import harmonization
 from vatt_jax.train.state import TrainState
 
 _AUGMENT_STREAM = 0x6D6978  # fold_in constant of the batch transform's key ('mix')
@@ -22,6 +23,7 @@ def make_train_step(
   *,
   axis_rules: tuple = (),
   augment: Callable[[dict, jax.Array], dict] | None = None,
+  per_loss: tuple[tuple[str, float], ...] | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns train_step(state, batch) -> (state, metrics).
 
@@ -36,6 +38,11 @@ def make_train_step(
   augment: an optional pure batch transform (batch, rng) -> batch run on the global batch before
   the model (fine-tuning's mixup); its key is its own stream, so the dropout and DropToken draws
   are those of a run without it.
+  per_loss: ((term, weight), …) for gradient harmonization: the loss terms whose weighted sum is the
+  loss, each differentiated on its own in the same forward pass; `tx` then takes K-stacked per-loss
+  gradients (vatt_jax.optim.harmonization). The metrics add grad_cosine and grad_conflict (terms 0
+  and 1 over their shared parameters) and, with a curriculum, grad_skipped and skipped_steps; a
+  skipped step, like a rejected one, does not advance the learning-rate schedule.
   """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -59,10 +66,23 @@ def make_train_step(
       loss, terms = loss_fn(out, batch)
       return loss, (terms, updates['batch_stats'])
 
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-      state.params
-    )
-    grad_norm = optax.global_norm(grads)
+    extra = {}
+    if per_loss is None:
+      (loss, (terms, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+        state.params
+      )
+      grad_norm = optax.global_norm(grads)
+    else:
+
+      def components(params):
+        loss, (terms, batch_stats) = compute_loss(params)
+        return tuple(terms[name] * weight for name, weight in per_loss), (loss, terms, batch_stats)
+
+      (_, (loss, terms, batch_stats)), grads = harmonization.value_and_per_loss_grad(
+        components, has_aux=True
+      )(state.params)
+      grad_norm = optax.global_norm(jax.tree.map(lambda g: jnp.sum(g, axis=0), grads))
+      extra.update(harmonization.alignment(grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -76,12 +96,23 @@ def make_train_step(
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
       nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
     )
+    skipped = jnp.zeros((), jnp.int32)  # steps a gradient curriculum rejected before this one
+    for before, after in zip(
+      harmonization.curriculum_states(state.opt_state),
+      harmonization.curriculum_states(new_state.opt_state),
+      strict=True,
+    ):
+      skipped += before.skipped
+      extra['grad_skipped'] = (finite & ~after.applied).astype(jnp.float32)
+      extra['skipped_steps'] = after.skipped
     metrics = {
       'loss': loss,
       **terms,
+      **extra,
       'grad_norm': grad_norm,
-      # optax counts applied updates only, so a rejected step does not advance the schedule.
-      'learning_rate': schedule(state.step - state.nonfinite_steps),
+      # optax counts applied updates only, so a rejected or skipped step does not advance the
+      # schedule.
+      'learning_rate': schedule(state.step - state.nonfinite_steps - skipped),
       'nonfinite_steps': new_state.nonfinite_steps,
       'nonfinite_run': new_state.nonfinite_run,
     }

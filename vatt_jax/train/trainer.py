@@ -31,14 +31,14 @@ from absl import logging
 
 import data_pipelines
 from vatt_jax.evaluation import build_evaluator
-from vatt_jax.losses import build_loss
+from vatt_jax.losses import build_loss, loss_components
 from vatt_jax.losses.classification import build_augment, check_labels
 from vatt_jax.models import build_model, logical_specs
 from vatt_jax.models.classifier import load_pretrained_tower
-from vatt_jax.optim import build_optimizer
+from vatt_jax.optim import build_optimizer, harmonized
 from vatt_jax.train import checkpoint as ckpt
 from vatt_jax.train import sharding
-from vatt_jax.train.logging import MetricLogger, quiet_libraries
+from vatt_jax.train.logging import PER_STEP, MetricLogger, quiet_libraries
 from vatt_jax.train.state import init_train_state
 from vatt_jax.train.step import make_train_step
 
@@ -143,6 +143,7 @@ def build_program(config: ml_collections.ConfigDict, mesh, example_batch: dict) 
   model = build_model(config.model)
   loss_fn = build_loss(config.loss)
   tx, schedule = build_optimizer(config.optimizer, config.total_steps)
+  per_loss = loss_components(config.loss) if harmonized(config.optimizer) else None
   example = {k: jnp.zeros((2, *v.shape[1:]), v.dtype) for k, v in example_batch.items()}
   init = lambda rng: init_train_state(model, tx, example, rng)  # noqa: E731
   abstract = jax.eval_shape(init, jax.random.key(0))
@@ -156,7 +157,13 @@ def build_program(config: ml_collections.ConfigDict, mesh, example_batch: dict) 
   batch = sharding.batch_sharding(mesh)
   step = jax.jit(
     make_train_step(
-      model, loss_fn, tx, schedule, axis_rules=axis_rules, augment=build_augment(config)
+      model,
+      loss_fn,
+      tx,
+      schedule,
+      axis_rules=axis_rules,
+      augment=build_augment(config),
+      per_loss=per_loss,
     ),
     in_shardings=(shardings, batch),
     out_shardings=(shardings, sharding.replicated(mesh)),
@@ -289,6 +296,9 @@ def train(
         # The previous step's metrics are ready by now: reading them does not stall the device.
         if pending is not None:
           _check_nonfinite(*pending, max_nonfinite, checkpointer)
+          per_step = {k: v for k, v in pending[1].items() if k in PER_STEP}
+          if per_step:
+            logger.add_step(pending[0], jax.device_get(per_step))
         pending = (step, metrics)
         last = step == config.total_steps
         due = [n for n, (_, every) in evaluators.items() if last or (every and step % every == 0)]
