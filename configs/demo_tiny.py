@@ -8,6 +8,10 @@ Adam 1e-3 with 30 warm-up steps and a quarter-period cosine over 1500 steps; NCE
   python scripts/train.py --config=configs/demo_tiny.py --workdir=demo/run
   python scripts/report.py --workdir=demo/run      # pretrained vs. random init
 
+Arguments: `ma` (one shared tiny backbone, as VATT-MA), and the gradient harmonization switches
+`gr`, `cl`, `monitor` (docs/HARMONIZATION.md; scripts/experiments/gradient_harmonization.py
+compares them on the demo with injected misalignment).
+
 Data: the bundled real-media demo (scripts/make_demo_data.py → prepare_data.py at 64 px and 8 kHz →
 train_tokenizer.py), read from demo/shards (--config.data.path); the evaluations (config.evals,
 every 500 steps and by scripts/report.py) read its per-segment shards segments_train/_test. The
@@ -57,7 +61,11 @@ def get_config(arg=None):
     linear_probe_audio=dict(probe, modality='audio'),
     retrieval=dict(type='retrieval', split='segments_test', num_clips=4, log_steps=500),
   )
-  if 'runlocal' in common.parse_arg(arg):
+  args = common.parse_arg(arg)
+  if 'ma' in args:  # one shared tiny backbone, as VATT-MA (the gradient harmonization paper's model)
+    m.backbone, m.shared_size = 'modality_agnostic', 'tiny'
+  common.harmonization_variants(config, args)
+  if 'runlocal' in args:
     common.runlocal(config)
     config.evals = {}  # they read the demo's shards; runlocal has synthetic data
   return config

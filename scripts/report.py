@@ -71,6 +71,7 @@ def write_plots(workdir: str, evaluators: dict, title: str) -> list[str]:
   import numpy as np
 
   from vatt_jax import plots
+  from vatt_jax.train.logging import GRADIENTS_FILENAME
 
   out_dir = os.path.join(workdir, plots.PLOTS_DIR)
   written = []
@@ -78,6 +79,10 @@ def write_plots(workdir: str, evaluators: dict, title: str) -> list[str]:
   if os.path.exists(metrics_path):
     written.append(plots.training_curves(metrics_path, os.path.join(out_dir, 'training.png'),
                                          title=title))  # fmt: skip
+  gradients_path = os.path.join(workdir, GRADIENTS_FILENAME)
+  if os.path.exists(gradients_path):  # a run with per-loss gradients (gradient harmonization)
+    written.append(plots.gradient_cosines({title or 'run': gradients_path},
+                                          os.path.join(out_dir, 'gradients.png')))  # fmt: skip
   retrieval = [e for e in evaluators.values() if hasattr(e, 'embed')]
   if not retrieval:
     logging.warning('no retrieval eval in config.evals: no t-SNE or similarity plots')

@@ -4,6 +4,8 @@ tsne_grid            t-SNE (scikit-learn) of embeddings, one panel per (space, m
                      tokenizer's input space on top, the common space below (Fig. 3 top)
 similarity_histograms  distributions of positive vs. negative pair similarities (Fig. 3 bottom)
 training_curves      loss terms, learning rate and evaluation metrics from metrics.jsonl
+gradient_cosines     the distribution of cos(g_va, g_vt) over training, conflicts and skipped steps
+                     (gradients.jsonl of a run with per-loss gradients)
 """
 
 from __future__ import annotations
@@ -149,6 +151,44 @@ def training_curves(metrics_path: str, path: str, *, title: str = '') -> str:
     ax.set_title(name if name in ('loss', 'learning rate') else f'{name} (%)', fontsize=10)
     ax.set_xlabel('step')
     ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path)
+
+
+def gradient_cosines(runs: dict[str, str], path: str, *, bins: int = 10, title: str = '') -> str:
+  """cos(g_va, g_vt) over training, one panel per run ({label: gradients.jsonl}): its distribution in
+  `bins` consecutive phases of training (box plots: quartiles, whiskers at 5 and 95 %), the
+  fraction of conflicting steps (cosine < 0) per phase, and the skipped steps of a curriculum
+  (with the threshold γ where the run logged it)."""
+  fig = Figure(figsize=(5.0 * len(runs), 3.4), layout='constrained')
+  for j, (label, gradients_path) in enumerate(runs.items()):
+    by_step = {r['step']: r for r in read_metrics(gradients_path) if 'grad_cosine' in r}
+    if not by_step:
+      raise ValueError(f'{gradients_path} has no per-step gradient cosines to plot')
+    steps = np.array(sorted(by_step))
+    cos = np.array([by_step[s]['grad_cosine'] for s in steps])
+    phases = np.array_split(np.arange(len(steps)), min(bins, len(steps)))
+    centres = [float(steps[p].mean()) for p in phases]
+    width = 0.7 * (steps[-1] - steps[0] + 1) / len(phases)
+    ax = fig.add_subplot(1, len(runs), j + 1)
+    ax.boxplot([cos[p] for p in phases], positions=centres, widths=width, whis=(5, 95),
+               showfliers=False, manage_ticks=False)  # fmt: skip
+    ax.axhline(0.0, color='grey', lw=0.8, ls=':')
+    skipped = np.array([by_step[s].get('grad_skipped', 0.0) > 0 for s in steps])
+    if skipped.any():
+      ax.plot(steps[skipped], cos[skipped], 'x', ms=3, color='tab:red', label='skipped')
+    ax.set_xlabel('step')
+    ax.set_ylabel('cos(g_va, g_vt)')
+    twin = ax.twinx()
+    twin.plot(centres, [float(np.mean(cos[p] < 0)) for p in phases], 'o-', color='tab:orange',
+              ms=3, label='conflicting steps')  # fmt: skip
+    twin.set_ylim(0, 1)
+    twin.set_ylabel('fraction conflicting', color='tab:orange')
+    ax.set_title(f'{label}: {np.mean(cos < 0):.0%} conflicting, {skipped.mean():.0%} skipped',
+                 fontsize=9)  # fmt: skip
+    if skipped.any():
+      ax.legend(fontsize=7, loc='lower left')
   if title:
     fig.suptitle(title)
   return _save(fig, path)
