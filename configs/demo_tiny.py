@@ -62,7 +62,7 @@ def get_config(arg=None):
     retrieval=dict(type='retrieval', split='segments_test', num_clips=4, log_steps=500),
   )
   args = common.parse_arg(arg)
-  if 'ma' in args:  # one shared tiny backbone, as VATT-MA (the gradient harmonization paper's model)
+  if 'ma' in args:  # one shared tiny backbone: VATT-MA, the harmonization paper's model
     m.backbone, m.shared_size = 'modality_agnostic', 'tiny'
   common.harmonization_variants(config, args)
   if 'runlocal' in args:
