@@ -4,6 +4,8 @@ figure its issue sets a goal on (raw numbers beside it). Ratios are measured in 
   python scripts/benchmark.py --what input [--shards demo/shards] [--json]
   python scripts/benchmark.py --what train [--model video_base|mbs] [--batch_size B]
       [--dtype float32|bfloat16] [--steps N] [--repeats R] [--json]
+  python scripts/benchmark.py --what gradsurgery [--model demo_ma|ma_medium_small|ma_medium]
+      [--batch_size B] [--dtype float32|bfloat16] [--steps N] [--repeats R] [--json]
 
 input: decoded + augmented clips/s (and frames/s, per core) of the shard pipeline for the demo_tiny
 config and for the paper's 32×224² config (on temporary 256-px shards made here), and
@@ -21,6 +23,21 @@ timed in the same run on the same device (the machine's practical peak, not a da
     printed too (labelled nominal).
 Default batch: 2 on CPU; on an accelerator 16 (video_base 32). Timing: the fastest of --repeats
 windows of --steps steps dispatched back to back (a shared machine disturbs the others).
+
+gradsurgery: the cost of cross-modal gradient realignment (GR, config optimizer.harmonization
+.realign: per-loss gradients from one forward pass, then Algorithm 1) over the plain step. The
+trainer's program (build_program: donating jitted step, one device) is built three times from one
+config on one synthetic batch: plain (harmonization off), GR, and GR + curriculum (CL, for
+information); each gets its step time (their windows interleaved, so that a load on a shared
+machine hits them alike; the fastest of each kept), XLA FLOPs, temporary memory and compile time.
+ratio = GR step time ÷ plain step time (goal ≤ 1.35); flops_ratio the same for FLOPs.
+  --model demo_ma (default on CPU): configs/demo_tiny.py:ma (one tiny modality-agnostic backbone),
+    batch 32; on CPU 10 windows of 5 steps (about 3 min on 2 cores, most of it compiling).
+    ma_medium_small: configs/vatt_ma_medium.py on 8×112² video and 1 s (48000 samples) of audio,
+    batch 2 on CPU, 2 windows of 1 step (on 2 shared cores: 2–5 min to compile each variant,
+    10–35 s a step, about 15 GB of memory with the three states alive). ma_medium (default on an
+    accelerator): the paper-size VATT-MA-Medium (32×224², 153600 samples), batch 16 (2 on CPU,
+    very slow there). On an accelerator 3 windows of 20 steps.
 Run it without XLA_FLAGS (tests set --xla_backend_optimization_level=0, which would understate
 the step); a warning is printed when XLA_FLAGS is set.
 """
@@ -38,17 +55,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-_WHAT = flags.DEFINE_enum('what', 'input', ['input', 'train'], 'Which benchmark.')
+_WHAT = flags.DEFINE_enum('what', 'input', ['input', 'train', 'gradsurgery'], 'Which benchmark.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
 _SHARDS = flags.DEFINE_string('shards', 'demo/shards', 'Shards of the demo (make demo makes them).')
 _BATCHES = flags.DEFINE_integer('batches', 40, 'Batches (or steps) per timed window.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows per figure; the fastest is kept.')
-_MODEL = flags.DEFINE_enum(
-  'model', 'video_base', ['video_base', 'mbs'], 'train: the VATT-Base video tower, or VATT-MBS.'
+_REPEATS = flags.DEFINE_integer(
+  'repeats', 0, 'Timed windows per figure, the fastest kept; 0: 3 (gradsurgery: by model, device).'
 )
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 0, 'train: clips per step; 0 picks by device.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'train: compute dtype.')
-_STEPS = flags.DEFINE_integer('steps', 0, 'train: steps per timed window; 0 picks by device.')
+_TRAIN_MODELS = ('video_base', 'mbs')
+_GRADSURGERY_MODELS = ('demo_ma', 'ma_medium_small', 'ma_medium')
+_MODEL = flags.DEFINE_enum(
+  'model',
+  None,
+  [*_TRAIN_MODELS, *_GRADSURGERY_MODELS],
+  f'train: {"|".join(_TRAIN_MODELS)} (default video_base); gradsurgery: '
+  f'{"|".join(_GRADSURGERY_MODELS)} (default demo_ma on CPU, ma_medium on an accelerator).',
+)
+_BATCH_SIZE = flags.DEFINE_integer(
+  'batch_size', 0, 'train, gradsurgery: clips per step; 0 picks by model and device.'
+)
+_DTYPE = flags.DEFINE_enum(
+  'dtype', 'float32', ['float32', 'bfloat16'], 'train, gradsurgery: compute dtype.'
+)
+_STEPS = flags.DEFINE_integer(
+  'steps', 0, 'train, gradsurgery: steps per timed window; 0 picks by model and device.'
+)
 
 # Nominal dense bf16 peaks (datasheets), for an MFU printed beside the measured-matmul ratio.
 _NOMINAL_BF16_PEAK = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12))
@@ -66,11 +97,39 @@ def _best_rate(run_one, windows: int, per_window: int, items_per_call: int) -> f
   return best
 
 
+def _repeats(default: int = 3) -> int:
+  return _REPEATS.value or default
+
+
+def _step_window(step, state, batch, steps: int, warmup: int = 1):
+  """A timing window for _best_rate: `steps` calls of the donating `step` (state, batch) → (state,
+  metrics), dispatched back to back as the trainer does and done when the last one's metrics are.
+  `warmup` steps run first (compilation, first touch of the buffers)."""
+  import jax
+
+  holder = [state]
+
+  def window(n=steps):
+    for _ in range(n):
+      holder[0], metrics = step(holder[0], batch)
+    jax.block_until_ready(metrics)
+
+  window(warmup)
+  return window
+
+
+def _xla_flops(compiled) -> float:
+  """FLOPs of a compiled program from XLA's cost analysis."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: a list of one dict
+  return float(cost['flops'])
+
+
 def _rate(iterator, batches: int, batch_size: int) -> float:
   """Clips per second of the input stream, after five warm-up batches (autotuning settles)."""
   for _ in range(5):
     next(iterator)
-  return _best_rate(lambda: next(iterator), _REPEATS.value, batches, batch_size)
+  return _best_rate(lambda: next(iterator), _repeats(), batches, batch_size)
 
 
 def _paper_shards(root: str, tokenizer_dir: str) -> str:
@@ -119,15 +178,9 @@ def _train_rate(config) -> float:
   init = jax.jit(lambda r: init_train_state(model, tx, batch, r))(jax.random.key(0))
   step = jax.jit(make_train_step(model, build_loss(config.loss), tx, schedule), donate_argnums=0)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  holder, steps = [init], max(10, _BATCHES.value // 2)
-
-  def window(n=steps):  # dispatched back to back as the trainer does; done when the last is
-    for _ in range(n):
-      holder[0], metrics = step(holder[0], batch)
-    jax.block_until_ready(metrics)
-
-  window(2)
-  return _best_rate(window, _REPEATS.value, 1, steps * config.batch_size)
+  steps = max(10, _BATCHES.value // 2)
+  window = _step_window(step, init, batch, steps, warmup=2)
+  return _best_rate(window, _repeats(), 1, steps * config.batch_size)
 
 
 def bench_input() -> dict:
@@ -185,7 +238,7 @@ def _matmul_flops_per_s(dtype, on_cpu: bool) -> float:
     jax.block_until_ready(out)
 
   window()
-  return _best_rate(window, max(3, _REPEATS.value), 1, calls * 2 * n**3)
+  return _best_rate(window, max(3, _repeats()), 1, calls * 2 * n**3)
 
 
 def _video_base_step(config, batch_size: int):
@@ -286,7 +339,7 @@ def bench_train() -> dict:
 
   device = jax.devices()[0]
   on_cpu = device.platform == 'cpu'
-  name = _MODEL.value
+  name = _MODEL.value or 'video_base'
   batch_size = _BATCH_SIZE.value or (2 if on_cpu else (32 if name == 'video_base' else 16))
   steps = _STEPS.value or (2 if on_cpu else 20)
   if name == 'video_base':
@@ -297,18 +350,8 @@ def bench_train() -> dict:
   build = _video_base_step if name == 'video_base' else _mbs_step
   step, state, batch = build(config, batch_size)
   compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: a list of one dict
-  flops = float(cost['flops'])
-  holder = [state]
-
-  def window(n=steps):  # dispatched back to back as the trainer does; done when the last is
-    for _ in range(n):
-      holder[0], metrics = compiled(holder[0], batch)
-    jax.block_until_ready(metrics)
-
-  window(1)
-  steps_per_s = _best_rate(window, _REPEATS.value, 1, steps)
+  flops = _xla_flops(compiled)
+  steps_per_s = _best_rate(_step_window(compiled, state, batch, steps), _repeats(), 1, steps)
   dtype = jnp.bfloat16 if _DTYPE.value == 'bfloat16' else jnp.float32
   matmul = _matmul_flops_per_s(dtype, on_cpu)
   achieved = flops * steps_per_s
@@ -333,6 +376,93 @@ def bench_train() -> dict:
     result['nominal_peak_flops_per_s'] = peak
     result['nominal_mfu'] = achieved / peak
   return result
+
+
+# config.optimizer.harmonization switches of each gradsurgery variant (the rest stays off).
+_GRADSURGERY_VARIANTS = {
+  'plain': {},
+  'gr': {'realign': True},
+  'gr_cl': {'realign': True, 'curriculum': True},
+}
+
+
+def _gradsurgery_config(name: str):
+  """→ (config, what it is) for a gradsurgery --model."""
+  from configs import demo_tiny, vatt_ma_medium
+
+  if name == 'demo_ma':
+    return demo_tiny.get_config('ma'), 'configs/demo_tiny.py:ma'
+  config = vatt_ma_medium.get_config()
+  if name == 'ma_medium':
+    return config, 'configs/vatt_ma_medium.py'
+  v, a = config.model.video, config.model.audio
+  v.num_frames, v.frame_size, a.num_samples = 8, 112, 48_000  # the data shapes follow
+  return config, 'configs/vatt_ma_medium.py with 8×112² video and 48000 audio samples'
+
+
+def bench_gradsurgery() -> dict:
+  import jax
+
+  import data_pipelines
+  from vatt_jax.train import sharding
+  from vatt_jax.train.trainer import build_program
+
+  device = jax.devices()[0]
+  on_cpu = device.platform == 'cpu'
+  name = _MODEL.value or ('demo_ma' if on_cpu else 'ma_medium')
+  base, description = _gradsurgery_config(name)
+  small = name == 'demo_ma'
+  batch_size = _BATCH_SIZE.value or (base.batch_size if small else (2 if on_cpu else 16))
+  steps = _STEPS.value or ((5 if small else 1) if on_cpu else 20)
+  repeats = _repeats((10 if small else 2) if on_cpu else 3)
+  base.model.dtype = _DTYPE.value
+  base.data.name = 'synthetic'
+  mesh = sharding.make_mesh(base.mesh, [device])
+  batch = sharding.put_batch(
+    next(data_pipelines.build(base.data, 'train', batch_size=batch_size)), mesh
+  )
+  results, windows = {}, {}
+  with jax.set_mesh(mesh):
+    for variant, switches in _GRADSURGERY_VARIANTS.items():
+      config = base.copy_and_resolve_references()
+      config.optimizer.harmonization.update(realign=False, curriculum=False, monitor=False)
+      config.optimizer.harmonization.update(switches)
+      start = time.perf_counter()
+      program = build_program(config, mesh, batch)
+      compiled = program.step.lower(program.abstract, batch).compile()
+      compile_seconds = time.perf_counter() - start
+      state = program.init(jax.random.key(config.seed))  # its own state: the step donates it
+      windows[variant] = _step_window(compiled, state, batch, steps)
+      results[variant] = {
+        'flops_per_step': _xla_flops(compiled),
+        'temp_bytes': getattr(compiled.memory_analysis(), 'temp_size_in_bytes', 0),
+        'compile_seconds': compile_seconds,
+        'steps_per_s': 0.0,
+      }
+    # The variants' windows interleaved, so that a load on the shared machine hits them alike.
+    for _ in range(repeats):
+      for variant, window in windows.items():
+        rate = _best_rate(window, 1, 1, steps)
+        results[variant]['steps_per_s'] = max(results[variant]['steps_per_s'], rate)
+  for r in results.values():
+    r['step_seconds'] = 1.0 / r.pop('steps_per_s')
+  plain, gr, gr_cl = results['plain'], results['gr'], results['gr_cl']
+  return {
+    'what': 'gradsurgery',
+    'model': name,
+    'config': description,
+    'dtype': _DTYPE.value,
+    'batch_size': batch_size,
+    'device': device.device_kind,
+    'steps_per_window': steps,
+    'windows': repeats,
+    'variants': results,
+    'ratio': gr['step_seconds'] / plain['step_seconds'],
+    'flops_ratio': gr['flops_per_step'] / plain['flops_per_step'],
+    'gr_cl_ratio': gr_cl['step_seconds'] / plain['step_seconds'],
+    'gr_cl_flops_ratio': gr_cl['flops_per_step'] / plain['flops_per_step'],
+    'goal': '<= 1.35',
+  }
 
 
 def _print_input(result: dict) -> None:
@@ -360,17 +490,40 @@ def _print_train(r: dict) -> None:
     )
 
 
+def _print_gradsurgery(r: dict) -> None:
+  print(f'{r["model"]} ({r["config"]}), {r["dtype"]}, batch {r["batch_size"]}, on {r["device"]}')
+  print(
+    f'{"train step":<10}{"s/step":>10}{"GFLOP/step":>12}{"temp MB":>10}{"compile s":>11}'
+    f'{"time ×":>8}{"FLOPs ×":>9}'
+  )
+  plain = r['variants']['plain']
+  for variant, s in r['variants'].items():
+    print(
+      f'{variant:<10}{s["step_seconds"]:>10.4f}{s["flops_per_step"] / 1e9:>12.2f}'
+      f'{s["temp_bytes"] / 1e6:>10.1f}{s["compile_seconds"]:>11.1f}'
+      f'{s["step_seconds"] / plain["step_seconds"]:>8.3f}'
+      f'{s["flops_per_step"] / plain["flops_per_step"]:>9.3f}'
+    )
+  print(f'ratio (GR / plain step time): {r["ratio"]:.3f}  (goal {r["goal"]}); '
+        f'FLOPs ratio {r["flops_ratio"]:.3f}')  # fmt: skip
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _WHAT.value == 'train' and os.environ.get('XLA_FLAGS'):
+  if _WHAT.value != 'input' and os.environ.get('XLA_FLAGS'):
     print(f'warning: XLA_FLAGS={os.environ["XLA_FLAGS"]!r} is set; figures may not be representative',
           file=sys.stderr)  # fmt: skip
-  result = {'input': bench_input, 'train': bench_train}[_WHAT.value]()
+  models = {'train': _TRAIN_MODELS, 'gradsurgery': _GRADSURGERY_MODELS}.get(_WHAT.value, ())
+  if _MODEL.value and _MODEL.value not in models:
+    raise app.UsageError(f'--what {_WHAT.value} takes --model {"|".join(models) or "(none)"}')
+  benchmarks = {'input': bench_input, 'train': bench_train, 'gradsurgery': bench_gradsurgery}
+  result = benchmarks[_WHAT.value]()
   if _JSON.value:
     print(json.dumps(result))
     return
-  {'input': _print_input, 'train': _print_train}[_WHAT.value](result)
+  printers = {'input': _print_input, 'train': _print_train, 'gradsurgery': _print_gradsurgery}
+  printers[_WHAT.value](result)
 
 
 if __name__ == '__main__':
