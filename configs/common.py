@@ -174,6 +174,16 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def as_classifier(config: ml_collections.ConfigDict, modality: str, num_classes: int):
+  """Turns a pretraining config's model into the fine-tuning classifier (one tower + a linear
+  head) of `modality` ('video', 'audio' or 'image'); returns config.model for further changes."""
+  m = config.model
+  m.name = 'classifier'
+  m.modality = modality
+  m.num_classes = num_classes
+  return m
+
+
 def finetuning_optimizer(learning_rate: float, warmup_steps: int, grad_clip_norm: float = 0.75):
   """The paper's fine-tuning optimizer: SGD momentum 0.9, linear warm-up, half-period cosine to 0."""
   return ml_collections.ConfigDict(

@@ -31,10 +31,7 @@ NUM_CLASSES = 527
 def get_config(arg=None):
   args = common.parse_arg(arg)
   config = common.pretraining_config(common.model_config())
-  m = config.model
-  m.name = 'classifier'
-  m.modality = 'audio'
-  m.num_classes = NUM_CLASSES
+  m = common.as_classifier(config, 'audio', NUM_CLASSES)
   m.classifier = dict(
     dropout_rate=0.5, kernel_init='glorot_uniform', bias_init=-math.log(NUM_CLASSES - 1)
   )

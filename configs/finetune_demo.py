@@ -29,10 +29,7 @@ from configs import common, demo_tiny
 def get_config(arg=None):
   args = common.parse_arg(arg)
   config = demo_tiny.get_config()  # the pretraining run's model and data, then the changes below
-  m = config.model
-  m.name = 'classifier'
-  m.modality = 'video'
-  m.num_classes = 10
+  m = common.as_classifier(config, 'video', 10)
   # No dropout before the head: the tiny tower's AGG output is only 64 wide (the paper's: 0.5).
   m.classifier = dict(dropout_rate=0.0, kernel_init='glorot_normal', bias_init=0.0)
   m.video.frame_size = 48  # 6 × 6 patches of 8: positions resized from the 4 × 4 of pretraining

@@ -26,10 +26,7 @@ TRAIN_IMAGES = 1_281_167
 def get_config(arg=None):
   args = common.parse_arg(arg)
   config = common.pretraining_config(common.model_config())
-  m = config.model
-  m.name = 'classifier'
-  m.modality = 'image'
-  m.num_classes = 1000
+  m = common.as_classifier(config, 'image', 1000)
   m.classifier = dict(dropout_rate=0.5, kernel_init='glorot_normal', bias_init=0.0)
   m.video.num_frames = 4  # the image repeated 4 times: one temporal patch
   m.video.frame_size = 384

@@ -28,10 +28,7 @@ def get_config(arg=None):
   args = common.parse_arg(arg)
   size = 'large' if 'large' in args else 'medium' if 'medium' in args else 'base'
   config = common.pretraining_config(common.model_config(video_size=size))
-  m = config.model
-  m.name = 'classifier'
-  m.modality = 'video'
-  m.num_classes = 400
+  m = common.as_classifier(config, 'video', 400)
   m.classifier = dict(dropout_rate=0.5, kernel_init='glorot_normal', bias_init=0.0)
   m.video.frame_size = 320  # 20 × 20 patches; positions resized from the 14 × 14 of pretraining
   m.video.drop_token_rate = 0.0  # the paper fine-tunes without DropToken
