@@ -52,6 +52,7 @@ def model_config(
       attention_dropout_rate=0.1,
       dtype='float32',  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
       remat='none',  # per encoder block: 'none', 'dots' (keep matmul outputs) or 'full'
+      token_outputs=False,  # also per-frame / per-word vt embeddings (Norton's losses need them)
     )
   )
 

@@ -85,6 +85,7 @@ def _build_vatt(cfg: ml_collections.ConfigDict) -> VATT:
     attention_dropout_rate=cfg.attention_dropout_rate,
     remat=remat,
     dtype=_DTYPES[cfg.dtype],
+    token_outputs=cfg.get('token_outputs', False),
   )
 
 

@@ -12,6 +12,10 @@ global arrays, BatchNorm's statistics are those of the global batch. The heads c
 Parameter logical axes: kernels (embed, common) when they read a tower's output, (None, common) when
 they read a common-space vector (flax refuses one logical name on two dimensions of an array);
 batch norm scale, bias and statistics (common,).
+
+Token outputs (Norton's frame–word similarity): per-frame and per-word encoder outputs take the same
+path as the video's (or the text's) representation, with batch norm in inference form (its running
+statistics) in training too, so the tokens neither update the statistics nor mix into the batch's.
 """
 
 from __future__ import annotations
@@ -38,25 +42,40 @@ class CommonSpace(nn.Module):
   bn_epsilon: float = 1e-5
 
   def _linear_bn(
-    self, x: jax.Array, features: int, name: str, train: bool, *, from_common: bool = False
-  ) -> jax.Array:
+    self,
+    x: jax.Array,
+    features: int,
+    name: str,
+    train: bool,
+    *,
+    from_common: bool = False,
+    tokens: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array | None]:
+    """(layer(x), layer(tokens)): the tokens go through the same dense layer and batch norm, the
+    norm always with its running statistics as they were before this batch (the tokens neither use
+    nor update batch statistics)."""
     kernel_axes = (None if from_common else 'embed', 'common')
-    x = nn.Dense(
+    dense = nn.Dense(
       features,
       use_bias=False,
       kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, kernel_axes),
       dtype=jnp.float32,
       name=f'{name}_dense',
-    )(x.astype(jnp.float32))
-    return nn.BatchNorm(
-      use_running_average=not train,
+    )
+    norm = nn.BatchNorm(
       momentum=self.bn_momentum,
       epsilon=self.bn_epsilon,
       dtype=jnp.float32,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('common',)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('common',)),
       name=f'{name}_bn',
-    )(x)
+    )
+    projected = None
+    if tokens is not None:  # first: the representation's call below updates the statistics
+      flat = tokens.reshape(-1, tokens.shape[-1]).astype(jnp.float32)
+      flat = norm(dense(flat), use_running_average=True)
+      projected = flat.reshape(*tokens.shape[:-1], features)
+    return norm(dense(x.astype(jnp.float32)), use_running_average=not train), projected
 
   @nn.compact
   def __call__(
@@ -65,23 +84,39 @@ class CommonSpace(nn.Module):
     video: jax.Array | None = None,
     audio: jax.Array | None = None,
     text: jax.Array | None = None,
+    video_frames: jax.Array | None = None,
+    text_words: jax.Array | None = None,
     train: bool,
   ) -> dict[str, jax.Array]:
     """video: [B, Dv]; audio: [B, Da]; text: [B, K, Dt] (K narrations). Any may be None.
+    video_frames [B, F, Dv] / text_words [B, K, W, Dt]: token outputs projected along the video's
+    (or the text's) path into the vt space (with video / text given).
 
     Returns a dict with video_va [B, va], video_vt [B, vt], audio_va [B, va], text_vt [B, K, vt]
-    for the modalities given.
+    for the modalities given, and video_frames_vt [B, F, vt], text_words_vt [B, K, W, vt].
     """
     out = {}
     if video is not None:
-      hidden = nn.relu(self._linear_bn(video, self.va_dim, 'video_va_1', train))
-      out['video_va'] = self._linear_bn(hidden, self.va_dim, 'video_va_2', train, from_common=True)
+      hidden, frames = self._linear_bn(video, self.va_dim, 'video_va_1', train, tokens=video_frames)
+      hidden = nn.relu(hidden)
+      frames = None if frames is None else nn.relu(frames)
+      out['video_va'], frames = self._linear_bn(
+        hidden, self.va_dim, 'video_va_2', train, from_common=True, tokens=frames
+      )
       to_vt = nn.relu(out['video_va']) if self.relu_before_vt else out['video_va']
-      out['video_vt'] = self._linear_bn(to_vt, self.vt_dim, 'video_vt', train, from_common=True)
+      if frames is not None and self.relu_before_vt:
+        frames = nn.relu(frames)
+      out['video_vt'], frames = self._linear_bn(
+        to_vt, self.vt_dim, 'video_vt', train, from_common=True, tokens=frames
+      )
+      if frames is not None:
+        out['video_frames_vt'] = frames
     if audio is not None:
-      out['audio_va'] = self._linear_bn(audio, self.va_dim, 'audio_va', train)
+      out['audio_va'], _ = self._linear_bn(audio, self.va_dim, 'audio_va', train)
     if text is not None:
       flat = text.reshape(-1, text.shape[-1])
-      text_vt = self._linear_bn(flat, self.vt_dim, 'text_vt', train)
+      text_vt, words = self._linear_bn(flat, self.vt_dim, 'text_vt', train, tokens=text_words)
       out['text_vt'] = text_vt.reshape(*text.shape[:-1], self.vt_dim)
+      if words is not None:
+        out['text_words_vt'] = words
     return out

@@ -55,6 +55,14 @@ def num_kept_tokens(num_tokens: int, drop_rate: float) -> int:
   return max(1, int((1.0 - drop_rate) * num_tokens + 1e-6))
 
 
+def drop_token_index(num_tokens: int, drop_rate: float, rng: jax.Array) -> jax.Array | None:
+  """The positions DropToken keeps, ascending [num_kept_tokens]; None when it keeps them all."""
+  kept = num_kept_tokens(num_tokens, drop_rate)
+  if kept == num_tokens:
+    return None
+  return jnp.sort(jax.random.permutation(rng, num_tokens)[:kept])
+
+
 def drop_token(tokens: jax.Array, drop_rate: float, rng: jax.Array) -> jax.Array:
   """Keeps a random subset of tokens, the same subset for every example of the batch.
 
@@ -63,14 +71,11 @@ def drop_token(tokens: jax.Array, drop_rate: float, rng: jax.Array) -> jax.Array
     drop_rate: fraction of the N tokens to drop.
     rng: PRNG key; one permutation is drawn for the whole batch (as the official VATT code does).
   Returns:
-    [B, num_kept_tokens(N, drop_rate), D], kept tokens in their original order.
+    [B, num_kept_tokens(N, drop_rate), D], kept tokens in their original order
+    (`drop_token_index` gives their positions).
   """
-  num_tokens = tokens.shape[1]
-  kept = num_kept_tokens(num_tokens, drop_rate)
-  if kept == num_tokens:
-    return tokens
-  index = jnp.sort(jax.random.permutation(rng, num_tokens)[:kept])
-  return jnp.take(tokens, index, axis=1)
+  index = drop_token_index(tokens.shape[1], drop_rate, rng)
+  return tokens if index is None else jnp.take(tokens, index, axis=1)
 
 
 def _keys_cubic(t: jax.Array) -> jax.Array:
