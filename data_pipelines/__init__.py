@@ -2,7 +2,8 @@
 
 Batch layout (per host): video [B, T, H, W, 3] f32 in [-1, 1], audio [B, S] f32, text [B, K, W]
 int32, video_mask / audio_mask / text_mask [B], plus task fields (label, …). The iterator has
-get_state() / set_state() so its position can be checkpointed.
+get_state() / set_state() so its position can be checkpointed. Shards with data.long_video.clips > 0
+give long-video batches instead (long_video.py: V videos × C caption-anchored clips, flat rows).
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import ml_collections
 from data_pipelines import synthetic
 
 
-def _shards(*args, **kwargs):
-  from data_pipelines import pretrain  # TensorFlow loads only when shards are read
+def _shards(cfg, *args, **kwargs):
+  # TensorFlow loads only when shards are read.
+  if (cfg.get('long_video') or {}).get('clips', 0) > 0:  # V videos × C clips (Norton)
+    from data_pipelines import long_video
 
-  return pretrain.ShardSource(*args, **kwargs)
+    return long_video.LongVideoSource(cfg, *args, **kwargs)
+  from data_pipelines import pretrain
+
+  return pretrain.ShardSource(cfg, *args, **kwargs)
 
 
 def _tfds(*args, **kwargs):

@@ -36,7 +36,14 @@ DIGIT_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'e
 # Three tones per digit on three disjoint ladders: every one of the 30 tones is ≥ 50 Hz from any
 # other (separable after AAC and a 1.5 s FFT), and all sit below 3 kHz, which AAC keeps intact.
 DIGIT_TONES = tuple((250 + 50 * d, 900 + 70 * d, 1800 + 110 * d) for d in range(10))
-NUM_SEGMENTS = (3, 4)  # inclusive range; with ~2 s segments a video lasts 5.4–8.8 s
+# Segments per video, an inclusive range; with ~2 s segments a video lasts 5.4–8.8 s. plan() and
+# generate() take another (num_segments; make_demo_data.py --segments=LO,HI), e.g. (8, 8) for
+# long-video (video–paragraph) training; the default's files are byte-identical to before it.
+NUM_SEGMENTS = (3, 4)
+# A video's digits are distinct, so each caption matches exactly one of its video's segments (the
+# clip–caption alignment within a video, which long-video objectives learn, is unambiguous): at
+# most 10 segments.
+MAX_SEGMENTS = 10
 SEGMENT_SECONDS = (1.8, 2.2)  # inclusive range, rounded to whole frames
 FADE_SECONDS = 0.02
 NUM_BACKGROUNDS = 8  # textures shared by all videos (so no video is recognisable by its own)
@@ -131,12 +138,14 @@ def _caption(rng: np.random.Generator, digit: int, direction: str) -> str:
   )
 
 
-def _plan_video(seed: int, split: str, index: int, fps: int, pools, images) -> dict:
+def _plan_video(
+  seed: int, split: str, index: int, fps: int, pools, images, segment_range=NUM_SEGMENTS
+) -> dict:
   """Everything needed to render one clean video, drawn from its own stream (seed, split, index)."""
   rng = np.random.default_rng([seed, SPLITS.index(split), index])
-  num_segments = int(rng.integers(NUM_SEGMENTS[0], NUM_SEGMENTS[1] + 1))
+  num_segments = int(rng.integers(segment_range[0], segment_range[1] + 1))
   lo, hi = round(SEGMENT_SECONDS[0] * fps), round(SEGMENT_SECONDS[1] * fps)
-  digits = rng.choice(10, num_segments, replace=False)  # distinct, so the label is unambiguous
+  digits = rng.choice(10, num_segments, replace=False)  # distinct: see MAX_SEGMENTS
   segments, frame = [], 0
   for digit in digits.tolist():
     num_frames = int(rng.integers(lo, hi + 1))
@@ -219,14 +228,33 @@ def _apply_noise(videos: list[dict], rows: list[dict], noise: NoiseConfig, seed:
     rows[v]['noise']['audio_swap'] = rows[source]['media']
 
 
+def _check_segments(num_segments) -> tuple[int, int]:
+  """(lo, hi) segments per video, checked: integers with 1 ≤ lo ≤ hi ≤ MAX_SEGMENTS."""
+  try:
+    lo, hi = (int(n) for n in num_segments)
+    valid = (lo, hi) == tuple(num_segments)
+  except (TypeError, ValueError):
+    valid = False
+  if not valid or not 1 <= lo <= hi <= MAX_SEGMENTS:
+    raise ValueError(
+      f'--segments must be two integers LO,HI with 1 <= LO <= HI <= {MAX_SEGMENTS} (a video '
+      f'shows distinct digits), got {num_segments!r}'
+    )
+  return lo, hi
+
+
 def plan(
   num_videos: Mapping[str, int] = DEFAULT_NUM_VIDEOS,
   *,
   seed: int = 0,
   fps: int = 10,
   noise: NoiseConfig = NoiseConfig(),
+  num_segments: tuple[int, int] = NUM_SEGMENTS,
 ) -> dict[str, tuple[list[dict], list[dict]]]:
-  """Per split: (render specs, manifest rows), without writing anything (cheap: no encoding)."""
+  """Per split: (render specs, manifest rows), without writing anything (cheap: no encoding).
+
+  num_segments: (lo, hi), the inclusive range of segments per video, 1 ≤ lo ≤ hi ≤ MAX_SEGMENTS.
+  """
   for split in SPLITS:
     n = num_videos.get(split, 0)
     if not isinstance(n, int | np.integer) or n < 0:
@@ -237,11 +265,13 @@ def plan(
     raise ValueError(f'--fps must be a positive integer, got {fps}')
   if seed < 0:
     raise ValueError(f'--seed must be >= 0, got {seed}')
+  num_segments = _check_segments(num_segments)
   images, pools = _digit_pools()
   result = {}
   for split in SPLITS:
     videos = [
-      _plan_video(seed, split, i, fps, pools, images) for i in range(num_videos.get(split, 0))
+      _plan_video(seed, split, i, fps, pools, images, num_segments)
+      for i in range(num_videos.get(split, 0))
     ]
     rows = []
     for video in videos:
@@ -371,11 +401,12 @@ def generate(
   sample_rate: int = 48_000,
   noise: NoiseConfig = NoiseConfig(),
   workers: int = 2,
+  num_segments: tuple[int, int] = NUM_SEGMENTS,
 ) -> dict:
   """Writes the dataset (see the module docstring) and returns dataset_info plus elapsed_s.
 
   size: frame side in px (even, ≥ 32); fps: frames per second; sample_rate: Hz; workers: encoding
-  processes (1 = in this process).
+  processes (1 = in this process); num_segments: (lo, hi) segments per video (see `plan`).
   """
   if size < 32 or size % 2:
     raise ValueError(f'--size must be an even number of pixels >= 32, got {size}')
@@ -383,9 +414,10 @@ def generate(
     raise ValueError(f'--sample_rate must be in [8000, 96000] Hz (AAC), got {sample_rate}')
   if workers < 1:
     raise ValueError(f'--workers must be >= 1, got {workers}')
+  num_segments = _check_segments(num_segments)
   started = time.perf_counter()
   out = pathlib.Path(output_dir)
-  planned = plan(num_videos, seed=seed, fps=fps, noise=noise)
+  planned = plan(num_videos, seed=seed, fps=fps, noise=noise, num_segments=num_segments)
   jobs = []
   for split, (videos, _) in planned.items():
     media_dir = out / 'media' / split
@@ -442,9 +474,15 @@ def generate(
     digit_words=list(DIGIT_WORDS),
     digit_tones_hz=[list(t) for t in DIGIT_TONES],
   )
+  if num_segments != NUM_SEGMENTS:  # absent at the default: its files stay as they were
+    info['num_segments'] = list(num_segments)
   (out / 'dataset_info.json').write_text(json.dumps(info, indent=2) + '\n')
   counts = ', '.join(f'{s} {v["videos"]}' for s, v in splits.items())
   # The module docstring documents content and layout; the README carries it with the data.
-  readme = _README.format(seed=seed, counts=counts, noise=info['noise']) + '\n' + __doc__
+  readme = _README.format(seed=seed, counts=counts, noise=info['noise'])
+  if 'num_segments' in info:
+    lo, hi = num_segments
+    readme += f'Segments per video: {lo}–{hi} (the description below gives the default range).\n'
+  readme += '\n' + __doc__
   (out / 'README.txt').write_text(readme)
   return dict(info, output_dir=str(out), elapsed_s=round(time.perf_counter() - started, 2))

@@ -289,15 +289,9 @@ class ShardSource:
       windows = video_ops.eval_windows(tf.image.extract_jpeg_shape(ex['frames'][0]), crops)
 
     def one_clip(start):
-      index = video_ops.frame_indices(start, ex['frame_rate'], num_stored, cfg.num_frames, cfg.fps)
-      jpegs = tf.gather(ex['frames'], index)
-      decode = lambda window: video_ops.decode_clip(  # noqa: E731
-          jpegs, cfg.frame_size, seed, train=self.train, window=window,
-          area_range=cfg.crop_area_range, aspect_range=cfg.crop_aspect_range,
-      )  # fmt: skip
       if self.train:
-        return decode(None)
-      return tf.stack([decode(windows[c]) for c in range(crops)])
+        return self._clip(ex, start, seed)
+      return tf.stack([self._clip(ex, start, seed, windows[c]) for c in range(crops)])
 
     if self.train:
       return one_clip(starts[0])
@@ -306,6 +300,17 @@ class ShardSource:
       one_clip, starts, fn_output_signature=tf.TensorSpec([crops, cfg.num_frames, size, size, 3])
     )
     return tf.reshape(clips, [-1, cfg.num_frames, size, size, 3])
+
+  def _clip(self, ex, start, seed, window=None):
+    """[T, S, S, 3]: the stored frames shown from `start` s, decoded in `window` [y, x, h, w], else
+    with the training augmentation drawn from `seed` (train) or the central square (eval)."""
+    cfg = self.cfg
+    num_stored = tf.shape(ex['frames'])[0]
+    index = video_ops.frame_indices(start, ex['frame_rate'], num_stored, cfg.num_frames, cfg.fps)
+    return video_ops.decode_clip(
+      tf.gather(ex['frames'], index), cfg.frame_size, seed, train=self.train, window=window,
+      area_range=cfg.crop_area_range, aspect_range=cfg.crop_aspect_range,
+    )  # fmt: skip
 
   def _audio(self, ex, starts):
     cfg = self.cfg
@@ -365,16 +370,23 @@ class ShardSource:
     ds = self._records()
     if self.train:
       ds = ds.shuffle(cfg.shuffle_buffer, seed=self.seed)
-    ds = ds.enumerate().skip(self._position)
+    ds = self._select(ds.enumerate().skip(self._position))
     ds = ds.map(self._process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
     if cfg.on_bad_input == 'skip':
       ds = ds.ignore_errors()  # undecodable records/frames: dropped here, counted by index gaps
-    ds = ds.batch(self.local_batch_size, drop_remainder=self.train)
+    ds = self._batch(ds)
     if self.tokenizer is not None:
       ds = ds.map(
         self._tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic
       )
     return ds.prefetch(tf.data.AUTOTUNE)
+
+  def _select(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+    """The (index, record) elements to process: all of them (a subclass may drop some)."""
+    return ds
+
+  def _batch(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+    return ds.batch(self.local_batch_size, drop_remainder=self.train)
 
   def _tokenize(self, batch):
     """text: [B, K] caption strings ('' for none) → [B, K, max_words] ids (all 0 for '')."""

@@ -2,6 +2,7 @@ r"""Writes the bundled demo dataset: mp4s of moving handwritten digits with per-
 
   python scripts/make_demo_data.py --output_dir=/tmp/demo_data
   python scripts/make_demo_data.py --output_dir=/tmp/noisy --caption_irrelevant=0.3 --audio_swap=0.1
+  python scripts/make_demo_data.py --output_dir=/tmp/long --segments=8,8   # 8 captions per video
 
 See data_pipelines/demo.py for the content, the layout and the noise switches.
 """
@@ -27,6 +28,12 @@ _FPS = flags.DEFINE_integer('fps', 10, 'Frames per second.')
 _SIZE = flags.DEFINE_integer('size', 64, 'Frame width and height in pixels (even, >= 32).')
 _SAMPLE_RATE = flags.DEFINE_integer('sample_rate', 48_000, 'Audio sample rate in Hz.')
 _WORKERS = flags.DEFINE_integer('workers', 2, 'Encoding processes (1 = no subprocesses).')
+_SEGMENTS = flags.DEFINE_list(
+  'segments',
+  ','.join(map(str, demo.NUM_SEGMENTS)),
+  f'LO,HI: segments (captions) per video, 1 <= LO <= HI <= {demo.MAX_SEGMENTS} (digits are '
+  'distinct within a video); e.g. 8,8 for long-video (Norton) training.',
+)
 _NOISE = {
   field.name: flags.DEFINE_float(field.name, 0.0, f'Fraction in [0, 1]: {field.name} noise.')
   for field in demo.dataclasses.fields(demo.NoiseConfig)
@@ -38,6 +45,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
+    if len(_SEGMENTS.value) != 2 or not all(v.strip().isdigit() for v in _SEGMENTS.value):
+      raise ValueError(f'--segments must be two integers LO,HI, got {",".join(_SEGMENTS.value)!r}')
     summary = demo.generate(
       _OUTPUT_DIR.value,
       num_videos={split: flag.value for split, flag in _NUM.items()},
@@ -47,6 +56,7 @@ def main(argv):
       sample_rate=_SAMPLE_RATE.value,
       noise=demo.NoiseConfig(**{name: flag.value for name, flag in _NOISE.items()}),
       workers=_WORKERS.value,
+      num_segments=tuple(int(v) for v in _SEGMENTS.value),
     )
   except ValueError as e:  # bad flag values: a usage message, not a traceback
     raise app.UsageError(str(e)) from e
