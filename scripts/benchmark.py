@@ -6,6 +6,8 @@ figure its issue sets a goal on (raw numbers beside it). Ratios are measured in 
       [--dtype float32|bfloat16] [--steps N] [--repeats R] [--json]
   python scripts/benchmark.py --what gradsurgery [--model demo_ma|ma_medium_small|ma_medium]
       [--batch_size B] [--dtype float32|bfloat16] [--steps N] [--repeats R] [--json]
+  python scripts/benchmark.py --what sinkhorn [--sinkhorn_bucket 4096x9] [--sinkhorn_dense 1024]
+      [--sinkhorn_tol 1e-3] [--repeats R] [--json]
 
 input: decoded + augmented clips/s (and frames/s, per core) of the shard pipeline for the demo_tiny
 config and for the paper's 32×224² config (on temporary 256-px shards made here), and
@@ -40,6 +42,18 @@ ratio = GR step time ÷ plain step time (goal ≤ 1.35); flops_ratio the same fo
     very slow there). On an accelerator 3 windows of 20 steps.
 Run it without XLA_FLAGS (tests set --xla_backend_optimization_level=0, which would understate
 the step); a warning is printed when XLA_FLAGS is set.
+
+sinkhorn: vatt_jax.ot.sinkhorn (tolerance form) against ott-jax's Sinkhorn (lse_mode, its
+defaults; vmapped over the batch) at equal marginal error, jitted, on (i) bucket: a batch of
+4096 prompt-bucket problems of 9×9 scores uniform in [−1, 1] (10×10 with the bucket row and
+column of p = 0 and the bucket marginals; ε = 0.1, Norton's), and (ii) dense: one 1024×1024
+problem, the cosine similarities of noisy matched unit embeddings (d = 16), uniform marginals,
+ε = 0.01. ott-jax runs with threshold τ (--sinkhorn_tol); its achieved error e (the largest
+`marginal_error` ‖P1 − a‖₁ + ‖Pᵀ1 − b‖₁ of its plans) sets ours: tol = min(τ, e), so that our
+error, by the same function, is ≤ ott-jax's. Timings: the fastest of --repeats (default 5) calls
+each, interleaved. ratio = the larger of the two time ratios ours ÷ ott-jax (goal ≤ 0.5). Also the
+temporary memory (XLA's memory analysis) of the gradient of Σ w∘plan: unrolled (the fixed form,
+10/50/200 iterations), implicit (the tolerance form) and ott-jax's (implicit).
 """
 
 from __future__ import annotations
@@ -55,7 +69,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-_WHAT = flags.DEFINE_enum('what', 'input', ['input', 'train', 'gradsurgery'], 'Which benchmark.')
+_WHAT = flags.DEFINE_enum(
+  'what', 'input', ['input', 'train', 'gradsurgery', 'sinkhorn'], 'Which benchmark.'
+)
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
 _SHARDS = flags.DEFINE_string('shards', 'demo/shards', 'Shards of the demo (make demo makes them).')
 _BATCHES = flags.DEFINE_integer('batches', 40, 'Batches (or steps) per timed window.')
@@ -80,6 +96,13 @@ _DTYPE = flags.DEFINE_enum(
 _STEPS = flags.DEFINE_integer(
   'steps', 0, 'train, gradsurgery: steps per timed window; 0 picks by model and device.'
 )
+_SINKHORN_BUCKET = flags.DEFINE_string(
+  'sinkhorn_bucket', '4096x9', 'sinkhorn: BATCHxSIZE bucket problems (SIZE×SIZE before the bucket).'
+)
+_SINKHORN_DENSE = flags.DEFINE_integer(
+  'sinkhorn_dense', 1024, 'sinkhorn: side of the dense problem.'
+)
+_SINKHORN_TOL = flags.DEFINE_float('sinkhorn_tol', 1e-3, "sinkhorn: ott-jax's threshold τ.")
 
 # Nominal dense bf16 peaks (datasheets), for an MFU printed beside the measured-matmul ratio.
 _NOMINAL_BF16_PEAK = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12))
@@ -465,6 +488,131 @@ def bench_gradsurgery() -> dict:
   }
 
 
+_SINKHORN_MAX_ITERS = 5000
+
+
+def _sinkhorn_problems(rng) -> dict:
+  """{case: (scores [..., m, n] float32, a, b, ε)} as described in the module docstring."""
+  import numpy as np
+
+  batch, side = (int(x) for x in _SINKHORN_BUCKET.value.lower().split('x'))
+  aug = np.zeros((batch, side + 1, side + 1), np.float32)  # p = 0 in the bucket row and column
+  aug[:, :side, :side] = rng.uniform(-1, 1, (batch, side, side))
+  mass = np.full(side + 1, 1 / (2 * side), np.float32)
+  mass[side] = side / (2 * side)  # n/(m+n), m/(m+n) with m = n
+  n = _SINKHORN_DENSE.value
+  x = rng.normal(size=(n, 16))
+  y = x + rng.normal(size=(n, 16))
+  x /= np.linalg.norm(x, axis=-1, keepdims=True)
+  y /= np.linalg.norm(y, axis=-1, keepdims=True)
+  uniform = np.full(n, 1 / n, np.float32)
+  return {
+    'bucket': (aug, mass, mass, 0.1),
+    'dense': ((x @ y.T).astype(np.float32), uniform, uniform, 0.01),
+  }
+
+
+def _ott_solver(a, b, epsilon, threshold, batched: bool):
+  """scores → (plan, iterations) by ott-jax (cost −scores), vmapped over a leading batch axis."""
+  import jax
+  from ott.geometry import geometry
+  from ott.problems.linear import linear_problem
+  from ott.solvers.linear import sinkhorn as ott_sinkhorn
+
+  solver = ott_sinkhorn.Sinkhorn(threshold=threshold, max_iterations=_SINKHORN_MAX_ITERS)
+
+  def solve(scores):
+    geom = geometry.Geometry(cost_matrix=-scores, epsilon=epsilon)
+    out = solver(linear_problem.LinearProblem(geom, a, b))
+    return out.matrix, out.n_iters
+
+  return jax.vmap(solve) if batched else solve
+
+
+def _grad_temp_bytes(loss, scores) -> int:
+  import jax
+
+  compiled = jax.jit(jax.grad(loss)).lower(scores).compile()
+  return int(getattr(compiled.memory_analysis(), 'temp_size_in_bytes', 0))
+
+
+def _sinkhorn_grad_memory(scores, a, b, epsilon, weights, ours, ott) -> dict:
+  """Temporary bytes of the gradient of Σ w∘plan: the fixed form unrolled through 10/50/200
+  iterations, our tolerance form (implicit) and ott-jax's (implicit)."""
+  import jax.numpy as jnp
+
+  from vatt_jax.ot import sinkhorn
+
+  def unrolled(iters):
+    return lambda s: jnp.sum(sinkhorn(s, a, b, epsilon=epsilon, num_iters=iters).plan * weights)
+
+  memory = {f'unrolled_{k}': _grad_temp_bytes(unrolled(k), scores) for k in (10, 50, 200)}
+  memory['implicit'] = _grad_temp_bytes(lambda s: jnp.sum(ours(s)[0] * weights), scores)
+  memory['ott_implicit'] = _grad_temp_bytes(lambda s: jnp.sum(ott(s)[0] * weights), scores)
+  return memory
+
+
+def bench_sinkhorn() -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from vatt_jax.ot import marginal_error, sinkhorn
+
+  device = jax.devices()[0]
+  repeats = _repeats(5)
+  tau = _SINKHORN_TOL.value
+  rng = np.random.default_rng(0)
+  results = {}
+  for case, (scores, a, b, epsilon) in _sinkhorn_problems(rng).items():
+    scores, a, b = jnp.asarray(scores), jnp.asarray(a), jnp.asarray(b)
+    batched = scores.ndim == 3
+    ott = jax.jit(_ott_solver(a, b, epsilon, tau, batched))
+    ott_plan, ott_iters = jax.block_until_ready(ott(scores))
+    ott_error = marginal_error(ott_plan, a, b)
+    tol = min(tau, float(jnp.max(ott_error)))
+
+    def ours_fn(scores, a=a, b=b, epsilon=epsilon, tol=tol):
+      out = sinkhorn(scores, a, b, epsilon=epsilon, num_iters=_SINKHORN_MAX_ITERS, tol=tol)
+      return out.plan, out.iterations
+
+    ours = jax.jit(ours_fn)
+    our_plan, our_iters = jax.block_until_ready(ours(scores))
+    our_error = marginal_error(our_plan, a, b)
+    seconds = {'ott': math.inf, 'ours': math.inf}
+    for _ in range(repeats):  # interleaved: a load on the shared machine hits both alike
+      for name, fn in (('ott', ott), ('ours', ours)):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(scores))
+        seconds[name] = min(seconds[name], time.perf_counter() - start)
+    weights = jnp.asarray(rng.normal(size=scores.shape), jnp.float32)
+    memory = _sinkhorn_grad_memory(scores, a, b, epsilon, weights, ours_fn, ott)
+    results[case] = {
+      'shape': list(scores.shape),
+      'epsilon': epsilon,
+      'ott_threshold': tau,
+      'ours_tol': tol,
+      'ott_seconds': seconds['ott'],
+      'ours_seconds': seconds['ours'],
+      'ratio': seconds['ours'] / seconds['ott'],
+      'ott_error': float(jnp.max(ott_error)),
+      'ours_error': float(jnp.max(our_error)),
+      'ott_error_mean': float(jnp.mean(ott_error)),
+      'ours_error_mean': float(jnp.mean(our_error)),
+      'ott_iterations': int(jnp.max(ott_iters)),
+      'ours_iterations': int(jnp.max(our_iters)),
+      'grad_temp_bytes': memory,
+    }
+  return {
+    'what': 'sinkhorn',
+    'device': device.device_kind,
+    'repeats': repeats,
+    **results,
+    'ratio': max(r['ratio'] for r in results.values()),
+    'goal': '<= 0.5',
+  }
+
+
 def _print_input(result: dict) -> None:
   print(f'{"pipeline":<16}{"clips/s":>10}{"frames/s/core":>16}   ({result["cores"]} cores)')
   for name, r in result['input'].items():
@@ -508,6 +656,25 @@ def _print_gradsurgery(r: dict) -> None:
         f'FLOPs ratio {r["flops_ratio"]:.3f}')  # fmt: skip
 
 
+def _print_sinkhorn(r: dict) -> None:
+  print(f'sinkhorn vs ott-jax at equal marginal error, on {r["device"]} (best of {r["repeats"]})')
+  print(f'{"case":<8}{"shape":>16}{"eps":>6}{"ott ms":>9}{"ours ms":>9}{"ratio":>7}'
+        f'{"ott err":>10}{"our err":>10}{"ott it":>7}{"our it":>7}')  # fmt: skip
+  for case in ('bucket', 'dense'):
+    c = r[case]
+    shape = '×'.join(map(str, c['shape']))
+    print(
+      f'{case:<8}{shape:>16}{c["epsilon"]:>6}{c["ott_seconds"] * 1e3:>9.1f}'
+      f'{c["ours_seconds"] * 1e3:>9.1f}{c["ratio"]:>7.3f}{c["ott_error"]:>10.2e}'
+      f'{c["ours_error"]:>10.2e}{c["ott_iterations"]:>7}{c["ours_iterations"]:>7}'
+    )
+  print('gradient temporary memory (MB):')
+  for case in ('bucket', 'dense'):
+    mem = ', '.join(f'{k} {v / 1e6:.1f}' for k, v in r[case]['grad_temp_bytes'].items())
+    print(f'  {case}: {mem}')
+  print(f'ratio (ours / ott-jax time, worse case): {r["ratio"]:.3f}  (goal {r["goal"]})')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -517,12 +684,22 @@ def main(argv):
   models = {'train': _TRAIN_MODELS, 'gradsurgery': _GRADSURGERY_MODELS}.get(_WHAT.value, ())
   if _MODEL.value and _MODEL.value not in models:
     raise app.UsageError(f'--what {_WHAT.value} takes --model {"|".join(models) or "(none)"}')
-  benchmarks = {'input': bench_input, 'train': bench_train, 'gradsurgery': bench_gradsurgery}
+  benchmarks = {
+    'input': bench_input,
+    'train': bench_train,
+    'gradsurgery': bench_gradsurgery,
+    'sinkhorn': bench_sinkhorn,
+  }
   result = benchmarks[_WHAT.value]()
   if _JSON.value:
     print(json.dumps(result))
     return
-  printers = {'input': _print_input, 'train': _print_train, 'gradsurgery': _print_gradsurgery}
+  printers = {
+    'input': _print_input,
+    'train': _print_train,
+    'gradsurgery': _print_gradsurgery,
+    'sinkhorn': _print_sinkhorn,
+  }
   printers[_WHAT.value](result)
 
 
