@@ -107,23 +107,29 @@ def vatt_pretraining_loss(
 
   Masks: the video–audio term uses video_mask & audio_mask, the video–text term video_mask &
   text_mask (a clip without text, e.g. from AudioSet, takes part only in the video–audio term).
+  A term whose weight is 0 is skipped and reported as 0.0: with weight_va = 0 no audio is needed.
 
   Returns:
     (total loss, {"loss_va", "loss_vt"}) as float32 scalars.
   """
   if weight_va < 0 or weight_vt < 0 or weight_va + weight_vt <= 0:
     raise ValueError(f'loss weights must be >= 0 with a positive sum; got {weight_va}, {weight_vt}')
-  loss_va = nce(
-    embeddings['video_va'],
-    embeddings['audio_va'],
-    _combined_mask(batch, 'video_mask', 'audio_mask'),
-    temperature,
-  )
-  loss_vt = mil_nce(
-    embeddings['video_vt'],
-    embeddings['text_vt'],
-    _combined_mask(batch, 'video_mask', 'text_mask'),
-    temperature,
-  )
+  # A term of weight 0 is not computed (reported as 0), so its embeddings may be absent: e.g.
+  # post-training on video and text only, without audio.
+  loss_va = loss_vt = jnp.zeros((), jnp.float32)
+  if weight_va:
+    loss_va = nce(
+      embeddings['video_va'],
+      embeddings['audio_va'],
+      _combined_mask(batch, 'video_mask', 'audio_mask'),
+      temperature,
+    )
+  if weight_vt:
+    loss_vt = mil_nce(
+      embeddings['video_vt'],
+      embeddings['text_vt'],
+      _combined_mask(batch, 'video_mask', 'text_mask'),
+      temperature,
+    )
   total = (weight_va * loss_va + weight_vt * loss_vt) / (weight_va + weight_vt)
   return total, {'loss_va': loss_va, 'loss_vt': loss_vt}
