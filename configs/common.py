@@ -108,6 +108,7 @@ def pretraining_config(model: ml_collections.ConfigDict) -> ml_collections.Confi
       eps=1e-7,  # the official (Keras) default; optax's own is 1e-8
       weight_decay=0.0,
       grad_clip_norm=0.0,
+      trainable='all',  # 'all', 'layernorm' (Norton's post-training) or a regex of param paths
       harmonization=harmonization_config(),
     )
   )

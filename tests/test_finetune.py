@@ -230,13 +230,18 @@ def test_images_become_clips_of_one_repeated_frame():
 # ---- the classifier, init_from and a run ---------------------------------------------------------
 
 
-def _pretraining_workdir(path) -> ml_collections.ConfigDict:
-  """A pretraining run's workdir (config.json + one checkpoint) without training: init, save."""
-  config = load_config(ROOT / 'configs' / 'vatt_bbs.py', 'runlocal')
+def _pretraining_workdir(
+  path, config_file: str = 'vatt_bbs.py', edit=None
+) -> ml_collections.ConfigDict:
+  """A pretraining run's workdir (config.json + one checkpoint) without training: init, save.
+  `edit(state) -> state` changes the state before it is saved."""
+  config = load_config(ROOT / 'configs' / config_file, 'runlocal')
   model = build_model(config.model)
   tx, _ = build_optimizer(config.optimizer, config.total_steps)
   batch = next(data_pipelines.build(config.data, 'train', batch_size=2))
   state = jax.jit(lambda key: init_train_state(model, tx, batch, key))(jax.random.key(11))
+  if edit is not None:
+    state = edit(state)
   path.mkdir(parents=True, exist_ok=True)
   trainer.save_resolved_config(config, str(path))
   saver = ckpt.Checkpointer(str(path), save_steps=1, keep=1)

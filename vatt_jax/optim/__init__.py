@@ -4,14 +4,20 @@ With config.optimizer.harmonization switched on (realign, curriculum or monitor)
 K-stacked per-loss gradients and chains the gradient harmonization of `harmonization.py` in front of
 the optimizer (and of its clipping, which acts on the combined gradient).
 
+`config.optimizer.trainable` restricts training to the parameters whose '/'-joined path matches a
+regular expression (or a preset: 'all', 'layernorm' — the encoders' and tokenizers' layer norms, as
+Norton post-trains); the others get zero updates and no optimizer state.
+
 Schedules come from optax. The paper's "quarter-period cosine" from the peak to the end value is
 optax's cosine decay with exponent 0.5, since (½(1 + cos πp))^½ = cos(πp/2) for p in [0, 1].
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
+import jax
 import ml_collections
 import optax
 
@@ -58,6 +64,39 @@ def _sgd(cfg, schedule):
 
 OPTIMIZERS = {'adam': _adam, 'adamw': _adamw, 'sgd': _sgd}
 
+# config.optimizer.trainable presets → the regular expression over parameter paths.
+TRAINABLE = {
+  'all': '',
+  'layernorm': r'(^|/)(norm_attention|norm_mlp|final_norm|position_norm)/(scale|bias)$',
+}
+
+
+def trainable_labels(trainable: str) -> Callable | None:
+  """params → a tree of 'train' / 'frozen' labels for `trainable` (a TRAINABLE preset or a regular
+  expression searched in each '/'-joined parameter path); None when everything trains. Raises when
+  the expression matches no parameter (a typo would otherwise train nothing)."""
+  pattern = TRAINABLE.get(trainable, trainable)
+  if not pattern:
+    return None
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(
+      f'config optimizer.trainable={trainable!r} is not a regular expression: {e}'
+    ) from None
+
+  def labels(params):
+    def label(path, _):
+      name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+      return 'train' if regex.search(name) else 'frozen'
+
+    tree = jax.tree_util.tree_map_with_path(label, params)
+    if 'train' not in jax.tree.leaves(tree):
+      raise ValueError(f'config optimizer.trainable={trainable!r} matches no parameter')
+    return tree
+
+  return labels
+
 
 def build_optimizer(
   cfg: ml_collections.ConfigDict, total_steps: int
@@ -68,6 +107,9 @@ def build_optimizer(
   tx = OPTIMIZERS[cfg.name](cfg, schedule)
   if cfg.get('grad_clip_norm'):
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+  labels = trainable_labels(cfg.get('trainable', 'all'))
+  if labels is not None:  # clipping and the optimizer see the trainable gradients only
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
   harmonized = harmonization.build(cfg.get('harmonization'), total_steps, tx)
   return (harmonized or tx), schedule
 

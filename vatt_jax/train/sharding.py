@@ -17,7 +17,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -150,16 +149,32 @@ def logical_shardings(logical_specs, abstract, mesh: Mesh, axis_rules: tuple):
 
 def state_shardings(abstract_state, param_specs, batch_stat_specs, tx, mesh: Mesh, axis_rules):
   """Shardings of a TrainState: parameters by the rules, optimizer moments like their parameters,
-  everything else (step, RNG, counters, schedules' counts) replicated."""
+  everything else (step, RNG, counters, schedules' counts) replicated.
+
+  A leaf of the optimizer state is a moment of parameter p when its path ends with p's path and it
+  has p's shape; this finds them under any wrapper (chains, optax.multi_transform's masked states
+  of a trainable subset, gradient harmonization), where optax.tree_utils.tree_map_params cannot
+  follow a transform whose labels depend on the parameters."""
+  del tx  # the state's own structure says where the moments are
   params = logical_shardings(param_specs, abstract_state.params, mesh, axis_rules)
+  by_path = {
+    jax.tree_util.keystr(path): (sharding, leaf.shape)
+    for (path, sharding), leaf in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      jax.tree.leaves(abstract_state.params),
+      strict=True,
+    )
+  }
+
+  def moment(path, leaf):
+    for start in range(len(path)):
+      found = by_path.get(jax.tree_util.keystr(path[start:]))
+      if found is not None:
+        return found[0] if found[1] == leaf.shape else replicated(mesh)
+    return replicated(mesh)
+
   batch_stats = logical_shardings(batch_stat_specs, abstract_state.batch_stats, mesh, axis_rules)
-  opt_state = optax.tree_utils.tree_map_params(
-    tx,
-    lambda _, sharding: sharding,
-    abstract_state.opt_state,
-    params,
-    transform_non_params=lambda _: replicated(mesh),
-  )
+  opt_state = jax.tree_util.tree_map_with_path(moment, abstract_state.opt_state)
   everything = jax.tree.map(lambda _: replicated(mesh), abstract_state)
   return everything.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
 

@@ -350,9 +350,10 @@ def init_from_pretrained(state, program: Program, workdir: str, step: int = -1):
   or an earlier fine-tuning workdir; checkpoint `step`, −1 for the latest).
 
   Tower parameters are matched by name (vatt_jax.models.classifier.load_pretrained_tower:
-  position tables resized when the patch grid differs, any other difference an error); the head
-  keeps its initialisation, batch-norm statistics are kept, and the optimizer state is rebuilt for
-  the new parameters. Logs what was loaded, resized, kept and left unused.
+  position tables resized when the patch grid differs, any other difference an error); a
+  classifier's head keeps its initialisation; batch-norm statistics are loaded when the run has the
+  same ones (post-training a VATT: the common-space heads) and kept otherwise; the optimizer state
+  is rebuilt for the new parameters. Logs what was loaded, resized, kept and left unused.
   """
   config_path = os.path.join(workdir, CONFIG_FILENAME)
   directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
@@ -365,8 +366,8 @@ def init_from_pretrained(state, program: Program, workdir: str, step: int = -1):
     step = ckpt.latest_step(workdir)  # finished checkpoints only
     if step is None:
       raise ValueError(f'config init_from={workdir!r}: no finished checkpoint in {directory}')
-  _, _, pretrained = ckpt.load_model(workdir, step)
-  pretrained = jax.device_get(pretrained['params'])
+  _, _, variables = ckpt.load_model(workdir, step)
+  pretrained = jax.device_get(variables['params'])
   try:
     params, report = load_pretrained_tower(state.params, pretrained)
   except ValueError as e:
@@ -378,6 +379,8 @@ def init_from_pretrained(state, program: Program, workdir: str, step: int = -1):
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
   params = jax.tree.map(place, params, program.shardings.params)
+  batch_stats, stats_loaded = _pretrained_batch_stats(state.batch_stats, variables)
+  batch_stats = jax.tree.map(place, batch_stats, program.shardings.batch_stats)
   opt_state = jax.jit(program.tx.init, out_shardings=program.shardings.opt_state)(params)
   unused = sorted(set(pretrained) - {path.split('/')[0] for path in report['loaded']})
   resized = '; '.join(f'{k} {a} → {b}' for k, (a, b) in sorted(report['resized'].items()))
@@ -388,7 +391,23 @@ def init_from_pretrained(state, program: Program, workdir: str, step: int = -1):
     ', '.join(sorted({p.split('/')[0] for p in report['loaded']})), resized or 'none',
     ', '.join(report['kept_init']) or 'none', ', '.join(unused) or 'none',
   )  # fmt: skip
-  return state.replace(params=params, opt_state=opt_state)
+  if stats_loaded:
+    logging.info('init_from %s step %d: batch-norm statistics loaded too', workdir, step)
+  return state.replace(params=params, opt_state=opt_state, batch_stats=batch_stats)
+
+
+def _pretrained_batch_stats(batch_stats, variables: dict):
+  """(statistics, loaded): the checkpoint's batch-norm statistics when the run has the very same
+  ones (same paths and shapes: post-training a VATT), else the run's own (a classifier has none)."""
+  theirs = jax.device_get(variables.get('batch_stats') or {})
+  if not jax.tree.leaves(batch_stats) or jax.tree.structure(theirs) != jax.tree.structure(
+    batch_stats
+  ):
+    return batch_stats, False
+  shapes = zip(jax.tree.leaves(theirs), jax.tree.leaves(batch_stats), strict=True)
+  if any(a.shape != b.shape for a, b in shapes):
+    return batch_stats, False
+  return theirs, True
 
 
 def _check_nonfinite(step: int, metrics: dict, limit: int, checkpointer) -> None:
