@@ -17,6 +17,7 @@ import ml_collections
 EVALUATORS = {
   'linear_probe': 'vatt_jax.evaluation.linear_probe:LinearProbeEvaluator',
   'retrieval': 'vatt_jax.evaluation.retrieval:RetrievalEvaluator',
+  'long_video_retrieval': 'vatt_jax.evaluation.long_video:LongVideoRetrievalEvaluator',
   'classification': 'vatt_jax.evaluation.finetune:ClassificationEvaluator',
 }
 
