@@ -45,7 +45,7 @@ _IRRELEVANT = flags.DEFINE_float(
   'irrelevant_ratio', 0.5, 'caption_irrelevant = this × the noise level (shift = the level).'
 )
 _METHODS = flags.DEFINE_list('methods', ['milnce', 'norton'], 'Post-training losses.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Post-training seed.')
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Post-training seeds (the table: mean and range).')
 _STEPS = flags.DEFINE_integer('steps', 0, 'Post-training steps (0: the config default).')
 _NUM_TEST = flags.DEFINE_integer('num_test', 96, 'Long test videos.')
 _NUM_TRAIN = flags.DEFINE_integer('num_train', 192, 'Long training videos.')
@@ -122,12 +122,15 @@ def _finished(run: str, steps: int) -> bool:
   return os.path.exists(path) and any(r.get('step', 0) >= steps for r in read_metrics(path))
 
 
-def post_train(workdir: str, shards: str, pretrained: str, noise: float, method: str) -> str:
-  run = os.path.join(workdir, 'runs', f'{_tag(noise)}_{method}')
+def post_train(
+  workdir: str, shards: str, pretrained: str, noise: float, method: str, seed: int
+) -> str:
+  name = f'{_tag(noise)}_{method}' + (f'_seed{seed}' if seed else '')
+  run = os.path.join(workdir, 'runs', name)
   if not _final(run):
     args = [f'--config=configs/norton_demo.py:{ARGS[method]}', f'--workdir={run}',
             f'--config.data.path={shards}', f'--config.init_from={pretrained}',
-            f'--config.seed={_SEED.value}', f'--config.data.long_video.clips={_SEGMENTS.value}']  # fmt: skip
+            f'--config.seed={seed}', f'--config.data.long_video.clips={_SEGMENTS.value}']  # fmt: skip
     if method == 'norton':
       args.append(f'--config.loss.length={_SEGMENTS.value}')
     if _STEPS.value:
@@ -172,19 +175,27 @@ def summarise(record: dict) -> dict:
   return {k: record[f'long_video/{k}'] for k in keys}
 
 
+def _cell(values: list[float], fmt: str = '.1f') -> str:
+  """The mean, and the range over seeds when there are several."""
+  mean = sum(values) / len(values)
+  if len(values) == 1:
+    return f'{mean:{fmt}}'
+  return f'{mean:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})'
+
+
 def table(results: dict) -> str:
+  """results[noise label][method] = [per-seed summaries]."""
   lines = [
     '| captions shifted / irrelevant | post-training | paragraph→video R@1 (OT) | R@5 (OT) | '
     'R@1 (mean sim.) | caption→clip R@1 | R@5 | R@10 | MedR |',
     '|---|---|---|---|---|---|---|---|---|',
   ]
+  keys = ('p2v_ot/R1', 'p2v_ot/R5', 'p2v_mean/R1', 't2c/R1', 't2c/R5', 't2c/R10')
   for tag, by_method in results.items():
-    for method, r in by_method.items():
-      lines.append(
-        f'| {tag} | {LABELS[method]} | {r["p2v_ot/R1"]:.1f} | {r["p2v_ot/R5"]:.1f} | '
-        f'{r["p2v_mean/R1"]:.1f} | {r["t2c/R1"]:.1f} | {r["t2c/R5"]:.1f} | {r["t2c/R10"]:.1f} | '
-        f'{r["t2c/MedR"]:g} |'
-      )
+    for method, runs in by_method.items():
+      cells = [_cell([r[k] for r in runs]) for k in keys]
+      cells.append(_cell([r['t2c/MedR'] for r in runs], 'g'))
+      lines.append(f'| {tag} | {LABELS[method]} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -198,13 +209,16 @@ def main(argv):
   shards = {n: long_data(workdir, n, tokenizer) for n in sorted(noises)}  # clean one first
   if 0.0 not in shards:
     shards[0.0] = long_data(workdir, 0.0, tokenizer)
-  results = {'–': {'pretrained': summarise(evaluate_pretrained(workdir, pretrained, shards[0.0]))}}
+  before = summarise(evaluate_pretrained(workdir, pretrained, shards[0.0]))
+  results = {'–': {'pretrained': [before]}}
   for noise in noises:
     label = f'{round(100 * noise)} % / {round(100 * _IRRELEVANT.value * noise)} %'
     results[label] = {}
     for method in _METHODS.value:
-      run = post_train(workdir, shards[noise], pretrained, noise, method)
-      results[label][method] = summarise(_final(run))
+      results[label][method] = [
+        summarise(_final(post_train(workdir, shards[noise], pretrained, noise, method, int(seed))))
+        for seed in _SEEDS.value
+      ]
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
