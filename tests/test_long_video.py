@@ -17,10 +17,10 @@ from data_pipelines import text as text_ops
 from data_pipelines.long_video import LongVideoSource
 from data_pipelines.pretrain import ShardSource
 from tests.conftest import ROOT
+from tests.test_pipeline import WORDS, _write, tokenizer_path  # noqa: F401 (a fixture)
 
 FPS, SAMPLE_RATE, DURATION = 5.0, 8000, 10.0  # stored: 5 fps, 8 kHz, 10 s (50 frames)
 CLIP = 0.8  # seconds: 4 frames at 5 fps, 6400 samples
-WORDS = ['red', 'green', 'blue', 'cyan', 'pink', 'gold', 'gray', 'navy']
 
 
 def _grey(index):
@@ -49,19 +49,6 @@ def _record(i: int, num_captions: int, *, static=False, frames=True, last_at_end
       waveform=(t / DURATION * 1.8 - 0.9).astype(np.float32), sample_rate=SAMPLE_RATE,
       captions=caps,
   )  # fmt: skip
-
-
-def _write(path, records):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tf.io.TFRecordWriter(str(path)) as writer:
-    for r in records:
-      writer.write(r if isinstance(r, bytes) else schema.encode(r))
-
-
-@pytest.fixture(scope='module')
-def tokenizer_path(tmp_path_factory):
-  prefix = tmp_path_factory.mktemp('tok') / 'tokenizer'
-  return text_ops.train_tokenizer([f'{a} {b}' for a in WORDS for b in WORDS] * 3, str(prefix), 64)
 
 
 def _config(path, tokenizer, clips=3, max_clips=6, **overrides):
@@ -101,7 +88,7 @@ def _value(video):
   return ((video + 1) / 2 * 255).mean(axis=(-3, -2, -1))
 
 
-def test_train_rows_are_videos_of_consecutive_caption_anchored_clips(shards, tokenizer_path):
+def test_train_rows_are_videos_of_consecutive_caption_anchored_clips(shards, tokenizer_path):  # noqa: F811
   tokenizer = text_ops.Tokenizer(tokenizer_path)
   source = data_pipelines.build(_config(shards, tokenizer_path), 'train', batch_size=6, seed=0)
   assert isinstance(source, LongVideoSource)
@@ -149,7 +136,7 @@ def test_train_rows_are_videos_of_consecutive_caption_anchored_clips(shards, tok
   assert source.counts['too_few_captions'] >= 2
 
 
-def test_clips_of_a_video_share_one_augmentation(shards, tokenizer_path):
+def test_clips_of_a_video_share_one_augmentation(shards, tokenizer_path):  # noqa: F811
   cfg = _config(shards / 'static', tokenizer_path, clips=2, shuffle_buffer=1)
   batch = next(LongVideoSource(cfg, 'train', batch_size=8, seed=3))
   video = batch['video'].reshape(4, 2 * 4, 16, 16, 3)  # [V, C·T, …]: a static texture per video
@@ -159,7 +146,7 @@ def test_clips_of_a_video_share_one_augmentation(shards, tokenizer_path):
   assert all(np.abs(video[a, 0] - video[b, 0]).max() > 0.1 for a in range(4) for b in range(a))
 
 
-def test_eval_pads_to_max_clips_and_counts(shards, tokenizer_path):
+def test_eval_pads_to_max_clips_and_counts(shards, tokenizer_path):  # noqa: F811
   tokenizer = text_ops.Tokenizer(tokenizer_path)
   source = LongVideoSource(_config(shards, tokenizer_path), 'val', batch_size=2, seed=0)
   batches = list(source)
@@ -195,7 +182,7 @@ def test_eval_pads_to_max_clips_and_counts(shards, tokenizer_path):
     list(LongVideoSource(fatal, 'val', batch_size=2))
 
 
-def test_resume_and_determinism(shards, tokenizer_path):
+def test_resume_and_determinism(shards, tokenizer_path):  # noqa: F811
   cfg = _config(shards, tokenizer_path)
   a = LongVideoSource(cfg, 'train', batch_size=6, seed=5)
   b = LongVideoSource(cfg, 'train', batch_size=6, seed=5)
@@ -215,7 +202,7 @@ def test_resume_and_determinism(shards, tokenizer_path):
   assert not np.array_equal(other['clip_start'], expected['clip_start'])
 
 
-def test_config_errors_and_dispatch(shards, tokenizer_path):
+def test_config_errors_and_dispatch(shards, tokenizer_path):  # noqa: F811
   with pytest.raises(ValueError, match=r'batch_size 7 .*data\.long_video\.clips 3'):
     LongVideoSource(_config(shards, tokenizer_path), 'train', batch_size=7)
   with pytest.raises(ValueError, match='data.long_video.max_clips'):
