@@ -70,7 +70,7 @@ def evaluated(shards, tokenizer_path):  # noqa: F811
   return evaluator, evaluator.run(variables)
 
 
-def test_long_video_retrieval_runs_on_whole_videos(evaluated):
+def test_long_video_retrieval_on_whole_videos_scores_by_bucket_transport(evaluated):
   evaluator, result = evaluated
   e = evaluator.last['embeddings']
   # The readable val videos: 2 captions, 5 captions, 8 captions of which max_clips = 6 are kept.
@@ -80,9 +80,8 @@ def test_long_video_retrieval_runs_on_whole_videos(evaluated):
       assert np.isfinite(result[f'{name}/{k}']), (name, k)
   assert result['p2v_ot/R5'] == 100.0  # 3 videos: every paragraph's video is in the top 5
 
-
-def test_long_video_scores_are_the_bucket_transport_of_the_gallery_similarity(evaluated):
-  evaluator, _ = evaluated
+  # The scores are the bucket transport of the gallery similarity (one test: under xdist a
+  # module fixture would run once per worker).
   last = evaluator.last
   sim, owner, p = last['similarity'], last['embeddings']['video_index'], last['bucket']
   diagonal = np.sort(np.diag(sim))
