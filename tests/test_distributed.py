@@ -115,6 +115,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two subprocesses that each compile the step (~80 s): outside the CI budget
 def test_two_processes_match_one(tmp_path):
   steps = ['--config.total_steps=3', '--config.checkpoint_steps=3', '--config.seed=3']
   one = subprocess.run(
