@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from scripts.experiments.common import run as _run  # noqa: E402
+from scripts.experiments.common import tag as _tag  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', 'demo/experiments/harmonization', 'Output directory.')
 _NOISE = flags.DEFINE_list(
@@ -42,16 +44,6 @@ _ONLY_REPORT = flags.DEFINE_bool('only_report', False, 'Skip data and training; 
 METHODS = {'baseline': 'ma,monitor', 'gr': 'ma,gr', 'cl': 'ma,cl', 'gr_cl': 'ma,gr,cl'}
 LABELS = {'baseline': 'baseline', 'gr': 'GR', 'cl': 'CL', 'gr_cl': 'GR+CL'}
 EVAL_SPLITS = ('segments_train', 'segments_test')
-PY = sys.executable
-
-
-def _run(args: list[str]) -> None:
-  logging.info('$ %s', ' '.join(args))
-  subprocess.run([PY, *args], cwd=ROOT, check=True)
-
-
-def _tag(noise: float) -> str:
-  return f'noise{round(100 * noise):02d}'
 
 
 def make_data(workdir: str, noise: float, clean_shards: str | None) -> str:

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from scripts.experiments.common import run as _run  # noqa: E402
+from scripts.experiments.common import tag as _tag  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', 'demo/experiments/norton', 'Output directory.')
 _PRETRAINED = flags.DEFINE_string(
@@ -56,16 +58,6 @@ _SEGMENTS = flags.DEFINE_integer(
 ARGS = {'milnce': 'milnce', 'norton': ''}
 LABELS = {'milnce': 'MIL-NCE', 'norton': 'Norton', 'pretrained': 'pretrained (no post-training)'}
 PREPARE = ['--short_side=64', '--sample_rate=8000']
-PY = sys.executable
-
-
-def _run(args: list[str]) -> None:
-  logging.info('$ %s', ' '.join(args))
-  subprocess.run([PY, *args], cwd=ROOT, check=True)
-
-
-def _tag(noise: float) -> str:
-  return f'noise{round(100 * noise):02d}'
 
 
 def _make(media: str, shards: str, splits: list[str], flags_: list[str]) -> None:

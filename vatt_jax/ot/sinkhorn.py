@@ -62,13 +62,19 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _prepare(scores, a, b, epsilon):
-  """Checks shapes (and values where they are concrete); → scores, a, b broadcast to the batch."""
+def _as_scores(scores, who: str) -> jax.Array:
+  """scores as a floating array of at least two dimensions [..., m, n]."""
   scores = jnp.asarray(scores)
   if scores.ndim < 2:
-    raise ValueError(f'sinkhorn: scores must be [..., m, n], got shape {scores.shape}')
+    raise ValueError(f'{who}: scores must be [..., m, n], got shape {scores.shape}')
   if not jnp.issubdtype(scores.dtype, jnp.floating):
     scores = scores.astype(jnp.float32)
+  return scores
+
+
+def _prepare(scores, a, b, epsilon):
+  """Checks shapes (and values where they are concrete); → scores, a, b broadcast to the batch."""
+  scores = _as_scores(scores, 'sinkhorn')
   *batch, m, n = scores.shape
   batch = tuple(batch)
   if m == 0 or n == 0:
@@ -327,11 +333,7 @@ def bucket_sinkhorn(
   The plan is then multiplied by m + n (Norton's "probabilities × (M+N)"), or, with total_mass
   (scalar or [...]), rescaled to sum to total_mass (a plan with no mass left stays zero).
   """
-  scores = jnp.asarray(scores)
-  if scores.ndim < 2:
-    raise ValueError(f'bucket_sinkhorn: scores must be [..., m, n], got shape {scores.shape}')
-  if not jnp.issubdtype(scores.dtype, jnp.floating):
-    scores = scores.astype(jnp.float32)
+  scores = _as_scores(scores, 'bucket_sinkhorn')
   *batch, m, n = scores.shape
   batch = tuple(batch)
   p = jnp.asarray(p, scores.dtype)

@@ -1,0 +1,22 @@
+"""What the demo experiment scripts share: running a repository script, naming a noise level."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from absl import logging
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(args: list[str]) -> None:
+  """Runs `python ARGS…` from the repository root with this interpreter; raises on failure."""
+  logging.info('$ %s', ' '.join(args))
+  subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+
+
+def tag(noise: float) -> str:
+  """A noise level's directory name: 0.3 → noise30."""
+  return f'noise{round(100 * noise):02d}'
