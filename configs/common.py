@@ -1,7 +1,9 @@
-"""Pieces every VATT config shares: the pretraining recipe of the paper and the `runlocal` shrink.
+"""Pieces the configs share: the paper's VATT model and pretraining recipe, and the `runlocal` shrink.
 
 A config file picks its towers and calls `pretraining_config`; the size presets themselves live in
-vatt_jax/models/transformer.py (SIZES), never copied here.
+vatt_jax/models/transformer.py (SIZES), never copied here. `pretraining_config` and `runlocal` read
+and change only the model sections a model has (video / audio / text / head), so a model without
+audio (or with other sections) uses them too.
 """
 
 from __future__ import annotations
@@ -27,14 +29,22 @@ def model_config(
       name='vatt',
       backbone='modality_agnostic' if shared_size else 'modality_specific',
       shared_size=shared_size or '',
+      shared_attention='dense',  # the modality-agnostic encoder's attention
       video=dict(
         size=video_size,
         num_frames=32,
         frame_size=224,
         patch_size=(4, 16, 16),
         drop_token_rate=0.5,
+        attention='dense',  # the encoder's attention (vatt_jax/models/attention.py ATTENTION)
       ),
-      audio=dict(size=audio_size, num_samples=153_600, patch_size=128, drop_token_rate=0.5),
+      audio=dict(
+        size=audio_size,
+        num_samples=153_600,
+        patch_size=128,
+        drop_token_rate=0.5,
+        attention='dense',
+      ),
       text=dict(
         size=text_size,
         vocab_size=2**16,
@@ -45,6 +55,7 @@ def model_config(
         bias_all_layers=False,  # paper: first layer only; official code/T5: all layers
         norm_type='layernorm',  # official code: 'rmsnorm'
         scale_logits=True,  # official code (T5): False
+        attention='dense',
       ),
       head=dict(va_dim=512, vt_dim=256, relu_before_vt=False, bn_momentum=0.9, bn_epsilon=1e-5),
       position_layernorm=False,  # official code: True
@@ -86,13 +97,7 @@ def pretraining_config(model: ml_collections.ConfigDict) -> ml_collections.Confi
       synthetic=dict(num_classes=16, noise=0.3, missing_text_rate=0.1, missing_audio_rate=0.0),
     )
   )
-  # The data shapes follow the model's, through references: override one and both move.
-  config.data.num_frames = model.video.get_ref('num_frames')
-  config.data.frame_size = model.video.get_ref('frame_size')
-  config.data.num_samples = model.audio.get_ref('num_samples')
-  config.data.max_words = model.text.get_ref('max_words')
-  config.data.num_narrations = model.text.get_ref('num_narrations')
-  config.data.vocab_size = model.text.get_ref('vocab_size')
+  link_data_shapes(config.data, model)
   config.loss = ml_collections.ConfigDict(
     dict(name='vatt', temperature=0.07, weight_va=1.0, weight_vt=1.0)
   )
@@ -122,6 +127,30 @@ def pretraining_config(model: ml_collections.ConfigDict) -> ml_collections.Confi
   config.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row (0: never)
   config.keep_checkpoint_period = 0  # also keep every this-many-th step's checkpoint for good
   return config
+
+
+# config.data field ← config.model.<section>.<field> (the same name), per model section.
+DATA_SHAPES = {
+  'video': ('num_frames', 'frame_size'),
+  'audio': ('num_samples',),
+  'text': ('max_words', 'num_narrations', 'vocab_size'),
+}
+# What the data needs when the model has no such section (no audio: a clip's audio is not read).
+DATA_DEFAULTS = dict(
+  num_frames=8, frame_size=32, num_samples=6400, max_words=16, num_narrations=1, vocab_size=1024
+)
+
+
+def link_data_shapes(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> None:
+  """The data shapes follow the model's, through references (override one and both move), for
+  the sections the model has; data.modalities lists those sections."""
+  for section, fields in DATA_SHAPES.items():
+    for field in fields:
+      if section in model and field in model[section]:
+        data[field] = model[section].get_ref(field)
+      else:
+        data[field] = DATA_DEFAULTS[field]
+  data.modalities = tuple(s for s in DATA_SHAPES if s in model)
 
 
 def harmonization_config(**overrides) -> ml_collections.ConfigDict:
@@ -155,17 +184,24 @@ def harmonization_variants(config: ml_collections.ConfigDict, args: set[str]):
   return config
 
 
+# runlocal: model fields shrunk wherever a model config has them (section → field → value).
+RUNLOCAL_MODEL = {
+  'video': dict(size='tiny', num_frames=4, frame_size=32, patch_size=(2, 16, 16)),
+  'audio': dict(size='tiny', num_samples=2048, patch_size=128),
+  'text': dict(size='tiny', vocab_size=128, max_words=8, num_narrations=2),
+  'head': dict(va_dim=32, vt_dim=16),
+}
+
+
 def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any config to something that runs a few steps on a laptop CPU in seconds."""
   m = config.model
-  for tower in (m.video, m.audio, m.text):
-    tower.size = 'tiny'
-  if m.backbone == 'modality_agnostic':
+  for section, values in RUNLOCAL_MODEL.items():
+    for field, value in values.items():
+      if section in m and field in m[section]:
+        m[section][field] = value
+  if m.get('backbone') == 'modality_agnostic':
     m.shared_size = 'tiny'
-  m.video.num_frames, m.video.frame_size, m.video.patch_size = 4, 32, (2, 16, 16)
-  m.audio.num_samples, m.audio.patch_size = 2048, 128
-  m.text.vocab_size, m.text.max_words, m.text.num_narrations = 128, 8, 2
-  m.head.va_dim, m.head.vt_dim = 32, 16
   config.batch_size = 8
   config.total_steps = 3
   config.log_steps = 1

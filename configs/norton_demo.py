@@ -25,29 +25,17 @@ paragraph plan, ε 1 and β 0.3 for the faulty-negative targets, 0.1 for the par
 demo keeps the losses' values and scales the schedule to a short CPU run.
 """
 
+import dataclasses
+
 import ml_collections
 
 from configs import common, demo_tiny
+from vatt_jax.losses import NortonOptions
 
 
 def norton_loss() -> ml_collections.ConfigDict:
-  """Norton's defaults (vatt_jax/losses/norton.py)."""
-  return ml_collections.ConfigDict(
-    dict(
-      name='norton',
-      temperature=0.07,  # clip–caption logits: cosine / τ
-      beta=0.3,  # targets (1 − β)·I + β·Q, Q the Sinkhorn plan of the logits
-      clip_epsilon=1.0,
-      sinkhorn_iters=50,
-      paragraph_weight=0.1,  # total = clip–caption + 0.1 · video–paragraph
-      length=8,  # clips (and captions) per paragraph
-      paragraph_epsilon=0.1,
-      prompt_ratio=0.3,  # bucket value p: the ⌊0.3·N⌋-th smallest matching-pair similarity
-      paragraph_temperature=0.07,
-      alpha=1.0,  # log-sum-exp sharpness of the word–frame similarity
-      fusion_weight=0.5,  # fused = (0.5·pooled + fine-grained) / 1.5
-    )
-  )
+  """Norton's loss with its defaults (vatt_jax.losses.NortonOptions, where each is explained)."""
+  return ml_collections.ConfigDict(dict(name='norton', **dataclasses.asdict(NortonOptions())))
 
 
 def get_config(arg=None):

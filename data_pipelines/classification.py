@@ -12,6 +12,15 @@ or n squares spaced along the long side, clip-major). With data.multi_label the 
 list of classes and "label" a multi-hot float32 [num_classes]. Shards made by
 scripts/prepare_data.py that carry labels are read by the shard pipeline instead
 (data.name='shards'); its batches have `label` too.
+
+The position (`get_state`) is the number of batches yielded. Every random choice is a stateless
+function of (seed, element index), the file order and the shuffle are seeded, so with
+data.deterministic=True the stream is a function of (seed, position) and `set_state` resumes it
+bit for bit: the rebuilt stream skips position × batch elements in tf.data, before any of them
+is processed. Images and video frames are read undecoded (tfds SkipDecoding) and decoded in the
+pipeline's map, so the skipped ones are never decoded and a clip decodes only the frames it shows.
+With data.deterministic=False the parallel map may reorder elements and a resumed stream is only
+statistically the same.
 """
 
 from __future__ import annotations
@@ -58,6 +67,27 @@ class TfdsSource:
     self._input_context = tf.distribute.InputContext(
       num_input_pipelines=process_count, input_pipeline_id=process_index
     )
+    # The media feature read undecoded (decoded in _process): images and video frames.
+    self._media_key = None  # audio: decoded by TFDS
+    if cfg.modality == 'image':
+      self._media_key = cfg.get('image_key', 'image')
+    elif cfg.modality == 'video':
+      self._media_key = cfg.video_key
+    self._features = None  # the dataset's tfds features, known once it is loaded
+    self._batches = 0  # batches yielded: the position
+    self._iterator = None
+
+  # ---- checkpointable position ------------------------------------------------------------
+  def get_state(self) -> dict:
+    return {'batches': self._batches}
+
+  def set_state(self, state: dict) -> None:
+    if 'batches' not in state:
+      raise ValueError(
+        f'input state {state} is not a TFDS position ({{"batches": n}}): the checkpoint was '
+        'written by another data source (config data.name)'
+      )
+    self._batches = int(state['batches'])
     self._iterator = None
 
   def _clip_starts(self, duration, seed):
@@ -88,6 +118,10 @@ class TfdsSource:
       ]
     )
 
+  def _decode(self, encoded):
+    """The media feature's stored form (an encoded image, or [n] encoded frames) → uint8 pixels."""
+    return self._features[self._media_key].decode_example(encoded)
+
   def _process(self, index, example):
     cfg = self.cfg
     seed = tf.stack([tf.cast(self.seed, tf.int64), index])
@@ -95,18 +129,18 @@ class TfdsSource:
     label = self._label(example[cfg.label_key])
     size = cfg.frame_size
     if cfg.modality == 'image':
-      image = example[cfg.get('image_key', 'image')]
+      image = self._decode(example[self._media_key])
       # Crop and resize one frame, then repeat it: the same pixels as repeating first.
       views = self._crops(image[None], seeds[1])
       return {'video': tf.repeat(views, cfg.num_frames, axis=-4), 'label': label}
     if cfg.modality == 'video':
-      frames = example[cfg.video_key]
-      num = tf.shape(frames)[0]
+      encoded = example[self._media_key]  # [n] encoded frames
+      num = tf.shape(encoded)[0]
       starts = self._clip_starts(tf.cast(num, tf.float32) / cfg.stored_fps, seeds[0])
 
       def clip(start):
         idx = video_ops.frame_indices(start, cfg.stored_fps, num, cfg.num_frames, cfg.fps)
-        return self._crops(tf.gather(frames, idx), seeds[1])
+        return self._crops(self._decode(tf.gather(encoded, idx)), seeds[1])
 
       if self.train:
         return {'video': clip(starts[0]), 'label': label}
@@ -129,19 +163,24 @@ class TfdsSource:
     return {'audio': pieces[0] if self.train else pieces, 'label': label}
 
   def _dataset(self) -> tf.data.Dataset:
+    """The stream from the current position: (seed, position) fix it when deterministic."""
     cfg = self.cfg
+    # A seeded file shuffle: TFDS then interleaves its files deterministically too (it reads in a
+    # nondeterministic order only when shuffle_files has no seed).
     read_config = tfds.ReadConfig(
       input_context=self._input_context, shuffle_seed=self.seed, interleave_cycle_length=4
     )
-    ds = tfds.load(
+    decoders = {self._media_key: tfds.decode.SkipDecoding()} if self._media_key else None
+    ds, info = tfds.load(
         cfg.tfds_name, split=self.split, data_dir=cfg.get('tfds_data_dir') or None,
-        shuffle_files=self.train, read_config=read_config,
+        shuffle_files=self.train, read_config=read_config, decoders=decoders, with_info=True,
     )  # fmt: skip
+    self._features = info.features
     if self.train:
       ds = ds.repeat().shuffle(cfg.shuffle_buffer, seed=self.seed)
-    ds = ds.enumerate().map(
-      self._process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic
-    )
+    # Skipped elements keep their indices (their random draws) and are never decoded.
+    ds = ds.enumerate().skip(self._batches * self.local_batch_size)
+    ds = ds.map(self._process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
     ds = ds.batch(self.local_batch_size, drop_remainder=self.train)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -151,7 +190,10 @@ class TfdsSource:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._iterator is None:
       self._iterator = self._dataset().as_numpy_iterator()
-    return next(self._iterator)
+    batch = next(self._iterator)
+    self._batches += 1
+    return batch
 
   def close(self) -> None:
+    """Releases the tf.data iterator; a later next() resumes from the same position."""
     self._iterator = None

@@ -4,7 +4,7 @@ Each example belongs to one of `num_classes` concepts. The concept fixes a coars
 colour pattern in the video, a two-tone chord in the audio and a word subset in the text; every example
 adds its own noise, brightness, phase and word choice. Matching pairs therefore share structure a
 contrastive model can find, and the loss falls as it does. Used by tests and by the training script
-until the raw-media pipelines exist; it speaks the same interface (`iter`, `get_state`, `set_state`).
+until the raw-media pipelines exist; it speaks the same interface (data_pipelines.Source).
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ class SyntheticSource:
 
   def set_state(self, state: dict) -> None:
     self._step = int(state['step'])
+
+  def close(self) -> None:
+    """Nothing to release: the source holds no reader."""
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self

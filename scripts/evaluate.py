@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
+
+from vatt_jax import workdir as workdir_lib
+from vatt_jax.evaluation import build_evaluator
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (config.json + checkpoints/).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
@@ -36,18 +37,9 @@ def evaluate(
   output: str | None = None,
 ) -> dict:
   """{'workdir', 'step', 'results': {eval name: {metric: value}}}, also written to `output`."""
-  from vatt_jax.evaluation import build_evaluator
-  from vatt_jax.train import checkpoint
-
-  if step is None:  # the latest finished checkpoint (orbax's temporary folders are not digits)
-    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
-    steps = (
-      sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-      if os.path.isdir(directory)
-      else []
-    )
-    step = steps[-1] if steps else None
-  config, model, variables = checkpoint.load_model(workdir, step)
+  if step is None:  # the latest finished checkpoint
+    step = workdir_lib.latest_step(workdir)
+  config, model, variables = workdir_lib.load_model(workdir, step)
   if data_path:
     config.data.path = data_path
   evals = dict(config.get('evals') or {})

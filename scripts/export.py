@@ -18,12 +18,11 @@ only once the new one is complete.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
+from vatt_jax import export
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the export goes.')
@@ -50,8 +49,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  from vatt_jax import export
-
   try:
     export.check_output_dir(_OUTPUT_DIR.value, _OVERWRITE.value, _WORKDIR.value)
     report = export.export_run(

@@ -23,12 +23,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
+import data_pipelines
+from data_pipelines import manifest
+from data_pipelines.options import tokenizer_path as data_tokenizer_path
+from vatt_jax import workdir as workdir_lib
+from vatt_jax.evaluation import embeddings as emb
+from vatt_jax.evaluation.retrieval import read_captions
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
@@ -45,8 +51,6 @@ flags.mark_flags_as_required(['workdir', 'output_dir'])
 
 def media_manifest(path: str, directory: str) -> str:
   """A manifest for --media: manifests are used as they are; a plain list becomes a JSONL one."""
-  from data_pipelines import manifest
-
   if os.path.splitext(path)[1].lower() in manifest.JSONL_SUFFIXES + manifest.CSV_SUFFIXES:
     return path
   base = os.path.dirname(os.path.abspath(path))
@@ -62,9 +66,7 @@ def media_manifest(path: str, directory: str) -> str:
 
 
 def tokenizer_path(config) -> str:
-  path = _TOKENIZER.value or config.data.get('tokenizer') or ''
-  if not path and config.data.get('path'):
-    path = os.path.join(config.data.path, 'tokenizer.model')
+  path = _TOKENIZER.value or data_tokenizer_path(config.data)
   if not path or not os.path.exists(path):
     raise app.UsageError(f"the run's tokenizer ({path or 'none'}) is not there: give --tokenizer")
   return path
@@ -72,15 +74,14 @@ def tokenizer_path(config) -> str:
 
 def embed_media(config, model, variables, manifest_path: str, work: str, tokenizer: str):
   """Converts the media to a shard and embeds it; returns (arrays by name, ids, skipped)."""
-  import numpy as np
-
-  import data_pipelines
-  from data_pipelines import decode, ingest
-  from vatt_jax.evaluation import embeddings as emb
+  from data_pipelines import decode, ingest  # (TensorFlow, PyAV)
 
   modalities = [m for m in _MODALITIES.value if m]
   if not modalities or set(modalities) - {'video', 'audio'}:
     raise app.UsageError(f'--modalities must be video and/or audio, got {_MODALITIES.value}')
+  missing = [m for m in modalities if not model.embeddings.get(m)]
+  if missing:
+    raise app.UsageError(f'model {model.name!r} has no {missing} embedding (--modalities)')
   options = decode.Options(
     fps=config.data.fps, short_side=_SHORT_SIDE.value, sample_rate=config.data.sample_rate
   )
@@ -93,15 +94,14 @@ def embed_media(config, model, variables, manifest_path: str, work: str, tokeniz
   data = config.data.to_dict()
   data.update(name='shards', path=shards, tokenizer=tokenizer, eval_clips=_CLIPS.value,
               deterministic=True, on_bad_input='skip')  # fmt: skip
-  import ml_collections
-
   source = data_pipelines.build(ml_collections.ConfigDict(data), 'media', batch_size=_BATCH.value)
   embedder = emb.Embedder(model, variables, batch_size=_BATCH.value * _CLIPS.value)
   try:
-    out = emb.embed_source(source, embedder, ['video', 'audio'])
+    out = emb.embed_source(
+      source, embedder, ['video', *(['audio'] if 'audio' in modalities else [])]
+    )
   finally:
     source.close()
-  from vatt_jax.evaluation.retrieval import read_captions
 
   embedded = set(out['media_id'])
   skipped += [
@@ -129,11 +129,7 @@ def main(argv):
   out_dir = _OUTPUT_DIR.value
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     raise app.UsageError(f'--output_dir {out_dir} is not empty; nothing was written')
-  import numpy as np
-
-  from vatt_jax.evaluation import embeddings as emb
-
-  config, model, variables, what = emb.load(_WORKDIR.value, step=_STEP.value)
+  config, model, variables, what = workdir_lib.load(_WORKDIR.value, step=_STEP.value)
   tokenizer = tokenizer_path(config) if _TEXT.value or _MEDIA.value else None
   arrays, ids, skipped = {}, {}, []
   with tempfile.TemporaryDirectory() as work:
@@ -141,7 +137,7 @@ def main(argv):
       manifest = media_manifest(_MEDIA.value, work)
       arrays, ids, skipped = embed_media(config, model, variables, manifest, work, tokenizer)
   if _TEXT.value:
-    from data_pipelines import text as text_ops
+    from data_pipelines import text as text_ops  # (TensorFlow)
 
     with open(_TEXT.value, encoding='utf-8-sig') as f:
       captions = [line.rstrip('\n') for line in f]
@@ -149,7 +145,9 @@ def main(argv):
     skipped += [{'text_line': i + 1, 'error': 'empty line'} for i, c in enumerate(captions)
                 if not c.strip()]  # fmt: skip
     if keep:
-      token_ids = text_ops.Tokenizer(tokenizer).encode(keep, config.model.text.max_words)
+      if not model.embeddings.get('text'):
+        raise app.UsageError(f'model {model.name!r} has no text embedding (--text)')
+      token_ids = text_ops.Tokenizer(tokenizer).encode(keep, model.inputs['text'].shape[0])
       embedder = emb.Embedder(model, variables, batch_size=_BATCH.value)
       arrays.update({f'text_{k}': v for k, v in embedder('text', token_ids).items()})
       ids['text'] = keep

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ml_collections
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
+from vatt_jax import workdir as workdir_lib
+from vatt_jax.evaluation.linear_probe import LinearProbeEvaluator
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
@@ -69,14 +70,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  import ml_collections
-
-  from vatt_jax.evaluation import embeddings
-  from vatt_jax.evaluation.linear_probe import LinearProbeEvaluator
-
   eval_cfg = ml_collections.ConfigDict(eval_config(flags.FLAGS))
   workdir = _WORKDIR.value
-  config, model, variables, what = embeddings.load(
+  config, model, variables, what = workdir_lib.load(
     workdir, step=_STEP.value, random_init=_RANDOM.value, seed=_SEED.value
   )
   evaluator = LinearProbeEvaluator(

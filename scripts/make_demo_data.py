@@ -9,14 +9,9 @@ See data_pipelines/demo.py for the content, the layout and the noise switches.
 
 from __future__ import annotations
 
-import os
-import sys
+from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-
-from data_pipelines import demo  # noqa: E402
+from data_pipelines import demo
 
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Directory to write media and manifests to.')
 _NUM = {

@@ -13,15 +13,11 @@ reported apart (vocab_params) and the common-space heads too (heads_params).
 from __future__ import annotations
 
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from vatt_jax.models.summary import summarize  # noqa: E402
+from vatt_jax.models.summary import summarize
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:variant]).')
 _DROP = flags.DEFINE_float('drop_token_rate', 0.0, 'DropToken rate applied for the FLOP count.')

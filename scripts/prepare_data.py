@@ -11,15 +11,13 @@ that cannot be converted are skipped and listed in OUTPUT_DIR/report.jsonl. See 
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # TensorFlow's C++ start-up chatter (CUDA probing, dataset defaults) says nothing about the data.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from data_pipelines import decode, ingest  # noqa: E402
+from data_pipelines import decode, ingest
 
 _MANIFEST = flags.DEFINE_string('manifest', None, 'JSONL or CSV manifest (docs/DATA.md).')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Folder for the shards and report.jsonl.')

@@ -10,14 +10,11 @@ over devices and hosts, and whether the global batch divides over them.
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from ml_collections import config_flags
 
-from absl import app  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from vatt_jax.train import distributed  # noqa: E402
+from vatt_jax.train import distributed, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'demo_tiny.py'),
@@ -30,8 +27,6 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   distributed.initialize_from_flags()
   import jax
-
-  from vatt_jax.train import sharding
 
   config = _CONFIG.value
   print(f'JAX {jax.__version__}, backend {jax.default_backend()}')

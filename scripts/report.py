@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
+from vatt_jax import plots
+from vatt_jax import workdir as workdir_lib
+from vatt_jax.evaluation import build_evaluator, retrieval
+from vatt_jax.evaluation.linear_probe import LinearProbeEvaluator
+from vatt_jax.evaluation.retrieval import RetrievalEvaluator
+from vatt_jax.models.contract import space
+from vatt_jax.train.logging import GRADIENTS_FILENAME
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
@@ -31,9 +37,6 @@ flags.mark_flags_as_required(['workdir'])
 
 def evaluate(config, model, variables, *, cache_key: str, workdir: str):
   """{name: results} of every config.evals entry, and the evaluators (their `last` outputs)."""
-  from vatt_jax.evaluation import build_evaluator
-  from vatt_jax.evaluation.linear_probe import LinearProbeEvaluator
-
   results, evaluators = {}, {}
   for name, eval_cfg in config.evals.items():
     if eval_cfg.type == 'linear_probe':
@@ -53,8 +56,6 @@ def evaluate(config, model, variables, *, cache_key: str, workdir: str):
 
 
 def chance(config, evaluators) -> dict:
-  from vatt_jax.evaluation import retrieval
-
   out = {}
   for name, evaluator in evaluators.items():
     if config.evals[name].type == 'linear_probe':
@@ -68,11 +69,6 @@ def chance(config, evaluators) -> dict:
 
 
 def write_plots(workdir: str, evaluators: dict, title: str) -> list[str]:
-  import numpy as np
-
-  from vatt_jax import plots
-  from vatt_jax.train.logging import GRADIENTS_FILENAME
-
   out_dir = os.path.join(workdir, plots.PLOTS_DIR)
   written = []
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
@@ -83,32 +79,49 @@ def write_plots(workdir: str, evaluators: dict, title: str) -> list[str]:
   if os.path.exists(gradients_path):  # a run with per-loss gradients (gradient harmonization)
     written.append(plots.gradient_cosines({title or 'run': gradients_path},
                                           os.path.join(out_dir, 'gradients.png')))  # fmt: skip
-  retrieval = [e for e in evaluators.values() if hasattr(e, 'embed')]
-  if not retrieval:
+  found = [e for e in evaluators.values() if isinstance(e, RetrievalEvaluator)]
+  if not found:
     logging.warning('no retrieval eval in config.evals: no t-SNE or similarity plots')
     return written
-  e = retrieval[0].last['embeddings']
+  evaluator = found[0]
+  e = evaluator.last['embeddings']
   correct = e['correct']
-  text_labels = e['label'][np.argmax(correct, axis=1)]  # the label of the first video it describes
-  audio = e['audio_mask'] > 0
-  panels = [
-    [('video · input space', e['video/input'], e['label']),
-     ('audio · input space', e['audio/input'][audio], e['label'][audio]),
-     ('text · input space', e['text/input'], text_labels)],
-    [('video · common space (vt)', e['video/vt'], e['label']),
-     ('audio · common space (va)', e['audio/va'][audio], e['label'][audio]),
-     ('text · common space (vt)', e['text/vt'], text_labels)],
+  labels = {
+    'video': e['label'],
+    'audio': e['label'],
+    'text': e['label'][np.argmax(correct, axis=1)],  # the label of the first video it describes
+  }
+  keep = {'video': slice(None), 'text': slice(None)}
+  if 'audio_mask' in e:
+    keep['audio'] = e['audio_mask'] > 0
+  vt, va = evaluator.level, space(evaluator.model, 'video', 'audio')
+
+  def panel(modality, level, what):
+    key = f'{modality}/{level}'
+    if level is None or key not in e or modality not in keep:
+      return None
+    return f'{modality} · {what}', e[key][keep[modality]], labels[modality][keep[modality]]
+
+  rows = [
+    [panel(m, 'input', 'input space') for m in ('video', 'audio', 'text')],
+    [panel('video', vt, f'common space ({vt})'), panel('audio', va, f'common space ({va})'),
+     panel('text', vt, f'common space ({vt})')],
   ]  # fmt: skip
-  written.append(plots.tsne_grid(panels, os.path.join(out_dir, 'tsne.png'), title=title))
-  pairs = [
-    ('video–text (vt space)', *plots.pair_similarities(e['text/vt'], e['video/vt'], correct)),
-    (
-      'video–audio (va space)',
-      *plots.pair_similarities(e['video/va'][audio], e['audio/va'][audio]),
-    ),
-  ]
-  written.append(plots.similarity_histograms(pairs, os.path.join(out_dir, 'similarities.png'),
-                                             title=title))  # fmt: skip
+  panels = [[p for p in row if p is not None] for row in rows]
+  panels = [row for row in panels if row]
+  if panels:
+    written.append(plots.tsne_grid(panels, os.path.join(out_dir, 'tsne.png'), title=title))
+  pairs = []
+  if panel('video', vt, '') and panel('text', vt, ''):
+    sims = plots.pair_similarities(e[f'text/{vt}'], e[f'video/{vt}'], correct)
+    pairs.append((f'video–text ({vt} space)', *sims))
+  if panel('video', va, '') and panel('audio', va, ''):
+    audio = keep['audio']
+    sims = plots.pair_similarities(e[f'video/{va}'][audio], e[f'audio/{va}'][audio])
+    pairs.append((f'video–audio ({va} space)', *sims))
+  if pairs:
+    written.append(plots.similarity_histograms(pairs, os.path.join(out_dir, 'similarities.png'),
+                                               title=title))  # fmt: skip
   return written
 
 
@@ -136,12 +149,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  from vatt_jax.evaluation import embeddings
-
   workdir = _WORKDIR.value
   results, described, evaluators = {}, {}, {}
   for tag, random_init in (('pretrained', False), ('random_init', True)):
-    config, model, variables, what = embeddings.load(
+    config, model, variables, what = workdir_lib.load(
       workdir, step=_STEP.value, random_init=random_init, seed=_SEED.value
     )
     if not config.get('evals'):

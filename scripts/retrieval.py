@@ -7,18 +7,20 @@ The split is record shards made by scripts/prepare_data.py from a retrieval mani
 style (one row per segment: media, start, end, its caption) or MSR-VTT style (one row per clip with
 all its captions); see docs/EVALUATION.md. Video embeddings average --num_clips uniformly spaced
 clips in the video–text space; captions are the queries (duplicates merged, see
-vatt_jax/evaluation/retrieval.py). Prints R@1/5/10, median and mean rank both ways, writes JSON.
+vatt_jax/evaluation/retrieval.py). A model that scores (video, text) pairs jointly ranks by its pair
+score (--score, --rerank_top_k). Prints R@1/5/10, median and mean rank both ways, writes JSON.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ml_collections
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
+from vatt_jax import workdir as workdir_lib
+from vatt_jax.evaluation.retrieval import RetrievalEvaluator
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
@@ -29,6 +31,12 @@ _TOKENIZER = flags.DEFINE_string('tokenizer', None, "Default: the run's, else DA
 _SPLIT = flags.DEFINE_string('split', 'test', 'The gallery split.')
 _CLIPS = flags.DEFINE_integer('num_clips', 4, 'Clips per video, embeddings averaged.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Records per embedding batch.')
+_SCORE = flags.DEFINE_enum(
+  'score', 'auto', ['auto', 'cosine', 'pairs'], "Cosine of embeddings or the model's pair score."
+)
+_TOP_K = flags.DEFINE_integer(
+  'rerank_top_k', 16, "Pair scoring: re-rank each query's top k by cosine (0: every pair)."
+)
 _OUTPUT = flags.DEFINE_string('output', None, 'JSON results (default WORKDIR/retrieval.json).')
 flags.mark_flags_as_required(['workdir', 'data_path'])
 
@@ -47,13 +55,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  import ml_collections
-
-  from vatt_jax.evaluation import embeddings
-  from vatt_jax.evaluation.retrieval import RetrievalEvaluator
-
   workdir = _WORKDIR.value
-  config, model, variables, what = embeddings.load(
+  config, model, variables, what = workdir_lib.load(
     workdir, step=_STEP.value, random_init=_RANDOM.value, seed=_SEED.value
   )
   data = dict(name='shards', path=_DATA_PATH.value)
@@ -63,14 +66,14 @@ def main(argv):
     data['tokenizer'] = ''  # the shards' own tokenizer.model
   eval_cfg = ml_collections.ConfigDict(
     dict(type='retrieval', split=_SPLIT.value, num_clips=_CLIPS.value, batch_size=_BATCH.value,
-         data=data)
+         score=_SCORE.value, rerank_top_k=_TOP_K.value, data=data)
   )  # fmt: skip
   evaluator = RetrievalEvaluator(eval_cfg, config, model)
   evaluator.run(variables)
   results = evaluator.last['results']
   videos = len(evaluator.last['embeddings']['media_id'])
   print(f'\nzero-shot retrieval · {what}\n  {_DATA_PATH.value}/{_SPLIT.value}: {videos} videos, '
-        f'{_CLIPS.value} clips each')  # fmt: skip
+        f'{_CLIPS.value} clips each; {evaluator.last["scoring"]}')  # fmt: skip
   print(format_table(results))
   output = _OUTPUT.value or os.path.join(workdir, 'retrieval.json')
   with open(output, 'w') as f:

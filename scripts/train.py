@@ -13,15 +13,10 @@ Writes the resolved config (config.json), metrics.jsonl, TensorBoard event files
 
 from __future__ import annotations
 
-import os
-import sys
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from vatt_jax.train import distributed  # noqa: E402
+from vatt_jax.train import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:variant]).')
 _WORKDIR = flags.DEFINE_string(
@@ -38,8 +33,6 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   distributed.initialize_from_flags()
-  from vatt_jax.train import trainer
-
   history = trainer.train(_CONFIG.value, _WORKDIR.value, profile_steps=_PROFILE.value)
   if len(history) >= 2:
     logging.info(

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
+from data_pipelines import schema
 
 _INPUT = flags.DEFINE_string('input_dir', None, 'Folder of *.tfrecord shards.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Model prefix: writes OUTPUT.model and OUTPUT.vocab.')
@@ -29,8 +28,6 @@ flags.mark_flags_as_required(['input_dir', 'output'])
 
 def _captions(files):
   import tensorflow as tf
-
-  from data_pipelines import schema
 
   tf.config.set_visible_devices([], 'GPU')
   for path in files:

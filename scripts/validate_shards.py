@@ -13,13 +13,12 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # TensorFlow's C++ start-up chatter (CUDA probing, dataset defaults) says nothing about the data.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from data_pipelines import validate  # noqa: E402
+from data_pipelines import validate
 
 _INPUT_DIR = flags.DEFINE_string('input_dir', None, 'Folder holding the *.tfrecord shards.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.')

@@ -20,6 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from sklearn.manifold import TSNE
 
+from vatt_jax.evaluation.embeddings import l2_normalize
+
 PLOTS_DIR = 'plots'
 
 
@@ -32,10 +34,17 @@ def _save(fig: Figure, path: str) -> str:
 
 
 def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
-  """[N, D] → [N, 2] t-SNE (PCA initialisation; perplexity min(30, (N − 1) / 3))."""
+  """[N, D] → [N, 2] t-SNE (PCA initialisation; perplexity min(30, (N − 1) / 3)). Features without
+  spread (every row the same: e.g. an untrained model on near-identical clips) map to the origin:
+  sklearn's PCA initialisation divides by their zero spread and the Barnes-Hut step then crashes
+  the process."""
   x = np.asarray(x, np.float64)
   if x.ndim != 2 or len(x) < 4:
     raise ValueError(f't-SNE needs [N >= 4, D] features, got shape {x.shape}')
+  if not np.isfinite(x).all():
+    raise ValueError('t-SNE of non-finite features')
+  if x.std(axis=0).max() <= 1e-12 * max(1.0, np.abs(x).max()):
+    return np.zeros((len(x), 2))
   perplexity = min(30.0, (len(x) - 1) / 3)
   return TSNE(2, perplexity=perplexity, init='pca', random_state=seed).fit_transform(x)
 
@@ -105,8 +114,6 @@ def similarity_histograms(
 def pair_similarities(a: np.ndarray, b: np.ndarray, correct: np.ndarray | None = None):
   """Cosines of every (a_i, b_j): (positives, negatives). correct [Na, Nb] marks the positive pairs
   (default: the diagonal, pair i ↔ i)."""
-  from vatt_jax.evaluation.embeddings import l2_normalize
-
   sim = l2_normalize(a) @ l2_normalize(b).T
   if correct is None:
     if sim.shape[0] != sim.shape[1]:

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+from absl import app, flags
+from runs import run as _run  # scripts/experiments/runs.py
+from runs import tag as _tag
 
-from absl import app, flags  # noqa: E402
-
-from scripts.experiments.common import run as _run  # noqa: E402
-from scripts.experiments.common import tag as _tag  # noqa: E402
+from vatt_jax import plots
+from vatt_jax.plots import read_metrics
 
 _WORKDIR = flags.DEFINE_string('workdir', 'demo/experiments/harmonization', 'Output directory.')
 _NOISE = flags.DEFINE_list(
@@ -87,7 +85,6 @@ def train(workdir: str, shards: str, noise: float, method: str) -> str:
 
 
 def _records(path: str) -> list[dict]:
-  from vatt_jax.plots import read_metrics
 
   return read_metrics(path) if os.path.exists(path) else []
 
@@ -139,8 +136,6 @@ def table(results: dict) -> str:
 
 def plot(results: dict, workdir: str, noises: list[float]) -> str:
   from matplotlib.figure import Figure
-
-  from vatt_jax import plots
 
   fig = Figure(figsize=(13.5, 3.4), layout='constrained')
   panels = [('t2v_R5', 'text→video R@5 (%)'), ('probe_top1', 'video linear probe top-1 (%)')]

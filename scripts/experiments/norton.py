@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+from absl import app, flags
+from runs import run as _run  # scripts/experiments/runs.py
+from runs import tag as _tag
 
-from absl import app, flags  # noqa: E402
-
-from scripts.experiments.common import run as _run  # noqa: E402
-from scripts.experiments.common import tag as _tag  # noqa: E402
+from configs import norton_demo
+from vatt_jax import workdir as workdir_lib
+from vatt_jax.evaluation.long_video import LongVideoRetrievalEvaluator
+from vatt_jax.plots import read_metrics
 
 _WORKDIR = flags.DEFINE_string('workdir', 'demo/experiments/norton', 'Output directory.')
 _PRETRAINED = flags.DEFINE_string(
@@ -108,7 +108,6 @@ def long_data(workdir: str, noise: float, tokenizer: str) -> str:
 
 
 def _finished(run: str, steps: int) -> bool:
-  from vatt_jax.plots import read_metrics
 
   path = os.path.join(run, 'metrics.jsonl')
   return os.path.exists(path) and any(r.get('step', 0) >= steps for r in read_metrics(path))
@@ -132,7 +131,6 @@ def post_train(
 
 
 def _final(run: str) -> dict | None:
-  from vatt_jax.plots import read_metrics
 
   path = os.path.join(run, 'metrics.jsonl')
   records = (
@@ -147,13 +145,10 @@ def evaluate_pretrained(workdir: str, pretrained: str, shards: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  from configs import norton_demo
-  from vatt_jax.evaluation.long_video import LongVideoRetrievalEvaluator
-  from vatt_jax.train import checkpoint
 
   config = norton_demo.get_config()
   config.data.path = shards
-  _, model, variables = checkpoint.load_model(pretrained)
+  _, model, variables = workdir_lib.load_model(pretrained)
   evaluator = LongVideoRetrievalEvaluator(config.evals.long_video, config, model)
   result = {f'long_video/{k}': v for k, v in evaluator.run(variables).items()}
   with open(path, 'w') as f:

@@ -24,7 +24,7 @@ import numpy as np
 
 import data_pipelines
 from vatt_jax.evaluation import metrics
-from vatt_jax.models.classifier import tower_of
+from vatt_jax.models import Model
 
 # The rank of one view of each input (the eval layout adds a view axis after the batch axis).
 _VIEW_RANK = {'video': 4, 'audio': 1}
@@ -50,12 +50,16 @@ def with_view_axis(x: np.ndarray, tower: str) -> np.ndarray:
 class ClassificationEvaluator:
   """See the module docstring. Built as `cls(eval_cfg, config, model)` (vatt_jax.evaluation)."""
 
-  def __init__(self, eval_cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict, model):
-    self.model = model
-    self.tower = tower_of(config.model.get('modality', 'video'))
-    self.num_classes = int(config.model.get('num_classes', 0))
+  def __init__(
+    self, eval_cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict, model: Model
+  ):
+    self.num_classes = int(model.num_classes)
     if self.num_classes < 1:
-      raise ValueError('the classification evaluation needs a classifier: config model.num_classes')
+      raise ValueError(
+        f'the classification evaluation needs a classifier, not model {model.name!r}'
+      )
+    self.classify = model.classify()
+    self.tower = next(m for m in model.inputs if m in _VIEW_RANK)  # the input it classifies
     self.split = eval_cfg.get('split', 'test')
     if self.split == 'train':
       raise ValueError("config evals: a classification evaluation reads a split other than 'train'")
@@ -85,7 +89,7 @@ class ClassificationEvaluator:
     """views [B, V, …] → (averaged logits [B, C], per-view logits [B, V, C])."""
     batch, num_views = views.shape[:2]
     flat = views.reshape((batch * num_views, *views.shape[2:]))
-    logits = self.model.apply(variables, {self.tower: flat}, train=False)['logits']
+    logits = self.classify(variables, {self.tower: flat})
     per_view = logits.reshape(batch, num_views, -1).astype(jnp.float32)
     return average_views(per_view), per_view
 

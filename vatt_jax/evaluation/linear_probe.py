@@ -28,6 +28,7 @@ from sklearn.svm import LinearSVC
 
 import data_pipelines
 from vatt_jax.evaluation import embeddings, metrics, retrieval
+from vatt_jax.models import Model
 
 __all__ = [
   'LowRankConfig',
@@ -248,7 +249,8 @@ def evaluate(
 
 class LinearProbeEvaluator:
   """config.evals entry: dict(type='linear_probe', modality='video' | 'audio', feature='agg'
-  (or 'va' / 'vt': the common space), train_split=…, test_split=…, num_classes=0 (0: from the
+  (any pooled level the model has for the modality, e.g. VATT's 'va' / 'vt'; default 'agg', or
+  the model's first), train_split=…, test_split=…, num_classes=0 (0: from the
   labels), classifier='low_rank' | 'svm', steps=…, data=dict(path=… or name='tfds', tfds_name=…),
   num_clips=…, batch_size=32, log_steps=…).
 
@@ -257,18 +259,17 @@ class LinearProbeEvaluator:
   `cache(key)` (the scripts) stores features as .npz under cache_dir, keyed by model and split.
   """
 
-  def __init__(self, eval_cfg, config, model, *, cache_dir: str | None = None, cache_key=None):
+  def __init__(self, eval_cfg, config, model: Model, *, cache_dir=None, cache_key=None):
     self.eval_cfg, self.model = eval_cfg, model
     self.data = retrieval.eval_data_config(config, eval_cfg)
     self.modality = eval_cfg.get('modality', 'video')
-    self.feature = eval_cfg.get('feature', 'agg')
-    if (
-      self.modality not in ('video', 'audio')
-      or self.feature not in embeddings.OUTPUTS[self.modality]
-    ):
+    levels = tuple(model.embeddings.get(self.modality, ()))
+    self.feature = eval_cfg.get('feature', 'agg' if 'agg' in levels else (levels or ('',))[0])
+    if self.modality not in ('video', 'audio') or self.feature not in levels:
       raise ValueError(
-        f'linear probe: modality must be video or audio and feature one of its outputs '
-        f'{embeddings.OUTPUTS}, got {self.modality!r} / {self.feature!r}'
+        f'linear probe: modality must be video or audio and feature one of the levels model '
+        f'{model.name!r} has for it ({dict(model.embeddings)}), got {self.modality!r} / '
+        f'{self.feature!r}'
       )
     self.cache_dir, self.cache_key = cache_dir, cache_key
     self.config = LowRankConfig(

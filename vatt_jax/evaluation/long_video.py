@@ -4,14 +4,17 @@ caption→clip retrieval, over the clips and captions of whole evaluation videos
 The gallery is an evaluation split of record shards read by the long-video source
 (data_pipelines.long_video, config data.long_video): each record is one video with all its captions,
 each caption anchoring one clip (centred on its time span). Every clip and caption is encoded once
-(AGG and per-frame / per-word embeddings in the video–text space, model.token_outputs), then:
+through the model's embed functions — the pooled embedding at the video–text level (Model.spaces;
+eval config `level`) and the per-frame / per-word ones (Model.token_embeddings; `frame_level`,
+`word_level`; VATT's 'frames_vt' and 'words_vt') — then:
 
   * caption–clip similarity: Norton's fused similarity over the whole gallery (rows captions,
     columns clips; vatt_jax.losses.norton.fused_similarity: min–max normalised over all pairs);
   * paragraph→video, OT: for paragraph i (the m_i captions of video i) and video j (its n_j clips),
     the bucket Sinkhorn plan of their block of similarities (bucket value p = the k-th smallest
     similarity of the nominal caption–clip pairs over the gallery, Norton's rule; ε and iterations
-    of config.loss when it is Norton's, else Norton's defaults), rescaled to mass m_i; the score is
+    of config.loss when it is Norton's, else NortonOptions' defaults), rescaled to mass m_i; the
+    score is
     Σ plan ⊙ block. `p2v_mean` is the same ranking with the block's mean instead of the plan
     (the no-alignment baseline);
   * caption→clip (`t2c`): cosine of the pooled vt embeddings; every clip whose caption has the same
@@ -23,24 +26,20 @@ Metrics: R@1/5/10 (%), MedR, MeanR per direction, as `p2v_ot/R1`, `p2v_mean/R5`,
 from __future__ import annotations
 
 import collections
-import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
+import data_pipelines
+from vatt_jax.evaluation import embeddings as emb
 from vatt_jax.evaluation import metrics
 from vatt_jax.evaluation.retrieval import eval_data_config
 from vatt_jax.losses import norton
+from vatt_jax.models import Model
+from vatt_jax.models.contract import space
 from vatt_jax.ot import bucket_sinkhorn
-
-_OUTPUTS = ('video_vt', 'video_frames_vt', 'video_frames_mask', 'text_vt', 'text_words_vt',
-            'text_words_mask')  # fmt: skip
-# Norton's defaults, used when the run's loss is not Norton's (e.g. a MIL-NCE baseline).
-_DEFAULTS = dict(alpha=1.0, fusion_weight=0.5, paragraph_epsilon=0.1, sinkhorn_iters=50,
-                 prompt_ratio=0.3)  # fmt: skip
 
 
 def paragraph_scores(
@@ -85,63 +84,66 @@ def paragraph_scores(
 
 class LongVideoRetrievalEvaluator:
   """config.evals entry: dict(type='long_video_retrieval', split='test', data=dict(path=…,
-  long_video=dict(max_clips=…)), batch_size=8, log_steps=…). The run's data config must read
-  long videos (data.long_video). run(variables) → {'p2v_ot/R1', 'p2v_mean/R1', 't2c/R1', …}."""
+  long_video=dict(max_clips=…)), batch_size=8, log_steps=…; level, frame_level, word_level: the
+  model's by default). The run's data config must read long videos (data.long_video).
+  run(variables) → {'p2v_ot/R1', 'p2v_mean/R1', 't2c/R1', …}."""
 
-  def __init__(self, eval_cfg, config, model):
-    del model  # rebuilt with token outputs (same parameters)
-    from vatt_jax.models import build_model
-
-    self.eval_cfg, self.config = eval_cfg, config
+  def __init__(self, eval_cfg, config, model: Model):
+    self.eval_cfg, self.config, self.model = eval_cfg, config, model
     self.data = eval_data_config(config, eval_cfg)
     if self.data.name != 'shards' or not self.data.get('long_video'):
       raise ValueError(
         "long_video_retrieval reads whole videos: it needs config data.name='shards' and "
         'data.long_video (clips, max_clips)'
       )
-    model_cfg = ml_collections.ConfigDict(config.model.to_dict())
-    model_cfg.token_outputs = True
-    self.model = build_model(model_cfg)
-    loss = config.loss if config.loss.name == 'norton' else ml_collections.ConfigDict()
-    self.options = {k: loss.get(k, v) for k, v in _DEFAULTS.items()}
+    tokens = model.token_embeddings
+    self.levels = {
+      'video': (
+        eval_cfg.get('level') or space(model, 'video', 'text'),
+        eval_cfg.get('frame_level') or (tuple(tokens.get('video', ())) or (None,))[0],
+      ),
+      'text': (
+        eval_cfg.get('level') or space(model, 'video', 'text'),
+        eval_cfg.get('word_level') or (tuple(tokens.get('text', ())) or (None,))[0],
+      ),
+    }
+    if not all(all(levels) for levels in self.levels.values()):
+      raise ValueError(
+        f'long_video_retrieval needs pooled and per-frame / per-word video–text embeddings; model '
+        f'{model.name!r} has {dict(model.embeddings)} and per token {dict(tokens)}'
+      )
+    self.options = (
+      norton.NortonOptions.from_config(config.loss)
+      if config.loss.name == 'norton'
+      else norton.NortonOptions()
+    )
     self.split = eval_cfg.get('split', 'test')
     self.batch_size = eval_cfg.get('batch_size', 8)
     self.last = None
 
-  @functools.cached_property
-  def _encode(self):
-    def encode(variables, video, text):
-      out = self.model.apply(variables, {'video': video, 'text': text[:, None]}, train=False)
-      out = {k: out[k] for k in _OUTPUTS}
-      for k in ('text_vt', 'text_words_vt', 'text_words_mask'):
-        out[k] = out[k][:, 0]  # one caption per clip
-      return out
-
-    return jax.jit(encode)
-
   def embed(self, variables) -> dict[str, np.ndarray]:
-    """Every valid clip's and caption's embeddings, with the video each belongs to."""
-    import data_pipelines
-
-    variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+    """Every valid clip's and caption's embeddings, with the video each belongs to: 'video' /
+    'text' [N, D], 'frames' [N, F, D] and 'frames_mask' [N, F], 'words' [N, W, D] and
+    'words_mask' [N, W], 'text_ids' [N, W], 'video_index' [N]."""
     source = data_pipelines.build(self.data, self.split, batch_size=self.batch_size)
+    embedder = None
     parts, videos = collections.defaultdict(list), 0
     try:
       for batch in source:
         n, m = batch['clip_mask'].shape
-        video = batch['video'].reshape(n * m, *batch['video'].shape[2:])
-        text = batch['text'].reshape(n * m, -1)
-        rows = self.batch_size * m
-        if len(video) < rows:  # the last batch: padded, so one compilation serves all
-          video = np.concatenate(
-            [video, np.zeros((rows - len(video), *video.shape[1:]), np.float32)]
-          )
-          text = np.concatenate([text, np.zeros((rows - len(text), text.shape[1]), text.dtype)])
-        out = jax.device_get(self._encode(variables, video, text))
+        if embedder is None:  # one compilation: batch_size × max_clips rows per call
+          embedder = emb.Embedder(self.model, variables, batch_size=self.batch_size * m)
         valid = batch['clip_mask'].reshape(-1) > 0
-        for k, v in out.items():
-          parts[k].append(np.asarray(v[: n * m][valid]))
-        parts['text_ids'].append(batch['text'].reshape(n * m, -1)[valid])
+        video = batch['video'].reshape(n * m, *batch['video'].shape[2:])[valid]
+        text = batch['text'].reshape(n * m, -1)[valid]
+        for modality, x, names in (('video', video, ('video', 'frames')),
+                                   ('text', text, ('text', 'words'))):  # fmt: skip
+          pooled, token = self.levels[modality]
+          out = embedder(modality, x, levels=(pooled, token))
+          parts[names[0]].append(out[pooled])
+          parts[names[1]].append(out[token])
+          parts[f'{names[1]}_mask'].append(out[f'{token}_mask'])
+        parts['text_ids'].append(text)
         parts['video_index'].append(np.repeat(np.arange(videos, videos + n), m)[valid])
         videos += n
     finally:
@@ -151,9 +153,7 @@ class LongVideoRetrievalEvaluator:
     for reason in ('skipped_records', 'clips_truncated', 'too_few_captions'):
       if source.counts.get(reason):
         logging.warning('long_video_retrieval: %s: %d', reason, source.counts[reason])
-    logging.info(
-      'long_video_retrieval: %d videos, %d clips', videos, sum(map(len, parts['video_vt']))
-    )
+    logging.info('long_video_retrieval: %d videos, %d clips', videos, sum(map(len, parts['video'])))
     return {k: np.concatenate(v) for k, v in parts.items()}
 
   def run(self, variables) -> dict[str, float]:
@@ -161,20 +161,22 @@ class LongVideoRetrievalEvaluator:
     o = self.options
     sim = np.asarray(
       norton.fused_similarity(
-        jnp.asarray(e['video_vt']), jnp.asarray(e['text_vt']),
-        jnp.asarray(e['video_frames_vt']), jnp.asarray(e['video_frames_mask']),
-        jnp.asarray(e['text_words_vt']), jnp.asarray(e['text_words_mask']),
-        alpha=o['alpha'], fusion_weight=o['fusion_weight'],
+        jnp.asarray(e['video']), jnp.asarray(e['text']),
+        jnp.asarray(e['frames']), jnp.asarray(e['frames_mask']),
+        jnp.asarray(e['words']), jnp.asarray(e['words_mask']),
+        alpha=o.alpha, fusion_weight=o.fusion_weight,
       ), np.float64,
     )  # fmt: skip
-    p = float(norton.bucket_value(jnp.asarray(sim), o['prompt_ratio'] or 0.3))
+    p = float(
+      norton.bucket_value(jnp.asarray(sim), o.prompt_ratio or norton.NortonOptions.prompt_ratio)
+    )
     ot, mean = paragraph_scores(
       sim, e['video_index'], e['video_index'], p,
-      epsilon=o['paragraph_epsilon'], num_iters=o['sinkhorn_iters'],
+      epsilon=o.paragraph_epsilon, num_iters=o.paragraph_iterations,
     )  # fmt: skip
     ids = e['text_ids']
     same_caption = (ids[:, None, :] == ids[None, :, :]).all(-1)  # [captions, clips]
-    cosine = _normalize(e['text_vt']) @ _normalize(e['video_vt']).T
+    cosine = emb.l2_normalize(e['text']) @ emb.l2_normalize(e['video']).T
     results = {
       'p2v_ot': metrics.retrieval_metrics(ot),
       'p2v_mean': metrics.retrieval_metrics(mean),
@@ -184,8 +186,3 @@ class LongVideoRetrievalEvaluator:
     return {
       f'{name}/{k}': float(v) for name, r in results.items() for k, v in r.items() if k != 'ranks'
     }
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -15,15 +15,18 @@ import shutil
 import tempfile
 import time
 
+import jax
+import numpy as np
 from absl import logging
 
+from vatt_jax import workdir as workdir_lib
 from vatt_jax.export.bundle import (
-  OUTPUTS,
   Encoders,
+  _package_version,
   _umask,
-  encode,
   input_spec,
   load_bundle,
+  outputs,
   run_tokenizer_path,
   write_bundle,
 )
@@ -39,16 +42,15 @@ from vatt_jax.export.savedmodel import (
 
 __all__ = [
   'DEFAULT_PLATFORMS',
-  'OUTPUTS',
   'Encoders',
   'ParityError',
   'check_output_dir',
-  'encode',
   'export_run',
   'export_saved_model',
   'input_spec',
   'jax_embeddings',
   'load_bundle',
+  'outputs',
   'parity',
   'random_inputs',
   'relative_errors',
@@ -113,12 +115,11 @@ def export_run(
   export is replaced), ParityError when an error exceeds `tolerance` (the export is then left in a
   '<output_dir>.failed-*' directory for inspection and output_dir is untouched).
   """
-  from vatt_jax.train.checkpoint import latest_step, load_model
-
   check_output_dir(output_dir, overwrite, workdir)
-  step = step if step is not None else latest_step(workdir)
-  config, model, variables = load_model(workdir, step)
-  tokenizer_path = tokenizer_path or run_tokenizer_path(config)
+  step = step if step is not None else workdir_lib.latest_step(workdir)
+  config, model, variables = workdir_lib.load_model(workdir, step)
+  if tokenizer_path is None and 'text' in outputs(model):
+    tokenizer_path = run_tokenizer_path(config)
   output_dir = os.path.abspath(output_dir)
   parent = os.path.dirname(output_dir)
   os.makedirs(parent, exist_ok=True)
@@ -130,7 +131,7 @@ def export_run(
     logging.info('bundle of step %s written (%.1f s)', step, time.time() - started)
     if saved_model:
       export_saved_model(
-        config, model, variables, staging, tokenizer_path=tokenizer_path, platforms=platforms
+        model, variables, staging, tokenizer_path=tokenizer_path, platforms=platforms
       )
       logging.info('SavedModel written for %s (%.1f s)', platforms, time.time() - started)
     report = {
@@ -141,12 +142,13 @@ def export_run(
       'saved_model': 'saved_model' if saved_model else None,
       'platforms': list(platforms) if saved_model else None,
       'tokenizer': tokenizer_path,
-      'inputs': input_spec(config.model),
+      'model': model.name,
+      'inputs': input_spec(model),
       'versions': _versions(saved_model),
       'export_seconds': round(time.time() - started, 1),
     }
     if check_parity:
-      inputs = random_inputs(config.model, batch_size, seed)
+      inputs = random_inputs(model, batch_size, seed)
       reference = jax_embeddings(model, variables, inputs)
       bundle = load_bundle(os.path.join(staging, 'bundle'))
       errors = {'bundle': relative_errors(_encode_all(bundle, inputs), reference)}
@@ -181,12 +183,7 @@ def export_run(
 
 
 def _encode_all(encoders: Encoders, inputs: dict) -> dict:
-  import numpy as np
-
-  out = {}
-  for modality, x in inputs.items():
-    out[modality] = {k: np.asarray(v) for k, v in getattr(encoders, modality)(x).items()}
-  return out
+  return {m: {k: np.asarray(v) for k, v in encoders.embed(m, x).items()} for m, x in inputs.items()}
 
 
 def _install(staging: str, output_dir: str) -> None:
@@ -205,10 +202,6 @@ def _install(staging: str, output_dir: str) -> None:
 
 
 def _versions(saved_model: bool) -> dict:
-  import jax
-
-  from vatt_jax.export.bundle import _package_version
-
   out = {'vatt_jax': _package_version(), 'jax': jax.__version__}
   if saved_model:
     import tensorflow as tf

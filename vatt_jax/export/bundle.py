@@ -2,30 +2,29 @@
 
   from vatt_jax.export import load_bundle
   encoders = load_bundle('export/bundle')
-  v = encoders.video(frames)      # [B, T, H, W, 3] float32 in [-1, 1] → {'agg', 'va', 'vt'}
-  t = encoders.text(['a seven drifts to the left'])  # strings, or int32 ids [B, W] → {'agg', 'vt'}
+  v = encoders.video(frames)      # [B, T, H, W, 3] float32 in [-1, 1] → {'input', 'agg', 'va', 'vt'}
+  t = encoders.text(['a seven drifts to the left'])  # strings, or int32 ids [B, W] → {…, 'vt'}
   scores = v['vt'] @ t['vt'].T    # video–text similarity (and v['va'] with encoders.audio(x)['va'])
+
+Any model of the contract with embeddings exports (vatt_jax/models/contract.py): one encoder per
+modality it embeds, returning its pooled levels (Model.embeddings; VATT: video 'input', 'agg',
+'va', 'vt'; audio 'input', 'agg', 'va'; text 'input', 'agg', 'vt'), computed by Model.embed.
 
 Layout of `bundle/` (no pickle: JSON and safetensors / msgpack are read without running code):
   params.safetensors   every variable, key '<collection>/<module>/…/<name>' ('params/…' and
                        'batch_stats/…'); or params.msgpack (flax.serialization) with the same tree
-  config.json          the run's resolved config (model section rebuilds the module)
+  config.json          the run's resolved config (model section rebuilds the model)
   tokenizer.model      the run's sentencepiece model, when it had one (synthetic-data runs do not)
   bundle.json          format version, input shapes / dtypes / ranges, output names and widths, the
                        preprocessing spec, every tensor's shape and dtype, sha256 of the
                        parameter and tokenizer files
-The loader checks the files' checksums, then every tensor's name and shape against the module that
+The loader checks the files' checksums, then every tensor's name and shape against the model that
 config.json describes, before any array reaches a device: a bundle of another model, a truncated or
 edited file fails with an error naming the culprit.
-
-Outputs per modality (model.apply's names in brackets): video {'agg' (video_agg), 'va' (video_va),
-'vt' (video_vt)}, audio {'agg' (audio_agg), 'va' (audio_va)}, text {'agg' (text_agg), 'vt'
-(text_vt)}; 'agg' is the backbone's AGG token, 'va' / 'vt' the common-space embeddings.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -38,59 +37,39 @@ import ml_collections
 import numpy as np
 from flax import serialization, traverse_util
 
+from data_pipelines.options import TOKENIZER_FILENAME, tokenizer_path
+from vatt_jax.models import Model, build_model
+from vatt_jax.models.contract import abstract_variables, check_variables, flat_paths
+
 FORMAT = 'vatt-jax-bundle'
 FORMAT_VERSION = 1
 BUNDLE_DIR = 'bundle'
 PARAMS_FILES = {'safetensors': 'params.safetensors', 'msgpack': 'params.msgpack'}
-OUTPUTS = {  # encoder output name → model.apply output name
-  'video': {'agg': 'video_agg', 'va': 'video_va', 'vt': 'video_vt'},
-  'audio': {'agg': 'audio_agg', 'va': 'audio_va'},
-  'text': {'agg': 'text_agg', 'vt': 'text_vt'},
-}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def encode(model, modality: str, variables: dict, inputs: jax.Array) -> dict[str, jax.Array]:
-  """One modality's embeddings, {'agg', 'va'/'vt'}: [B, D] float32 each (eval mode).
-
-  inputs: video [B, T, H, W, 3] float32 in [-1, 1]; audio [B, S] float32 in [-1, 1]; text [B, W]
-  int32 ids (0 = padding). Models are static arguments: modules built from equal configs share
-  one compiled function.
-  """
-  out = model.apply(variables, {modality: inputs}, train=False)
-  return {short: out[name] for short, name in OUTPUTS[modality].items()}
-
-
-def check_exportable(model_cfg: ml_collections.ConfigDict) -> None:
-  """The export covers the pretrained VATT encoders (config model.name 'vatt') only."""
-  if model_cfg.get('name') != 'vatt':
+def check_exportable(model: Model) -> None:
+  """A model exports when it has an embedding of at least one modality."""
+  if not any(model.embeddings.get(m) for m in model.inputs):
     raise ValueError(
-      f"export handles VATT encoders (config model.name 'vatt'); this run's model.name is "
-      f'{model_cfg.get("name")!r}'
+      f'model {model.name!r} has no embedding function (Model.embeddings): nothing to export'
     )
 
 
+def outputs(model: Model) -> dict[str, tuple[str, ...]]:
+  """The encoders an export has: modality → the pooled levels it returns."""
+  return {m: tuple(model.embeddings[m]) for m in model.inputs if model.embeddings.get(m)}
+
+
+def input_spec(model: Model) -> dict[str, dict[str, Any]]:
+  """Per exported modality: shape (None = any batch), dtype and value range the encoders take."""
+  return {m: model.inputs[m].describe() for m in outputs(model)}
+
+
 def run_tokenizer_path(config: ml_collections.ConfigDict) -> str | None:
-  """The run's sentencepiece model (config.data.tokenizer, else {data.path}/tokenizer.model), or
-  None when the run had none (synthetic data)."""
-  data = config.get('data', ml_collections.ConfigDict())
-  path = data.get('tokenizer', '') or (
-    os.path.join(data.path, 'tokenizer.model') if data.get('path') else ''
-  )
+  """The run's sentencepiece model (data_pipelines.options.tokenizer_path), or None when the run
+  had none (synthetic data)."""
+  path = tokenizer_path(config.get('data', ml_collections.ConfigDict()))
   return path if path and os.path.isfile(path) else None
-
-
-def input_spec(model_cfg: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
-  """Per modality: shape (None = any batch), dtype and value range the encoders take."""
-  v, a, t = model_cfg.video, model_cfg.audio, model_cfg.text
-  height, width = (v.frame_size,) * 2 if isinstance(v.frame_size, int) else tuple(v.frame_size)
-  return {
-    'video': dict(shape=[None, v.num_frames, height, width, 3], dtype='float32', range=[-1, 1]),
-    'audio': dict(shape=[None, a.num_samples], dtype='float32', range=[-1, 1]),
-    'text': dict(
-      shape=[None, t.max_words], dtype='int32', range=[0, t.vocab_size - 1], padding_id=0
-    ),
-  }
 
 
 def _sha256(path: str) -> str:
@@ -107,31 +86,6 @@ def _flatten(variables: dict) -> dict[str, np.ndarray]:
   if bad:
     raise ValueError(f"variable names may not contain '/': {bad[:5]}")
   return {'/'.join(k): np.ascontiguousarray(jax.device_get(v)) for k, v in flat.items()}
-
-
-def _abstract_variables(model, model_cfg) -> dict[str, jax.ShapeDtypeStruct]:
-  """'collection/…/name' → ShapeDtypeStruct of every variable the module defines (no FLOPs)."""
-  from vatt_jax.models import init_variables
-  from vatt_jax.models.summary import example_inputs
-
-  shapes = jax.eval_shape(
-    lambda batch: init_variables(model, jax.random.key(0), batch), example_inputs(model_cfg)
-  )
-  return {'/'.join(k): v for k, v in traverse_util.flatten_dict(shapes).items()}
-
-
-def _check_against_model(flat: dict[str, Any], expected: dict[str, Any], where: str) -> None:
-  problems = [f'{k}: missing' for k in sorted(expected.keys() - flat.keys())]
-  problems += [f'{k}: not in this model' for k in sorted(flat.keys() - expected.keys())]
-  problems += [
-    f'{k}: {tuple(flat[k].shape)} {flat[k].dtype}, the model wants '
-    f'{tuple(expected[k].shape)} {expected[k].dtype}'
-    for k in sorted(flat.keys() & expected.keys())
-    if tuple(flat[k].shape) != tuple(expected[k].shape) or flat[k].dtype != expected[k].dtype
-  ]
-  if problems:
-    shown = '; '.join(problems[:8]) + (f'; … {len(problems) - 8} more' if len(problems) > 8 else '')
-    raise ValueError(f'{where} does not match the model its config describes: {shown}')
 
 
 def _tokenizer_size(path: str) -> int:
@@ -162,28 +116,26 @@ def write_bundle(
     fmt: 'safetensors' or 'msgpack' for the parameters.
     step: the checkpoint step, recorded in bundle.json.
   """
-  from vatt_jax.models import build_model
-
   if fmt not in PARAMS_FILES:
     raise ValueError(f'bundle format must be one of {sorted(PARAMS_FILES)}, got {fmt!r}')
   path = os.path.join(output_dir, BUNDLE_DIR)
   if os.path.isdir(path) and os.listdir(path):
     raise FileExistsError(f'{path} already holds files; export into an empty directory')
-  model_cfg = config.model
-  check_exportable(model_cfg)
-  model = build_model(model_cfg)
+  model = build_model(config.model)
+  check_exportable(model)
   flat = _flatten(variables)
-  abstract = _abstract_variables(model, model_cfg)
-  _check_against_model(flat, abstract, 'the variables to export')
-  vocab_size = int(model_cfg.text.vocab_size)
+  abstract = flat_paths(abstract_variables(model))
+  check_variables(flat, abstract, 'the variables to export', dtypes=True)
   if tokenizer_path is not None:
     if not os.path.isfile(tokenizer_path):
       raise FileNotFoundError(f'tokenizer {tokenizer_path} does not exist')
-    pieces = _tokenizer_size(tokenizer_path)
+    if 'text' not in outputs(model):
+      raise ValueError(f'model {model.name!r} embeds no text: a tokenizer has nothing to do')
+    pieces, vocab_size = _tokenizer_size(tokenizer_path), int(model.inputs['text'].high) + 1
     if pieces > vocab_size:
       raise ValueError(
-        f'tokenizer {tokenizer_path} has {pieces} pieces, more than config model.text.vocab_size '
-        f'{vocab_size}: it is not the tokenizer of this model'
+        f'tokenizer {tokenizer_path} has {pieces} pieces, more than the {vocab_size} ids the '
+        "model's text input takes: it is not the tokenizer of this model"
       )
 
   os.makedirs(path, exist_ok=True)
@@ -201,18 +153,14 @@ def write_bundle(
     json.dump(resolved, f, indent=2, sort_keys=True)
   files = {'params': PARAMS_FILES[fmt], 'config': 'config.json'}
   if tokenizer_path is not None:
-    shutil.copyfile(tokenizer_path, os.path.join(path, 'tokenizer.model'))
-    files['tokenizer'] = 'tokenizer.model'
+    shutil.copyfile(tokenizer_path, os.path.join(path, TOKENIZER_FILENAME))
+    files['tokenizer'] = TOKENIZER_FILENAME
 
-  one_each = {
-    m: jax.ShapeDtypeStruct((1, *s['shape'][1:]), s['dtype'])
-    for m, s in input_spec(model_cfg).items()
+  shapes = traverse_util.unflatten_dict(abstract, sep='/')
+  widths = {
+    m: jax.eval_shape(model.embed(m, levels), shapes, model.inputs[m].abstract(1))
+    for m, levels in outputs(model).items()
   }
-  apply_shapes = jax.eval_shape(
-    lambda v, batch: model.apply(v, batch, train=False),
-    traverse_util.unflatten_dict(abstract, sep='/'),
-    one_each,
-  )
   data = config.get('data', ml_collections.ConfigDict())
   info = {
     'format': FORMAT,
@@ -222,28 +170,33 @@ def write_bundle(
     'files': files,
     # config.json is left editable (e.g. dtype='bfloat16' for inference): the shape check guards it
     'sha256': {n: _sha256(os.path.join(path, f)) for n, f in files.items() if n != 'config'},
-    'inputs': input_spec(model_cfg),
-    'outputs': {
-      m: {short: int(apply_shapes[name].shape[-1]) for short, name in names.items()}
-      for m, names in OUTPUTS.items()
-    },
-    'preprocessing': {
-      'fps': data.get('fps'),
-      'num_frames': model_cfg.video.num_frames,
-      'frame_size': model_cfg.video.frame_size,
-      'video': 'RGB, central square crop resized (bilinear) to frame_size, x / 127.5 - 1',
-      'sample_rate': data.get('sample_rate'),
-      'num_samples': model_cfg.audio.num_samples,
-      'audio': 'mono waveform at sample_rate in [-1, 1], zero-padded to num_samples',
-      'max_words': model_cfg.text.max_words,
-      'text': 'sentencepiece ids (tokenizer.model), truncated or padded with 0 to max_words',
-    },
+    'model': model.name,
+    'inputs': input_spec(model),
+    'outputs': {m: {k: int(v.shape[-1]) for k, v in w.items()} for m, w in widths.items()},
+    'preprocessing': preprocessing(model, data),
     'tensors': {k: {'shape': list(v.shape), 'dtype': str(v.dtype)} for k, v in flat.items()},
     'num_parameters': int(sum(v.size for k, v in flat.items() if k.startswith('params/'))),
   }
   with open(os.path.join(path, 'bundle.json'), 'w') as f:
     json.dump(info, f, indent=2)
   return path
+
+
+def preprocessing(model: Model, data: ml_collections.ConfigDict) -> dict[str, Any]:
+  """How raw media become the encoders' inputs (bundle.json), as the training pipeline makes them."""
+  out = {}
+  inputs = input_spec(model)
+  if 'video' in inputs:
+    num_frames, height, width = inputs['video']['shape'][1:4]
+    out.update(fps=data.get('fps'), num_frames=num_frames, frame_size=[height, width],
+               video='RGB, central crop resized (bilinear) to frame_size, x / 127.5 - 1')  # fmt: skip
+  if 'audio' in inputs:
+    out.update(sample_rate=data.get('sample_rate'), num_samples=inputs['audio']['shape'][1],
+               audio='mono waveform at sample_rate in [-1, 1], zero-padded to num_samples')  # fmt: skip
+  if 'text' in inputs:
+    out.update(max_words=inputs['text']['shape'][1],
+               text='sentencepiece ids (tokenizer.model), truncated or padded with 0 to max_words')  # fmt: skip
+  return out
 
 
 def _umask() -> int:
@@ -262,18 +215,18 @@ def _package_version() -> str | None:
 
 
 class Encoders:
-  """The video, audio and text encoders of one model; each call runs one jitted function.
+  """One encoder per modality the model embeds; each call runs one jitted function (Model.embed).
 
   Attributes:
-    config: the run's config; model: the flax module; variables: {'params', 'batch_stats'} on
-    the default device; info: bundle.json (or None when built from memory); tokenizer_path: the
-    sentencepiece model, or None (then `text` takes ids only).
+    config: the run's config; model: the model (contract); variables: {'params', 'batch_stats'}
+    on the default device; info: bundle.json (or None when built from memory); tokenizer_path:
+    the sentencepiece model, or None (then `text` takes ids only).
   """
 
   def __init__(
     self,
     config: ml_collections.ConfigDict,
-    model,
+    model: Model,
     variables: dict,
     *,
     info: dict | None = None,
@@ -283,9 +236,16 @@ class Encoders:
     self.variables = jax.device_put(variables)
     self.tokenizer_path = tokenizer_path
     self._tokenizer = None
-    self._spec = input_spec(config.model)
+    self._spec = input_spec(model)
+    self._functions = {m: jax.jit(model.embed(m, levels)) for m, levels in outputs(model).items()}
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    return tuple(self._functions)
 
   def _check(self, modality: str, x) -> np.ndarray:
+    if modality not in self._spec:
+      raise ValueError(f'model {self.model.name!r} has no {modality} encoder ({self.modalities})')
     spec = self._spec[modality]
     x = np.asarray(x)
     want = tuple(spec['shape'][1:])
@@ -294,38 +254,44 @@ class Encoders:
         f'{modality} input has shape {x.shape}, the model takes [B, {", ".join(map(str, want))}]'
         + (' (add a batch axis: x[None])' if tuple(x.shape) == want else '')
       )
-    if spec['dtype'] == 'float32':
+    if spec['dtype'].startswith('float'):
       if not np.issubdtype(x.dtype, np.floating):
+        low, high = spec['range']
         raise ValueError(
-          f'{modality} input is {x.dtype}; the model takes float32 in [-1, 1] '
+          f'{modality} input is {x.dtype}; the model takes {spec["dtype"]} in [{low:g}, {high:g}] '
           '(e.g. uint8 frames / 127.5 - 1)'
         )
-      return x.astype(np.float32)
+      return x.astype(spec['dtype'])
     if not np.issubdtype(x.dtype, np.integer):
-      raise ValueError(f'text input is {x.dtype}: pass strings or int32 token ids')
+      raise ValueError(f'{modality} input is {x.dtype}: pass strings or {spec["dtype"]} token ids')
     low, high = spec['range']
     if x.size and (x.min() < low or x.max() > high):
-      raise ValueError(f'text ids must lie in [{low}, {high}] (config model.text.vocab_size)')
-    return x.astype(np.int32)
+      raise ValueError(f"{modality} ids must lie in [{low}, {high}] (the model's vocabulary)")
+    return x.astype(spec['dtype'])
+
+  def embed(self, modality: str, x) -> dict[str, jax.Array]:
+    """One modality's array [B, …] → {level: [B, D]} (the model's pooled levels)."""
+    x = self._check(modality, x)
+    return self._functions[modality](self.variables, x)
 
   def video(self, video) -> dict[str, jax.Array]:
-    """video: [B, T, H, W, 3] float32 in [-1, 1] → {'agg': [B, Dv], 'va': [B, va], 'vt': [B, vt]}"""
-    return encode(self.model, 'video', self.variables, self._check('video', video))
+    """video: [B, T, H, W, 3] float32 in [-1, 1] → {level: [B, D]}."""
+    return self.embed('video', video)
 
   def audio(self, audio) -> dict[str, jax.Array]:
-    """audio: [B, S] float32 in [-1, 1] → {'agg': [B, Da], 'va': [B, va]}."""
-    return encode(self.model, 'audio', self.variables, self._check('audio', audio))
+    """audio: [B, S] float32 in [-1, 1] → {level: [B, D]}."""
+    return self.embed('audio', audio)
 
   def text(self, text: str | Sequence[str] | np.ndarray) -> dict[str, jax.Array]:
-    """A string, a list of B strings or int32 ids [B, W] (0 = padding) → {'agg': [B, Dt],
-    'vt': [B, vt]}. Strings need the bundle's tokenizer."""
+    """A string, a list of B strings or int32 ids [B, W] (0 = padding) → {level: [B, D]}. Strings
+    need the bundle's tokenizer."""
     if isinstance(text, str | bytes):
       text = [text]
     if isinstance(text, np.ndarray) and text.dtype.kind in 'USO':
       text = text.tolist()
     if isinstance(text, list | tuple) and text and all(isinstance(t, str | bytes) for t in text):
       text = self.tokenize(text)
-    return encode(self.model, 'text', self.variables, self._check('text', text))
+    return self.embed('text', text)
 
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
     """[B] strings → [B, max_words] int32 ids, exactly as the training pipeline tokenizes."""
@@ -334,6 +300,8 @@ class Encoders:
         'this bundle has no tokenizer.model (the run had none, e.g. synthetic data): pass int32 '
         'token ids [B, W] to text(), or re-export with the tokenizer'
       )
+    if 'text' not in self._spec:
+      raise ValueError(f'model {self.model.name!r} has no text encoder')
     if self._tokenizer is None:
       from data_pipelines.text import Tokenizer  # (imports TensorFlow: only when strings are used)
 
@@ -369,8 +337,6 @@ def load_bundle(path: str) -> Encoders:
   Raises FileNotFoundError for a missing file, ValueError for a corrupt one, a bundle of a newer
   format, or parameters that do not fit the model its config.json describes.
   """
-  from vatt_jax.models import build_model
-
   if not os.path.isfile(os.path.join(path, 'bundle.json')) and os.path.isfile(
     os.path.join(path, BUNDLE_DIR, 'bundle.json')
   ):
@@ -395,11 +361,11 @@ def load_bundle(path: str) -> Encoders:
   config = ml_collections.ConfigDict(
     _read_json(os.path.join(path, files['config']), 'the run config')
   )
-  check_exportable(config.model)
   model = build_model(config.model)
+  check_exportable(model)
   params_path = os.path.join(path, files['params'])
   flat = _read_params(params_path, files['params'])
-  _check_against_model(flat, _abstract_variables(model, config.model), params_path)
+  check_variables(flat, flat_paths(abstract_variables(model)), params_path, dtypes=True)
   variables = traverse_util.unflatten_dict(flat, sep='/')
   variables.setdefault('batch_stats', {})
   tokenizer = os.path.join(path, files['tokenizer']) if 'tokenizer' in files else None

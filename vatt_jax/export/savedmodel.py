@@ -1,14 +1,15 @@
-"""The three encoders as a TensorFlow SavedModel (jax2tf native serialization), and a parity check.
+"""A model's encoders as a TensorFlow SavedModel (jax2tf native serialization), and a parity check.
 
   import tensorflow as tf
   encoders = tf.saved_model.load('export/saved_model')
-  out = encoders.signatures['video'](video=tf.zeros([2, T, H, W, 3]))  # {'agg', 'va', 'vt'}
+  out = encoders.signatures['video'](video=tf.zeros([2, T, H, W, 3]))  # {'input', 'agg', 'va', 'vt'}
 
-Signatures (batch dimension free; the others fixed by config.model):
-  video  video: float32 [None, T, H, W, 3] in [-1, 1]  →  agg [B, Dv], va [B, va], vt [B, vt]
-  audio  audio: float32 [None, S] in [-1, 1]           →  agg [B, Da], va [B, va]
-  text   text:  int32 [None, W], 0 = padding           →  agg [B, Dt], vt [B, vt]
-The same names as the bundle loader (vatt_jax.export.bundle.OUTPUTS), all float32.
+One signature per modality the model embeds, named after it, with one input of the same name
+(batch dimension free; the others fixed by the model's inputs) and its pooled levels as outputs
+(Model.embeddings; the bundle loader's names, vatt_jax.export.bundle.outputs), all float32. VATT:
+  video  video: float32 [None, T, H, W, 3] in [-1, 1]  →  input, agg [B, Dv], va [B, va], vt [B, vt]
+  audio  audio: float32 [None, S] in [-1, 1]           →  input, agg [B, Da], va [B, va]
+  text   text:  int32 [None, W], 0 = padding           →  input, agg [B, Dt], vt [B, vt]
 
 How: each encoder is `jax2tf.convert`ed with a polymorphic batch dimension; the JAX computation is
 serialized as StableHLO inside one `XlaCallModule` op per signature (the only jax2tf mode since JAX
@@ -27,29 +28,27 @@ import shutil
 import tempfile
 
 import jax
-import ml_collections
 import numpy as np
 
-from vatt_jax.export.bundle import OUTPUTS, check_exportable, encode, input_spec
+from vatt_jax.export.bundle import check_exportable, input_spec, outputs
+from vatt_jax.models import Model
 
 SAVED_MODEL_DIR = 'saved_model'
 DEFAULT_PLATFORMS = ('cpu', 'cuda')
 
 
 def export_saved_model(
-  config: ml_collections.ConfigDict,
-  model,
+  model: Model,
   variables: dict,
   output_dir: str,
   *,
   tokenizer_path: str | None = None,
   platforms: tuple[str, ...] = DEFAULT_PLATFORMS,
 ) -> str:
-  """Writes `output_dir/saved_model/` with signatures 'video', 'audio', 'text'; returns its path.
+  """Writes `output_dir/saved_model/` with one signature per embedded modality; returns its path.
 
   Args:
-    config: the run's config (its model section gives the input shapes).
-    model, variables: load_model's module and {'params', 'batch_stats'}.
+    model, variables: the run's model and {'params', 'batch_stats'} (workdir.load_model).
     output_dir: the SavedModel goes into its `saved_model/` subdirectory, which must be empty.
     tokenizer_path: attached as an asset when given.
     platforms: jax2tf native_serialization_platforms, a subset of cpu, cuda, rocm, tpu.
@@ -57,18 +56,18 @@ def export_saved_model(
   import tensorflow as tf
   from jax.experimental import jax2tf
 
-  check_exportable(config.model)
+  check_exportable(model)
   path = os.path.join(output_dir, SAVED_MODEL_DIR)
   if os.path.isdir(path) and os.listdir(path):
     raise FileExistsError(f'{path} already holds files; export into an empty directory')
-  spec = input_spec(config.model)
+  spec = input_spec(model)
   host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), variables)
   module = tf.Module()
   module.weights = tf.nest.map_structure(lambda x: tf.Variable(x, trainable=False), host)
   signatures = {}
-  for modality in OUTPUTS:
+  for modality, levels in outputs(model).items():
     converted = jax2tf.convert(
-      lambda v, x, m=modality: encode(model, m, v, x),
+      model.embed(modality, levels),
       polymorphic_shapes=[None, '(b, ...)'],
       with_gradient=False,
       native_serialization_platforms=tuple(platforms),
@@ -96,27 +95,20 @@ def _bind(converted, module):
   return lambda x: converted(module.weights, x)
 
 
-def random_inputs(
-  model_cfg: ml_collections.ConfigDict, batch_size: int = 2, seed: int = 0
-) -> dict[str, np.ndarray]:
-  """Inputs of every modality in the encoders' ranges: video and audio uniform in [-1, 1], text
-  random ids in [1, vocab) with random lengths (≥ 1 word) and 0-padding."""
+def random_inputs(model: Model, batch_size: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+  """Inputs of every exported modality in the encoders' ranges (InputSpec.random: floats uniform,
+  ids uniform over the non-padding ids with random lengths ≥ 1 and padding)."""
   rng = np.random.default_rng(seed)
-  spec = input_spec(model_cfg)
-  out = {
-    m: rng.uniform(-1.0, 1.0, (batch_size, *spec[m]['shape'][1:])).astype(np.float32)
-    for m in ('video', 'audio')
+  return {m: model.inputs[m].random(rng, batch_size) for m in outputs(model)}
+
+
+def jax_embeddings(model: Model, variables: dict, inputs: dict[str, np.ndarray]) -> dict[str, dict]:
+  """{modality: {level: array}} of the JAX model (Model.embed, jitted), as numpy arrays."""
+  levels = outputs(model)
+  return {
+    m: jax.tree.map(np.asarray, jax.jit(model.embed(m, levels[m]))(variables, x))
+    for m, x in inputs.items()
   }
-  words, vocab = spec['text']['shape'][1], spec['text']['range'][1] + 1
-  ids = rng.integers(1, vocab, (batch_size, words), dtype=np.int32)
-  lengths = rng.integers(1, words + 1, (batch_size, 1))
-  out['text'] = np.where(np.arange(words) < lengths, ids, 0).astype(np.int32)
-  return out
-
-
-def jax_embeddings(model, variables: dict, inputs: dict[str, np.ndarray]) -> dict[str, dict]:
-  """{modality: {'agg', 'va'/'vt'}} of the JAX model, as numpy arrays."""
-  return {m: jax.tree.map(np.asarray, encode(model, m, variables, x)) for m, x in inputs.items()}
 
 
 def saved_model_embeddings(path: str, inputs: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -136,8 +128,8 @@ def relative_errors(got: dict[str, dict], want: dict[str, dict]) -> dict[str, fl
   near zero do not blow the figure up; inf for non-finite values). Fails if an output is missing
   or has another shape."""
   errors = {}
-  for m, outputs in want.items():
-    for name, reference in outputs.items():
+  for m, levels in want.items():
+    for name, reference in levels.items():
       value = got.get(m, {}).get(name)
       if value is None or value.shape != reference.shape:
         raise ValueError(
@@ -151,17 +143,11 @@ def relative_errors(got: dict[str, dict], want: dict[str, dict]) -> dict[str, fl
 
 
 def parity(
-  saved_model_dir: str,
-  config: ml_collections.ConfigDict,
-  model,
-  variables: dict,
-  *,
-  batch_size: int = 2,
-  seed: int = 0,
+  saved_model_dir: str, model: Model, variables: dict, *, batch_size: int = 2, seed: int = 0
 ) -> dict[str, float]:
   """Max relative error per output between the SavedModel and the JAX model on random inputs
-  (random_inputs(config.model, batch_size, seed)); see relative_errors."""
-  inputs = random_inputs(config.model, batch_size, seed)
+  (random_inputs(model, batch_size, seed)); see relative_errors."""
+  inputs = random_inputs(model, batch_size, seed)
   return relative_errors(
     saved_model_embeddings(saved_model_dir, inputs), jax_embeddings(model, variables, inputs)
   )

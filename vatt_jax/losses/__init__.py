@@ -1,4 +1,7 @@
-"""Objectives: `build_loss(config.loss)` returns fn(model output, batch) -> (loss, terms).
+"""Losses: `build_loss(config.loss)` returns fn(model output, batch) -> (loss, terms).
+
+A model's training objective (vatt_jax/models/contract.py) applies one of these to its outputs;
+which losses a model trains with is the model's to say (Model.losses).
 
 Pretraining: 'vatt' (NCE + MIL-NCE on the common-space embeddings) and 'norton' (clip–caption and
 video–paragraph losses with optimal transport, on long videos); fine-tuning: 'softmax_xent' (label
@@ -7,13 +10,16 @@ smoothing) and 'sigmoid_xent' (multi-label) on a classifier's logits.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import ml_collections
 
-from vatt_jax.losses.classification import BALANCES, mixup, sigmoid_xent, softmax_xent
+from vatt_jax.losses.classification import BALANCES, sigmoid_xent, softmax_xent
 from vatt_jax.losses.contrastive import mil_nce, nce, vatt_pretraining_loss
 from vatt_jax.losses.norton import (
+  NortonOptions,
   bucket_value,
   clip_caption_loss,
   fine_grained_similarity,
@@ -24,6 +30,8 @@ from vatt_jax.losses.norton import (
 )
 
 __all__ = [
+  'NortonOptions',
+  'register_loss',
   'bucket_value',
   'build_loss',
   'clip_caption_loss',
@@ -32,7 +40,6 @@ __all__ = [
   'loss_components',
   'mil_nce',
   'min_max',
-  'mixup',
   'nce',
   'norton_loss',
   'sigmoid_xent',
@@ -67,60 +74,24 @@ def _sigmoid_xent(cfg: ml_collections.ConfigDict):
 
 
 def _norton(cfg: ml_collections.ConfigDict):
-  """Norton's defaults; every field optional. Optional extras: paragraph_iters (Sinkhorn iterations
-  of the paragraph plan; default sinkhorn_iters, or 50 when that is 0/None) and clips_per_video
-  (checked to be a multiple of length)."""
-  kw = {
-    'temperature': cfg.get('temperature', 0.07),
-    'beta': cfg.get('beta', 0.3),
-    'clip_epsilon': cfg.get('clip_epsilon', 1.0),
-    'sinkhorn_iters': cfg.get('sinkhorn_iters', 50),
-    'paragraph_weight': cfg.get('paragraph_weight', 0.1),
-    'length': cfg.get('length', 8),
-    'paragraph_epsilon': cfg.get('paragraph_epsilon', 0.1),
-    'prompt_ratio': cfg.get('prompt_ratio', 0.3),
-    'paragraph_temperature': cfg.get('paragraph_temperature', 0.07),
-    'alpha': cfg.get('alpha', 1.0),
-    'fusion_weight': cfg.get('fusion_weight', 0.5),
-    'paragraph_iters': cfg.get('paragraph_iters', None),
-    'clips_per_video': cfg.get('clips_per_video', None),
-  }
-  checks = [
-    ('temperature', kw['temperature'] > 0, '> 0'),
-    ('beta', 0 <= kw['beta'] <= 1, 'in [0, 1]'),
-    ('clip_epsilon', kw['clip_epsilon'] > 0, '> 0'),
-    ('paragraph_weight', kw['paragraph_weight'] >= 0, '>= 0'),
-    ('paragraph_epsilon', kw['paragraph_epsilon'] > 0, '> 0'),
-    ('paragraph_temperature', kw['paragraph_temperature'] > 0, '> 0'),
-    ('alpha', kw['alpha'] > 0, '> 0'),
-    ('fusion_weight', kw['fusion_weight'] >= 0, '>= 0'),
-  ]
-  for name in ('sinkhorn_iters', 'paragraph_iters'):
-    value = kw[name]
-    checks.append((name, value is None or (isinstance(value, int) and value >= 0), 'an int >= 0'))
-  for name in ('length', 'clips_per_video'):
-    value = kw[name]
-    ok = isinstance(value, int) and value >= 1
-    checks.append((name, ok or (name == 'clips_per_video' and value is None), 'an int >= 1'))
-  ratio = kw['prompt_ratio']
-  checks.append(('prompt_ratio', ratio is None or 0 < ratio <= 1, 'None or in (0, 1]'))
-  for name, ok, want in checks:
-    if not ok:
-      raise ValueError(f'config loss.{name} must be {want}, got {kw[name]!r}')
-  if kw['clips_per_video'] is not None and kw['clips_per_video'] % kw['length']:
-    raise ValueError(
-      f'config loss.length ({kw["length"]}) must divide loss.clips_per_video '
-      f'({kw["clips_per_video"]}): a clip sequence may not straddle two videos'
-    )
-  return functools.partial(norton_loss, **kw)
+  """Norton's losses with NortonOptions' defaults, overridden by the config's fields."""
+  return functools.partial(norton_loss, **dataclasses.asdict(NortonOptions.from_config(cfg)))
 
 
-LOSSES = {
+# One dict per kind: config.loss.name → builder (config.loss → loss function).
+LOSSES: dict[str, Callable] = {
   'vatt': _vatt,
   'norton': _norton,
   'softmax_xent': _softmax_xent,
   'sigmoid_xent': _sigmoid_xent,
 }
+
+
+def register_loss(name: str, builder: Callable) -> None:
+  """Adds a loss to LOSSES (a loss module outside vatt_jax calls this when imported)."""
+  if name in LOSSES and LOSSES[name] is not builder:
+    raise ValueError(f'loss name {name!r} is already registered to {LOSSES[name]}')
+  LOSSES[name] = builder
 
 
 def loss_components(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, float], ...]:

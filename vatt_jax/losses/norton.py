@@ -29,6 +29,10 @@ Differences from Norton's PyTorch code (mmpt/losses/nce.py), on purpose:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -274,23 +278,82 @@ def clip_caption_loss(
   return direction(logits, targets_v2t) + direction(logits.T, targets_t2v)
 
 
+@dataclasses.dataclass(frozen=True)
+class NortonOptions:
+  """Norton's hyper-parameters (its paper and code): the one place their defaults live. Config
+  loss fields of the same names override them (losses.build_loss, configs/norton_demo.py); the
+  long-video evaluator reads the same ones."""
+
+  temperature: float = 0.07  # clip–caption logits: cosine / τ
+  beta: float = 0.3  # clip–caption targets (1 − β)·I + β·Q, Q the Sinkhorn plan of the logits
+  clip_epsilon: float = 1.0
+  sinkhorn_iters: int | None = 50  # both solvers (0/None: no clip–caption plan)
+  paragraph_weight: float = 0.1  # total = clip–caption + 0.1 · video–paragraph
+  length: int = 8  # clips (and captions) per paragraph
+  paragraph_epsilon: float = 0.1
+  prompt_ratio: float | None = 0.3  # bucket value: the ⌊0.3·N⌋-th smallest matching similarity
+  paragraph_temperature: float = 0.07
+  alpha: float = 1.0  # log-sum-exp sharpness of the word–frame similarity
+  fusion_weight: float = 0.5  # fused = (0.5·pooled + fine-grained) / 1.5
+  paragraph_iters: int | None = None  # the paragraph solver's (None: sinkhorn_iters, or 50)
+  clips_per_video: int | None = None  # checked: a paragraph may not straddle two videos
+
+  def __post_init__(self):
+    ranged = {
+      'temperature': self.temperature > 0,
+      'beta': 0 <= self.beta <= 1,
+      'clip_epsilon': self.clip_epsilon > 0,
+      'paragraph_weight': self.paragraph_weight >= 0,
+      'paragraph_epsilon': self.paragraph_epsilon > 0,
+      'paragraph_temperature': self.paragraph_temperature > 0,
+      'alpha': self.alpha > 0,
+      'fusion_weight': self.fusion_weight >= 0,
+      'prompt_ratio': self.prompt_ratio is None or 0 < self.prompt_ratio <= 1,
+    }
+    for name in ('sinkhorn_iters', 'paragraph_iters'):
+      value = getattr(self, name)
+      ranged[name] = value is None or (isinstance(value, int) and value >= 0)
+    for name in ('length', 'clips_per_video'):
+      value = getattr(self, name)
+      ok = isinstance(value, int) and value >= 1
+      ranged[name] = ok or (name == 'clips_per_video' and value is None)
+    wants = {'beta': 'in [0, 1]', 'prompt_ratio': 'None or in (0, 1]', 'length': 'an int >= 1',
+             'clips_per_video': 'an int >= 1 or None', 'sinkhorn_iters': 'an int >= 0 or None',
+             'paragraph_iters': 'an int >= 0 or None', 'paragraph_weight': '>= 0',
+             'fusion_weight': '>= 0'}  # fmt: skip
+    for name, ok in ranged.items():
+      if not ok:
+        raise ValueError(
+          f'config loss.{name} must be {wants.get(name, "> 0")}, got {getattr(self, name)!r}'
+        )
+    if self.clips_per_video is not None and self.clips_per_video % self.length:
+      raise ValueError(
+        f'config loss.length ({self.length}) must divide loss.clips_per_video '
+        f'({self.clips_per_video}): a clip sequence may not straddle two videos'
+      )
+
+  @property
+  def paragraph_iterations(self) -> int:
+    """The paragraph solver's iterations: paragraph_iters, else sinkhorn_iters, else 50."""
+    if self.paragraph_iters is not None:
+      return self.paragraph_iters
+    return self.sinkhorn_iters or 50
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> NortonOptions:
+    """The options of a config.loss section (its 'name' aside); unknown fields are an error."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in dict(cfg).items() if k != 'name'}
+    unknown = sorted(given.keys() - fields)
+    if unknown:
+      raise ValueError(
+        f'config loss has fields Norton does not know: {unknown} (it has {sorted(fields)})'
+      )
+    return cls(**given)
+
+
 def norton_loss(
-  embeddings: dict[str, jax.Array],
-  batch: dict[str, jax.Array],
-  *,
-  temperature: float = 0.07,
-  beta: float = 0.3,
-  clip_epsilon: float = 1.0,
-  sinkhorn_iters: int | None = 50,
-  paragraph_weight: float = 0.1,
-  length: int = 8,
-  paragraph_epsilon: float = 0.1,
-  prompt_ratio: float | None = 0.3,
-  paragraph_temperature: float = 0.07,
-  alpha: float = 1.0,
-  fusion_weight: float = 0.5,
-  paragraph_iters: int | None = None,
-  clips_per_video: int | None = None,
+  embeddings: dict[str, jax.Array], batch: dict[str, jax.Array], **options
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """clip_caption_loss + paragraph_weight · video_paragraph_loss(fused_similarity).
 
@@ -303,9 +366,12 @@ def norton_loss(
   off); paragraph_iters, when given, overrides it for the paragraph one (default: sinkhorn_iters,
   or 50 when that is 0/None).
 
+  options: the fields of NortonOptions (its defaults otherwise).
+
   Returns:
     (total, {"loss_clip", "loss_paragraph"}) as float32 scalars.
   """
+  o = NortonOptions(**options)
   text = embeddings['text_vt']
   if text.ndim != 3:
     raise ValueError(f'norton_loss wants text_vt [N, K, D]; got {text.shape}')
@@ -314,13 +380,13 @@ def norton_loss(
   loss_clip = clip_caption_loss(
     video,
     text[:, 0],
-    temperature=temperature,
-    beta=beta,
-    epsilon=clip_epsilon,
-    num_iters=sinkhorn_iters,
+    temperature=o.temperature,
+    beta=o.beta,
+    epsilon=o.clip_epsilon,
+    num_iters=o.sinkhorn_iters,
     mask=valid,
   )
-  if paragraph_weight:
+  if o.paragraph_weight:
     sim = fused_similarity(
       video,
       text[:, 0],
@@ -328,23 +394,21 @@ def norton_loss(
       embeddings['video_frames_mask'],
       embeddings['text_words_vt'][:, 0],
       embeddings['text_words_mask'][:, 0],
-      alpha=alpha,
-      fusion_weight=fusion_weight,
+      alpha=o.alpha,
+      fusion_weight=o.fusion_weight,
       mask=valid,
     )
-    if paragraph_iters is None:
-      paragraph_iters = sinkhorn_iters or 50
     loss_paragraph = video_paragraph_loss(
       sim,
-      length=length,
-      epsilon=paragraph_epsilon,
-      num_iters=paragraph_iters,
-      prompt_ratio=prompt_ratio,
-      temperature=paragraph_temperature,
+      length=o.length,
+      epsilon=o.paragraph_epsilon,
+      num_iters=o.paragraph_iterations,
+      prompt_ratio=o.prompt_ratio,
+      temperature=o.paragraph_temperature,
       mask=valid,
-      clips_per_video=clips_per_video,
+      clips_per_video=o.clips_per_video,
     )
   else:
     loss_paragraph = jnp.zeros((), jnp.float32)
-  total = loss_clip + paragraph_weight * loss_paragraph
+  total = loss_clip + o.paragraph_weight * loss_paragraph
   return total, {'loss_clip': loss_clip, 'loss_paragraph': loss_paragraph}

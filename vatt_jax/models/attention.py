@@ -1,4 +1,5 @@
-"""Multi-head self-attention and the T5 relative position bias.
+"""Multi-head self-attention (the `ATTENTION` implementations a config picks) and the T5 relative
+position bias.
 
 Dense attention goes through `jax.nn.dot_product_attention` whenever attention-probability dropout
 is off. With attention dropout in training, the probabilities have to be materialised, so an
@@ -103,6 +104,20 @@ class MultiHeadSelfAttention(nn.Module):
       dtype=self.dtype,
       name='out',
     )(out)
+
+
+# config model.<tower>.attention → the self-attention module of that encoder's blocks. Each takes
+# (x [B, N, D], *, mask [B, N] | None, bias [1|B, H, N, N] | None, deterministic) and returns
+# [B, N, D] with the attributes num_heads, attention_dropout_rate, scale_logits, dtype.
+# (SViTT's local + random block-sparse attention enters here.)
+ATTENTION: dict[str, type[nn.Module]] = {'dense': MultiHeadSelfAttention}
+
+
+def get_attention(name: str) -> type[nn.Module]:
+  try:
+    return ATTENTION[name]
+  except KeyError:
+    raise ValueError(f'attention {name!r} is not one of {sorted(ATTENTION)}') from None
 
 
 def relative_position_bucket(

@@ -5,12 +5,12 @@
   image (ImageNet):  the image repeated into a clip of num_frames (the input pipeline does it), fed
                      to the video tower — the paper's "replicate the input image 4 times".
 
-The tower is VATT's own (`VATT._tower`: tokenizer → dropout → DropToken → AGG → encoder), and its
-parameters keep VATT's names — `video_tokenizer`, `video_agg`, `video_encoder` (or `shared_encoder`
-for the modality-agnostic backbone) — so a pretraining checkpoint maps onto a classifier by name
-(`load_pretrained_tower`). The head is `classifier` {kernel [D, C], bias [C]}; the official code
-initialises it glorot-normal (video) or glorot-uniform with bias −log(C − 1) (audio), both with
-dropout 0.5 before it.
+The classifier composes VATT's `Tower` (vatt_jax/models/tower.py), built by the same function as
+VATT's and under the same name — `video_tower` (or `audio_tower`; the modality-agnostic backbone's
+encoder stays `shared_encoder`) — so a pretraining checkpoint maps onto a classifier by name
+(`ClassifierModel.load_pretrained`). The head is `classifier` {kernel [D, C], bias [C]}; the
+official code initialises it glorot-normal (video) or glorot-uniform with bias −log(C − 1)
+(audio), both with dropout 0.5 before it.
 """
 
 from __future__ import annotations
@@ -19,11 +19,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from flax import traverse_util
 
-from vatt_jax.models.tokenizers import VoxelTokenizer, WaveformTokenizer, resize_positions
-from vatt_jax.models.vatt import VATT
+from vatt_jax.models import contract
+from vatt_jax.models.transformer import EncoderSize
+from vatt_jax.models.vatt import (
+  AudioSpec,
+  VideoSpec,
+  adapt_positions,
+  audio_spec,
+  make_encoder,
+  make_tower,
+  media_inputs,
+  shared_size,
+  video_spec,
+)
 
 MODALITIES = ('video', 'audio', 'image')
 HEAD = 'classifier'
@@ -41,57 +50,38 @@ def tower_of(modality: str) -> str:
   return 'video' if modality == 'image' else modality
 
 
-class Classifier(VATT):
-  """A VATT with a single tower and a classification head (see the module docstring).
-
-  The VATT attributes (specs, shared encoder, dropout rates, remat, dtype) describe the tower as in
-  pretraining; only the spec of `tower` is read, the others may be None.
+class Classifier(nn.Module):
+  """One tower and a classification head (see the module docstring).
 
   Attributes:
-    tower: 'video' or 'audio'.
+    tower: 'video' or 'audio'; spec: that tower's VideoSpec or AudioSpec.
+    shared: the modality-agnostic backbone's encoder size (its encoder is then `shared_encoder`).
     num_classes: C.
     classifier_dropout_rate: dropout on the AGG output before the head (official code: 0.5).
     kernel_init: 'glorot_normal', 'glorot_uniform' or 'zeros'.
     bias_init: constant initial bias (the official audio head: −log(C − 1)).
+    dropout_rate, attention_dropout_rate, remat, dtype: the tower's, as in pretraining.
   """
 
-  tower: str = 'video'
-  num_classes: int = 400
+  tower: str
+  spec: VideoSpec | AudioSpec
+  num_classes: int
+  shared: EncoderSize | None = None
+  shared_attention: str = 'dense'
   classifier_dropout_rate: float = 0.0
   kernel_init: str = 'glorot_normal'
   bias_init: float = 0.0
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  remat: str = 'none'
+  dtype: jnp.dtype = jnp.float32
 
   def setup(self):
     if self.tower not in ('video', 'audio'):
       raise ValueError(f"Classifier tower must be 'video' or 'audio', got {self.tower!r}")
-    width = self._width(self.tower)
-    if self.tower == 'video':
-      self.video_tokenizer = VoxelTokenizer(
-        width=width,
-        patch_size=tuple(self.video.patch_size),
-        grid=tuple(self.video.grid),
-        position_layernorm=self.video.position_layernorm,
-        dtype=self.dtype,
-      )
-    else:
-      self.audio_tokenizer = WaveformTokenizer(
-        width=width,
-        patch_size=self.audio.patch_size,
-        num_patches=self.audio.num_patches,
-        position_layernorm=self.audio.position_layernorm,
-        dtype=self.dtype,
-      )
-    self.token_dropout = nn.Dropout(self.dropout_rate)
-    agg_init = nn.with_logical_partitioning(
-      nn.initializers.truncated_normal(stddev=0.02), ('embed',)
-    )
-    self.agg_tokens = {self.tower: self.param(f'{self.tower}_agg', agg_init, (width,))}
     if self.shared is not None:
-      self.shared_encoder = self._make_encoder(self.shared)
-    elif self.tower == 'video':
-      self.video_encoder = self._make_encoder(self.video.size)
-    else:
-      self.audio_encoder = self._make_encoder(self.audio.size)
+      self.shared_encoder = make_encoder(self, self.shared, self.shared_attention)
+    setattr(self, f'{self.tower}_tower', make_tower(self, self.tower, self.spec))
     self.head_dropout = nn.Dropout(self.classifier_dropout_rate)
     self.classifier = nn.Dense(
       self.num_classes,
@@ -100,6 +90,10 @@ class Classifier(VATT):
       dtype=jnp.float32,
       name=HEAD,
     )
+
+  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """The tower's AGG output [B, D] float32."""
+    return getattr(self, f'{self.tower}_tower')(x, train=train).agg
 
   def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> dict[str, jax.Array]:
     """batch: "video" [B, T, H, W, 3] or "audio" [B, S] (other fields are ignored).
@@ -110,17 +104,13 @@ class Classifier(VATT):
       raise ValueError(
         f'a {self.tower} classifier needs batch[{self.tower!r}]; keys: {sorted(batch)}'
       )
-    encode = self.encode_video if self.tower == 'video' else self.encode_audio
-    features = encode(batch[self.tower], train=train)
+    features = self.features(batch[self.tower], train=train)
     hidden = self.head_dropout(features, deterministic=not train)
     return {'logits': self.classifier(hidden), f'{self.tower}_agg': features}
 
 
-def build_classifier(cfg: ml_collections.ConfigDict, backbone: VATT) -> Classifier:
-  """config.model (a VATT model config plus modality, num_classes, classifier) → Classifier.
-
-  backbone: the VATT that config.model describes (its specs give the tower's shapes).
-  """
+def build_module(cfg: ml_collections.ConfigDict) -> Classifier:
+  """config.model (a VATT model config plus modality, num_classes, classifier) → Classifier."""
   if cfg.get('num_classes', 0) < 1:
     raise ValueError(f'config model.num_classes must be >= 1, got {cfg.get("num_classes")!r}')
   head = cfg.get('classifier', ml_collections.ConfigDict())
@@ -135,95 +125,47 @@ def build_classifier(cfg: ml_collections.ConfigDict, backbone: VATT) -> Classifi
     raise ValueError(f'config model.classifier.dropout_rate must be in [0, 1), got {dropout}')
   tower = tower_of(cfg.get('modality', 'video'))
   return Classifier(
-    video=backbone.video if tower == 'video' else None,
-    audio=backbone.audio if tower == 'audio' else None,
-    text=None,
-    head=None,
-    shared=backbone.shared,
-    dropout_rate=backbone.dropout_rate,
-    attention_dropout_rate=backbone.attention_dropout_rate,
-    remat=backbone.remat,
-    dtype=backbone.dtype,
     tower=tower,
+    spec=video_spec(cfg) if tower == 'video' else audio_spec(cfg),
     num_classes=int(cfg.num_classes),
+    shared=shared_size(cfg),
+    shared_attention=cfg.get('shared_attention', 'dense'),
     classifier_dropout_rate=float(dropout),
     kernel_init=kernel_init,
     bias_init=float(head.get('bias_init', 0.0)),
+    dropout_rate=cfg.dropout_rate,
+    attention_dropout_rate=cfg.attention_dropout_rate,
+    remat=cfg.get('remat', 'none'),
+    dtype=jnp.bfloat16 if cfg.dtype == 'bfloat16' else jnp.float32,
   )
 
 
-# ---- initialisation from a pretraining checkpoint ----------------------------------------------
+class ClassifierModel(contract.FlaxModel):
+  """The classifier under the model contract: input its tower's modality, embedding level 'agg'
+  (the tower's AGG output), classify() → logits; trains with softmax / sigmoid cross-entropy;
+  loads a pretraining run's tower by name, its head kept at initialisation."""
 
-_POSITION_TABLES = {
-  'video_tokenizer': ('temporal_position', 'horizontal_position', 'vertical_position'),
-  'audio_tokenizer': ('position',),
-}
+  losses = ('softmax_xent', 'sigmoid_xent')
+  rng_streams = ('dropout', 'droptoken')
 
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    module = build_module(cfg)
+    super().__init__(cfg, module, media_inputs(cfg, (module.tower,)))
+    self.tower = module.tower
+    self.num_classes = module.num_classes
+    self.embeddings = {self.tower: ('agg',)}
 
-def _shape(x) -> tuple[int, ...]:
-  return tuple(x.shape) if hasattr(x, 'shape') else tuple(np.shape(x))
+  def _embed(self, modality: str, levels: tuple[str, ...]) -> contract.EmbedFn:
+    def embed(variables, x):
+      return {'agg': self.module.apply(variables, x, method=Classifier.features)}
 
+    return embed
 
-def load_pretrained_tower(params: dict, pretrained: dict) -> tuple[dict, dict]:
-  """A classifier's parameters with its tower taken from a pretraining run's parameters.
+  def _classify(self):
+    def classify(variables, inputs: dict):
+      return self.module.apply(variables, inputs)['logits']
 
-  Every parameter outside the head (`classifier`) must exist in `pretrained` under the same path
-  (VATT's names) with the same shape, except position tables, which are resized cubically
-  (`resize_positions`) when the patch grid changed (fine-tuning 224² → 320², another clip length
-  or waveform length). The head keeps its initialisation.
+    return classify
 
-  Args:
-    params: the freshly initialised classifier parameters (arrays, nested dicts; only the shapes
-      and dtypes of the tower's leaves are read, so they may be global arrays of several hosts).
-    pretrained: the pretraining checkpoint's parameters (e.g. a VATT's, all three towers).
-  Returns:
-    (params with the tower replaced — numpy arrays where loaded, the given leaves elsewhere,
-     report {'loaded': [path], 'resized': {path: (old shape, new shape)}, 'kept_init': [path]}).
-  Raises:
-    ValueError naming every tower parameter that is missing from the checkpoint or has another
-    shape there (another size, patching or backbone: a checkpoint of another model).
-  """
-  pretrained = dict(pretrained)
-  resize = {}
-  for tokenizer, tables in _POSITION_TABLES.items():
-    if tokenizer in params and tokenizer in pretrained:
-      for table in tables:
-        new, old = params[tokenizer].get(table), pretrained[tokenizer].get(table)
-        if new is not None and old is not None and _shape(new) != _shape(old):
-          resize[(tokenizer, table)] = (_shape(old), _shape(new))
-  if resize:
-    video = [resize.get(('video_tokenizer', t)) for t in _POSITION_TABLES['video_tokenizer']]
-    audio = resize.get(('audio_tokenizer', 'position'))
-    grid = None
-    if any(video):
-      grid = [_shape(params['video_tokenizer'][t])[0] for t in _POSITION_TABLES['video_tokenizer']]
-    pretrained = resize_positions(
-      pretrained,
-      video_grid=grid,
-      audio_patches=audio[1][0] if audio else None,
-    )
-
-  flat = traverse_util.flatten_dict(params)
-  source = traverse_util.flatten_dict(pretrained)
-  problems, out = [], {}
-  report = {'loaded': [], 'resized': {}, 'kept_init': []}
-  for path, leaf in flat.items():
-    name = '/'.join(path)
-    if path[0] == HEAD:
-      out[path] = leaf
-      report['kept_init'].append(name)
-      continue
-    if path not in source:
-      problems.append(f'{name}: not in the checkpoint')
-      continue
-    if _shape(source[path]) != _shape(leaf):
-      problems.append(f'{name}: checkpoint {_shape(source[path])}, this model {_shape(leaf)}')
-      continue
-    out[path] = np.asarray(source[path], dtype=leaf.dtype)
-    report['loaded'].append(name)
-    if path[:2] in resize:
-      report['resized'][name] = resize[path[:2]]
-  if problems:
-    shown = '; '.join(problems[:8]) + (f'; … {len(problems) - 8} more' if len(problems) > 8 else '')
-    raise ValueError(f"the checkpoint does not hold this classifier's tower: {shown}")
-  return traverse_util.unflatten_dict(out), report
+  def load_pretrained(self, params: dict, pretrained: dict) -> tuple[dict, dict]:
+    return contract.load_by_name(params, pretrained, keep_init=(HEAD,), adapt=adapt_positions)

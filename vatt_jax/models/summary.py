@@ -1,7 +1,9 @@
-"""Parameter counts and forward FLOPs per backbone, from the model's own shapes and XLA.
+"""VATT's parameter counts and forward FLOPs per backbone (the paper's Tables 5 and 7), from the
+model's own shapes and XLA.
 
 Nothing is allocated: parameters come from `jax.eval_shape(model.init, ...)` and FLOPs from XLA's
-cost analysis of the lowered (not executed) forward pass of one clip.
+cost analysis of the lowered (not executed) forward pass of one clip of one tower, in training
+mode (DropToken on). This is accounting of VATT's towers, so it reads VATT's parameter tree.
 """
 
 from __future__ import annotations
@@ -11,24 +13,11 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from vatt_jax.models import build_model, init_variables
-from vatt_jax.models.vatt import MODALITIES
+from vatt_jax.models.vatt import MODALITIES, VATT, VattModel
 
-VOCABULARY_PATH = ('text_tokenizer', 'vocabulary')
-
-
-def example_inputs(model_cfg: ml_collections.ConfigDict, batch: int = 1) -> dict[str, Any]:
-  """ShapeDtypeStructs of one batch at the config's input sizes (one narration per clip)."""
-  v, a, t = model_cfg.video, model_cfg.audio, model_cfg.text
-  height, width = (v.frame_size,) * 2 if isinstance(v.frame_size, int) else tuple(v.frame_size)
-  return {
-    'video': jax.ShapeDtypeStruct((batch, v.num_frames, height, width, 3), jnp.float32),
-    'audio': jax.ShapeDtypeStruct((batch, a.num_samples), jnp.float32),
-    'text': jax.ShapeDtypeStruct((batch, 1, t.max_words), jnp.int32),
-  }
+VOCABULARY_PATH = ('text_tower', 'tokenizer', 'vocabulary')
 
 
 def _count(tree) -> int:
@@ -44,16 +33,13 @@ def _subtree(params, path):
 def count_parameters(params) -> dict[str, int]:
   """Splits the parameters into backbones, the text vocabulary, the shared encoder and the heads.
 
-  A backbone is tokenizer + positions + AGG + transformer + final norm (for text also the relative
-  position bias), without the vocabulary table and without the common-space heads. In the
+  A backbone is a tower: tokenizer + positions + AGG + transformer + final norm (for text also the
+  relative position bias), without the vocabulary table and without the common-space heads. In the
   modality-agnostic variant the shared encoder is counted once, under 'shared_encoder'.
   """
   counts = {}
   for m in MODALITIES:
-    groups = [f'{m}_tokenizer', f'{m}_agg', f'{m}_encoder'] + (
-      ['text_relative_bias'] if m == 'text' else []
-    )
-    counts[m] = sum(_count(params[g]) for g in groups if g in params)
+    counts[m] = _count(params[f'{m}_tower'])
   counts['vocab'] = _count(_subtree(params, VOCABULARY_PATH))
   counts['text'] -= counts['vocab']
   counts['shared_encoder'] = _count(params.get('shared_encoder', {}))
@@ -61,12 +47,12 @@ def count_parameters(params) -> dict[str, int]:
   return counts
 
 
-def forward_gflops(model, params_shape, inputs: dict[str, Any], modality: str) -> float:
+def forward_gflops(module: VATT, params_shape, inputs: dict[str, Any], modality: str) -> float:
   """XLA-counted GFLOPs of one training-shaped forward pass of one modality's backbone."""
-  fn = getattr(type(model), f'encode_{modality}')
+  fn = getattr(VATT, f'encode_{modality}')
 
   def forward(params, x):
-    return model.apply(
+    return module.apply(
       {'params': params}, x, train=True, method=fn, rngs={'droptoken': jax.random.key(0)}
     )
 
@@ -91,13 +77,18 @@ def summarize(model_cfg: ml_collections.ConfigDict, drop_token_rate: float | Non
   cfg.dropout_rate = cfg.attention_dropout_rate = 0.0
   if drop_token_rate is not None:
     cfg.video.drop_token_rate = cfg.audio.drop_token_rate = drop_token_rate
-  model = build_model(cfg)
-  inputs = example_inputs(cfg)
-  variables = jax.eval_shape(lambda x: init_variables(model, jax.random.key(0), x), inputs)
+  if cfg.get('name') != 'vatt':
+    raise ValueError(
+      f"the model summary counts VATT's towers (config model.name 'vatt'), got {cfg.get('name')!r}"
+    )
+  model = VattModel(cfg)
+  inputs = model.example_batch()
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), inputs)
   params = variables['params']
   counts = count_parameters(params)
   backbones = {
-    m: {'params': counts[m], 'gflops': forward_gflops(model, params, inputs, m)} for m in MODALITIES
+    m: {'params': counts[m], 'gflops': forward_gflops(model.module, params, inputs, m)}
+    for m in MODALITIES
   }
   summary = {
     'backbones': backbones,

@@ -154,17 +154,21 @@ class VoxelTokenizer(nn.Module):
     patch_size: (t, h, w).
     grid: (⌈T/t⌉, ⌈H/h⌉, ⌈W/w⌉) the position tables are sized for.
     position_layernorm: LayerNorm on the summed position table (official-code option).
+    flatten: return [B, nt·nh·nw, D] in (t, h, w) order; False keeps the temporal layout,
+      [B, nt, nh·nw, D] (per-frame operations: temporal token rolling, frame pooling).
   """
 
   width: int
   patch_size: Sequence[int]
   grid: Sequence[int]
   position_layernorm: bool = False
+  flatten: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, video: jax.Array) -> jax.Array:
-    """video: [B, T, H, W, C] in [-1, 1]. Returns [B, nt·nh·nw, width]."""
+    """video: [B, T, H, W, C] in [-1, 1]. Returns [B, nt·nh·nw, width] ([B, nt, nh·nw, width]
+    without `flatten`)."""
     if video.ndim != 5:
       raise ValueError(f'video must be [B, T, H, W, C], got shape {video.shape}')
     batch, *dims, channels = video.shape
@@ -195,6 +199,8 @@ class VoxelTokenizer(nn.Module):
     if self.position_layernorm:
       positions = _position_norm()(positions)
     tokens = tokens + positions.astype(tokens.dtype)
+    if not self.flatten:
+      return tokens.reshape(batch, nt, nh * nw, self.width)
     return tokens.reshape(batch, nt * nh * nw, self.width)
 
 

@@ -1,4 +1,15 @@
-"""Pre-LayerNorm Transformer encoder and the VATT size presets (paper Table 7)."""
+"""Pre-LayerNorm Transformer encoder and the VATT size presets (paper Table 7).
+
+Two hooks let a method change the encoder without forking it:
+  attention  the self-attention of every block, a key of attention.ATTENTION ('dense' today;
+             config model.<tower>.attention).
+  block      the block class, a key of BLOCKS ('pre_ln'). A block returns either its tokens
+             [B, N, D] or (tokens [B, N', D], kept [B, N'] int32): the positions, among the N it
+             received, of the N' tokens it keeps (token pruning, e.g. by the attention the AGG/CLS
+             token pays). The encoder then gathers the key mask and the attention bias to the kept
+             tokens for the blocks that follow, and can return every output token's position in
+             the encoder's input.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vatt_jax.models.attention import MultiHeadSelfAttention
+from vatt_jax.models.attention import get_attention
 
 Dtype = Any
 
@@ -109,12 +120,13 @@ class EncoderBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   norm_type: str = 'layernorm'
   scale_logits: bool = True
+  attention: str = 'dense'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None, bias=None, deterministic: bool = True):
     y = _norm(self.norm_type, 'norm_attention')(x).astype(self.dtype)
-    y = MultiHeadSelfAttention(
+    y = get_attention(self.attention)(
       num_heads=self.num_heads,
       attention_dropout_rate=self.attention_dropout_rate,
       scale_logits=self.scale_logits,
@@ -129,8 +141,26 @@ class EncoderBlock(nn.Module):
     return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
+# config model.<tower>.block → the encoder's block class (see the module docstring). A block takes
+# (x, mask, bias, deterministic) positionally and the attributes of EncoderBlock.
+BLOCKS: dict[str, type[nn.Module]] = {'pre_ln': EncoderBlock}
+
+
+def gather_tokens(x: jax.Array, kept: jax.Array) -> jax.Array:
+  """x [B, N, …] → [B, N', …]: the rows `kept` [B, N'] of each example."""
+  index = kept.reshape(kept.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def gather_bias(bias: jax.Array, kept: jax.Array) -> jax.Array:
+  """An attention bias [1|B, H, N, N] → [B, H, N', N'] between the kept tokens of each example."""
+  bias = jnp.broadcast_to(bias, (kept.shape[0], *bias.shape[1:]))
+  rows = jnp.take_along_axis(bias, kept[:, None, :, None], axis=2)
+  return jnp.take_along_axis(rows, kept[:, None, None, :], axis=3)
+
+
 class Encoder(nn.Module):
-  """A stack of pre-LN blocks followed by a final norm.
+  """A stack of blocks (pre-LN by default) followed by a final norm.
 
   Attributes:
     size: layers, width, MLP width and heads.
@@ -149,6 +179,8 @@ class Encoder(nn.Module):
   scale_logits: bool = True
   bias_all_layers: bool = False
   remat: str = 'none'
+  attention: str = 'dense'
+  block: str = 'pre_ln'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -159,28 +191,43 @@ class Encoder(nn.Module):
     mask: jax.Array | None = None,
     bias: jax.Array | None = None,
     deterministic: bool = True,
-  ) -> jax.Array:
-    """x: [B, N, width]; mask: [B, N] bool (True = attend); bias: [1|B, H, N, N]. Returns [B, N, width]."""
+    return_positions: bool = False,
+  ):
+    """x: [B, N, width]; mask: [B, N] bool (True = attend); bias: [1|B, H, N, N].
+
+    Returns [B, N', width] (N' = N unless a block prunes tokens); with return_positions, also the
+    position in x of every output token, [B, N'] int32 (None when no block pruned).
+    """
     if x.shape[-1] != self.size.width:
       raise ValueError(f'encoder of width {self.size.width} got tokens of width {x.shape[-1]}')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
-    block_cls = EncoderBlock
+    if self.block not in BLOCKS:
+      raise ValueError(f'encoder block {self.block!r} is not one of {sorted(BLOCKS)}')
+    block_cls = BLOCKS[self.block]
     if self.remat != 'none':
       # Arguments counted with self: (self, x, mask, bias, deterministic).
-      block_cls = nn.remat(EncoderBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(4,))
+      block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], static_argnums=(4,))
     x = nn.with_logical_constraint(x, RESIDUAL_AXES)
+    positions = None
     for i in range(self.size.num_layers):
       layer_bias = bias if (i == 0 or self.bias_all_layers) else None
-      x = block_cls(
+      out = block_cls(
         mlp_dim=self.size.mlp_dim,
         num_heads=self.size.num_heads,
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         norm_type=self.norm_type,
         scale_logits=self.scale_logits,
+        attention=self.attention,
         dtype=self.dtype,
         name=f'block_{i:02d}',
       )(x, mask, layer_bias, deterministic)
+      if isinstance(out, tuple):  # a pruning block: the tokens it kept, and where they were
+        x, kept = out
+        positions = kept if positions is None else gather_tokens(positions, kept)
+        mask = None if mask is None else gather_tokens(mask, kept)
+        bias = None if bias is None else gather_bias(bias, kept)
       x = nn.with_logical_constraint(x, RESIDUAL_AXES)
-    return _norm(self.norm_type, 'final_norm')(x)
+    x = _norm(self.norm_type, 'final_norm')(x)
+    return (x, positions) if return_positions else x

@@ -1,10 +1,14 @@
-"""VATT assemblies: modality-specific towers (BBS / MBS / LBS) and the modality-agnostic backbone.
+"""VATT assemblies: modality-specific towers (BBS / MBS / LBS) and the modality-agnostic backbone,
+and `VattModel`, VATT's side of the model contract (vatt_jax/models/contract.py).
 
-Every modality goes through the same pipeline, written once in `VATT._tower`:
+Every modality goes through the same pipeline, `Tower` (vatt_jax/models/tower.py):
   tokenizer (patches + positions) → dropout → DropToken (training) → AGG prepended → encoder
 and the encoder's output at the AGG slot is the modality's representation. In the modality-agnostic
-variant the three pipelines share one encoder; tokenizers, AGG tokens and the text relative bias stay
-per modality.
+variant the three towers share one encoder (`shared_encoder`); tokenizers, AGG tokens and the text
+relative bias stay per modality.
+
+Parameter tree: `video_tower`, `audio_tower`, `text_tower` ({tokenizer, agg, encoder}, and the text
+tower's relative_bias; no encoder in the towers of the agnostic variant), `shared_encoder`, `head`.
 
 Precision: with dtype=bfloat16 the matmuls run in bfloat16 while parameters stay float32; norms,
 softmax and the common-space heads run in float32, and every output (AGG representations and
@@ -14,22 +18,28 @@ common-space embeddings) is float32, so the losses are computed in float32.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-from vatt_jax.models.attention import RelativePositionBias
+from data_pipelines.options import frame_hw
+from vatt_jax.models import contract
+from vatt_jax.models.attention import ATTENTION, RelativePositionBias
 from vatt_jax.models.heads import CommonSpace
 from vatt_jax.models.tokenizers import (
   VoxelTokenizer,
   WaveformTokenizer,
   WordTokenizer,
-  drop_token_index,
+  interpolate_positions,
 )
-from vatt_jax.models.transformer import Encoder, EncoderSize
+from vatt_jax.models.tower import Tower
+from vatt_jax.models.transformer import REMAT_POLICIES, Encoder, EncoderSize, get_size
 
 Dtype = Any
 MODALITIES = ('video', 'audio', 'text')
@@ -42,6 +52,7 @@ class VideoSpec:
   grid: Sequence[int] = (8, 14, 14)
   drop_token_rate: float = 0.5
   position_layernorm: bool = False
+  attention: str = 'dense'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +62,7 @@ class AudioSpec:
   num_patches: int = 1200
   drop_token_rate: float = 0.5
   position_layernorm: bool = False
+  attention: str = 'dense'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +74,7 @@ class TextSpec:
   bias_all_layers: bool = False
   norm_type: str = 'layernorm'
   scale_logits: bool = True
+  attention: str = 'dense'
 
 
 def frame_means(
@@ -92,8 +105,9 @@ class VATT(nn.Module):
 
   Attributes:
     video, audio, text: per-modality specs; a modality-specific tower is built with its own size.
-    shared: if set, the modality-agnostic variant: one encoder of this size for all modalities.
     head: the common-space projection.
+    shared: if set, the modality-agnostic variant: one encoder of this size for all modalities.
+    shared_attention: that encoder's attention implementation.
     remat: rematerialisation policy of the encoder blocks ('none', 'dots', 'full'; see Encoder).
     dtype: compute dtype of the tokenizers and encoders (parameters are always float32).
     token_outputs: also return per-frame and per-word embeddings in the video–text space (the
@@ -106,124 +120,56 @@ class VATT(nn.Module):
   text: TextSpec
   head: CommonSpace
   shared: EncoderSize | None = None
+  shared_attention: str = 'dense'
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   remat: str = 'none'
   dtype: Dtype = jnp.float32
   token_outputs: bool = False
 
-  def _width(self, modality: str) -> int:
-    return (self.shared or getattr(self, modality).size).width
-
-  def _make_encoder(self, size: EncoderSize, text: TextSpec | None = None) -> Encoder:
-    return Encoder(
-      size=size,
-      dropout_rate=self.dropout_rate,
-      attention_dropout_rate=self.attention_dropout_rate,
-      norm_type=text.norm_type if text else 'layernorm',
-      scale_logits=text.scale_logits if text else True,
-      bias_all_layers=text.bias_all_layers if text else False,
-      remat=self.remat,
-      dtype=self.dtype,
-    )
-
   def setup(self):
-    self.video_tokenizer = VoxelTokenizer(
-      width=self._width('video'),
-      patch_size=tuple(self.video.patch_size),
-      grid=tuple(self.video.grid),
-      position_layernorm=self.video.position_layernorm,
-      dtype=self.dtype,
-    )
-    self.audio_tokenizer = WaveformTokenizer(
-      width=self._width('audio'),
-      patch_size=self.audio.patch_size,
-      num_patches=self.audio.num_patches,
-      position_layernorm=self.audio.position_layernorm,
-      dtype=self.dtype,
-    )
-    self.text_tokenizer = WordTokenizer(
-      width=self._width('text'), vocab_size=self.text.vocab_size, dtype=self.dtype
-    )
-    text_heads = (self.shared or self.text.size).num_heads
-    self.text_relative_bias = RelativePositionBias(
-      num_heads=text_heads, num_buckets=self.text.num_buckets, max_distance=self.text.max_distance
-    )
-    self.token_dropout = nn.Dropout(self.dropout_rate)
-    agg_init = nn.with_logical_partitioning(
-      nn.initializers.truncated_normal(stddev=0.02), ('embed',)
-    )
-    self.agg_tokens = {m: self.param(f'{m}_agg', agg_init, (self._width(m),)) for m in MODALITIES}
     if self.shared is not None:
       # The text tower's T5 quirks (norm, scaling) are text-only; the shared encoder is standard.
-      self.shared_encoder = self._make_encoder(self.shared)
-    else:
-      self.video_encoder = self._make_encoder(self.video.size)
-      self.audio_encoder = self._make_encoder(self.audio.size)
-      self.text_encoder = self._make_encoder(self.text.size, self.text)
-
-  def _encoder(self, modality: str) -> Encoder:
-    if self.shared is not None:
-      return self.shared_encoder
-    return getattr(self, f'{modality}_encoder')
-
-  def _tower(self, modality, tokens, *, train, drop_rate=0.0, mask=None, bias=None):
-    """tokens [B, N, D] (positions included) → (AGG representation [B, D] float32, the encoder's
-    outputs at the tokens [B, N', D], the N' positions DropToken kept or None when it kept all)."""
-    tokens = self.token_dropout(tokens, deterministic=not train)
-    kept = None
-    if train and drop_rate > 0.0:
-      kept = drop_token_index(tokens.shape[1], drop_rate, self.make_rng('droptoken'))
-      if kept is not None:
-        tokens = jnp.take(tokens, kept, axis=1)
-    batch = tokens.shape[0]
-    agg = jnp.broadcast_to(
-      self.agg_tokens[modality].astype(tokens.dtype), (batch, 1, tokens.shape[-1])
-    )
-    tokens = jnp.concatenate([agg, tokens], axis=1)
-    if mask is not None:
-      mask = jnp.concatenate([jnp.ones((batch, 1), bool), mask], axis=1)
-    out = self._encoder(modality)(tokens, mask=mask, bias=bias, deterministic=not train)
-    agg = nn.with_logical_constraint(out[:, 0].astype(jnp.float32), ('batch', 'embed_act'))
-    return agg, out[:, 1:], kept
+      self.shared_encoder = make_encoder(self, self.shared, self.shared_attention)
+    self.video_tower = make_tower(self, 'video', self.video)
+    self.audio_tower = make_tower(self, 'audio', self.audio)
+    self.text_tower = make_tower(self, 'text', self.text)
 
   def _video(self, video: jax.Array, train: bool, frames: bool):
     """AGG output [B, D], and with `frames` the per-frame outputs: the mean of each temporal patch
     position's tokens [B, T', D] (float32) and its mask [B, T'] (0 where DropToken kept none)."""
-    agg, out, kept = self._tower(
-      'video', self.video_tokenizer(video), train=train, drop_rate=self.video.drop_token_rate
-    )
+    out = self.video_tower(video, train=train)
     if not frames:
-      return agg, None, None
-    per_frame, mask = frame_means(out, tuple(self.video.grid), kept)
-    return agg, per_frame, mask
+      return out.agg, None, None
+    per_frame, mask = frame_means(out.tokens, tuple(self.video.grid), out.kept)
+    return out.agg, per_frame, mask
 
   def _text(self, text: jax.Array, train: bool, words: bool):
     """AGG output [*lead, D], and with `words` the word outputs [*lead, W, D] (float32) and their
     mask [*lead, W] (0 at padding)."""
     lead = text.shape[:-1]
-    ids = text.reshape(-1, text.shape[-1])
-    tokens, mask = self.text_tokenizer(ids)
-    bias = self.text_relative_bias(ids.shape[1] + 1)  # +1: the AGG slot takes part in positions
-    agg, out, _ = self._tower('text', tokens, train=train, mask=mask, bias=bias)
-    agg = agg.reshape(*lead, agg.shape[-1])
+    out = self.text_tower(text.reshape(-1, text.shape[-1]), train=train)
+    agg = out.agg.reshape(*lead, out.agg.shape[-1])
     if not words:
       return agg, None, None
-    out = out.astype(jnp.float32).reshape(*lead, *out.shape[1:])
-    return agg, out, mask.reshape(*lead, -1).astype(jnp.float32)
+    tokens = out.tokens.astype(jnp.float32).reshape(*lead, *out.tokens.shape[1:])
+    return agg, tokens, out.mask.reshape(*lead, -1).astype(jnp.float32)
 
   def encode_video(self, video: jax.Array, *, train: bool = False) -> jax.Array:
     """video: [B, T, H, W, 3] in [-1, 1] → AGG output [B, D_video] (float32)."""
-    return self._video(video, train, frames=False)[0]
+    return self.video_tower(video, train=train).agg
 
   def encode_audio(self, audio: jax.Array, *, train: bool = False) -> jax.Array:
     """audio: [B, S] in [-1, 1] → AGG output [B, D_audio] (float32)."""
-    tokens = self.audio_tokenizer(audio)
-    return self._tower('audio', tokens, train=train, drop_rate=self.audio.drop_token_rate)[0]
+    return self.audio_tower(audio, train=train).agg
 
   def encode_text(self, text: jax.Array, *, train: bool = False) -> jax.Array:
     """text: [B, K, W] (or [B, W]) int32 ids, 0 = padding → AGG output [B, K, D_text] (or [B, D])."""
     return self._text(text, train, words=False)[0]
+
+  def input_space(self, modality: str, x: jax.Array) -> jax.Array:
+    """One modality's tokenizer output mean-pooled over its valid tokens: [B, D] float32."""
+    return getattr(self, f'{modality}_tower').input_space(x)
 
   def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> dict[str, jax.Array]:
     """Encodes the modalities present in `batch` and projects them into the common space.
@@ -266,3 +212,291 @@ class VATT(nn.Module):
     if words is not None:
       out['text_words_mask'] = words_mask
     return out
+
+
+def make_encoder(owner, size: EncoderSize, attention: str, text: TextSpec | None = None) -> Encoder:
+  """An encoder of `size` with `owner`'s dropout, remat and dtype (and the text tower's T5 options
+  when `text` is given)."""
+  return Encoder(
+    size=size,
+    dropout_rate=owner.dropout_rate,
+    attention_dropout_rate=owner.attention_dropout_rate,
+    norm_type=text.norm_type if text else 'layernorm',
+    scale_logits=text.scale_logits if text else True,
+    bias_all_layers=text.bias_all_layers if text else False,
+    remat=owner.remat,
+    attention=attention,
+    dtype=owner.dtype,
+  )
+
+
+def make_tower(owner, modality: str, spec) -> Tower:
+  """The `modality` tower of `owner` (a VATT or a classifier: its shared encoder when it has one,
+  dropout, remat, dtype), built in owner's setup."""
+  shared = getattr(owner, 'shared', None)
+  width = (shared or spec.size).width
+  if modality == 'video':
+    tokenizer = VoxelTokenizer(
+      width=width,
+      patch_size=tuple(spec.patch_size),
+      grid=tuple(spec.grid),
+      position_layernorm=spec.position_layernorm,
+      dtype=owner.dtype,
+    )
+  elif modality == 'audio':
+    tokenizer = WaveformTokenizer(
+      width=width,
+      patch_size=spec.patch_size,
+      num_patches=spec.num_patches,
+      position_layernorm=spec.position_layernorm,
+      dtype=owner.dtype,
+    )
+  else:
+    tokenizer = WordTokenizer(width=width, vocab_size=spec.vocab_size, dtype=owner.dtype)
+  text = spec if modality == 'text' else None
+  if shared is not None:
+    encoder = owner.shared_encoder
+  else:
+    encoder = make_encoder(owner, spec.size, spec.attention, text)
+  bias = None
+  if text is not None:
+    bias = RelativePositionBias(
+      num_heads=(shared or spec.size).num_heads,
+      num_buckets=spec.num_buckets,
+      max_distance=spec.max_distance,
+    )
+  return Tower(
+    tokenizer=tokenizer,
+    encoder=encoder,
+    relative_bias=bias,
+    width=width,
+    drop_token_rate=getattr(spec, 'drop_token_rate', 0.0),
+    dropout_rate=owner.dropout_rate,
+    dtype=owner.dtype,
+  )
+
+
+# ---- from config.model --------------------------------------------------------------------------
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+BACKBONES = ('modality_specific', 'modality_agnostic')
+
+
+def _check(cfg: ml_collections.ConfigDict) -> None:
+  backbone = cfg.get('backbone', 'modality_specific')
+  if backbone not in BACKBONES:
+    raise ValueError(f'config model.backbone must be one of {BACKBONES}, got {backbone!r}')
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f'config model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}')
+  remat = cfg.get('remat', 'none')
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'config model.remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}')
+  for tower in ('video', 'audio', 'text'):
+    attention = cfg[tower].get('attention', 'dense')
+    if attention not in ATTENTION:
+      raise ValueError(
+        f'config model.{tower}.attention must be one of {sorted(ATTENTION)}, got {attention!r}'
+      )
+
+
+def video_spec(cfg: ml_collections.ConfigDict) -> VideoSpec:
+  v = cfg.video
+  dims = (v.num_frames, *frame_hw(v.frame_size))
+  return VideoSpec(
+    size=get_size(v.size),
+    patch_size=tuple(v.patch_size),
+    grid=tuple(math.ceil(d / p) for d, p in zip(dims, v.patch_size, strict=True)),
+    drop_token_rate=v.drop_token_rate,
+    position_layernorm=cfg.position_layernorm,
+    attention=v.get('attention', 'dense'),
+  )
+
+
+def audio_spec(cfg: ml_collections.ConfigDict) -> AudioSpec:
+  a = cfg.audio
+  return AudioSpec(
+    size=get_size(a.size),
+    patch_size=a.patch_size,
+    num_patches=math.ceil(a.num_samples / a.patch_size),
+    drop_token_rate=a.drop_token_rate,
+    position_layernorm=cfg.position_layernorm,
+    attention=a.get('attention', 'dense'),
+  )
+
+
+def text_spec(cfg: ml_collections.ConfigDict) -> TextSpec:
+  t = cfg.text
+  return TextSpec(
+    size=get_size(t.size),
+    vocab_size=t.vocab_size,
+    num_buckets=t.relative_buckets,
+    max_distance=t.relative_max_distance,
+    bias_all_layers=t.bias_all_layers,
+    norm_type=t.norm_type,
+    scale_logits=t.scale_logits,
+    attention=t.get('attention', 'dense'),
+  )
+
+
+def shared_size(cfg: ml_collections.ConfigDict) -> EncoderSize | None:
+  """The shared encoder's size of the modality-agnostic backbone, None for modality-specific."""
+  return get_size(cfg.shared_size) if cfg.get('backbone') == 'modality_agnostic' else None
+
+
+def build_module(cfg: ml_collections.ConfigDict, *, token_outputs: bool | None = None) -> VATT:
+  """config.model → the VATT flax module (token_outputs overrides the config's)."""
+  _check(cfg)
+  return VATT(
+    video=video_spec(cfg),
+    audio=audio_spec(cfg),
+    text=text_spec(cfg),
+    head=CommonSpace(
+      va_dim=cfg.head.va_dim,
+      vt_dim=cfg.head.vt_dim,
+      relu_before_vt=cfg.head.relu_before_vt,
+      bn_momentum=cfg.head.bn_momentum,
+      bn_epsilon=cfg.head.bn_epsilon,
+    ),
+    shared=shared_size(cfg),
+    shared_attention=cfg.get('shared_attention', 'dense'),
+    dropout_rate=cfg.dropout_rate,
+    attention_dropout_rate=cfg.attention_dropout_rate,
+    remat=cfg.get('remat', 'none'),
+    dtype=DTYPES[cfg.dtype],
+    token_outputs=cfg.get('token_outputs', False) if token_outputs is None else token_outputs,
+  )
+
+
+def media_inputs(cfg: ml_collections.ConfigDict, modalities=MODALITIES) -> dict:
+  """The InputSpecs of config.model's video / audio / text inputs."""
+  specs = {
+    'video': contract.InputSpec(
+      (cfg.video.num_frames, *frame_hw(cfg.video.frame_size), 3), 'float32', -1.0, 1.0
+    ),
+    'audio': contract.InputSpec((cfg.audio.num_samples,), 'float32', -1.0, 1.0),
+    'text': contract.InputSpec(
+      (cfg.text.max_words,), 'int32', 0, cfg.text.vocab_size - 1, padding_id=0
+    ),
+  }
+  return {m: specs[m] for m in modalities}
+
+
+# ---- position tables for another input size ----------------------------------------------------
+
+# Where each tower's learned position tables are, in VATT's and the classifier's parameter trees.
+POSITION_TABLES = {
+  'video_tower': ('temporal_position', 'horizontal_position', 'vertical_position'),
+  'audio_tower': ('position',),
+}
+
+
+def resize_positions(
+  params: dict, *, video_grid: Sequence[int] | None = None, audio_patches: int | None = None
+) -> dict:
+  """A copy of a VATT (or classifier) parameter tree whose position tables fit another input size.
+
+  video_grid: the new (t, h, w) patch grid (e.g. (8, 20, 20) for 32 × 320² with 4×16×16 patches);
+  audio_patches: the new number of waveform patches. Tables are resized with
+  `interpolate_positions`; everything else is shared, not copied.
+  """
+  params = dict(params)
+  new = {
+    'video_tower': video_grid,
+    'audio_tower': None if audio_patches is None else [audio_patches],
+  }
+  if video_grid is not None and len(video_grid) != 3:
+    raise ValueError(f'video_grid must be (t, h, w), got {video_grid!r}')
+  for tower, lengths in new.items():
+    if lengths is None:
+      continue
+    tokenizer = dict(params[tower]['tokenizer'])
+    for name, length in zip(POSITION_TABLES[tower], lengths, strict=True):
+      tokenizer[name] = interpolate_positions(tokenizer[name], int(length))
+    params[tower] = {**params[tower], 'tokenizer': tokenizer}
+  return params
+
+
+def adapt_positions(pretrained: dict, params: dict) -> tuple[dict, dict]:
+  """contract.load_by_name's `adapt`: the pretrained position tables resized (cubically) to the
+  shapes `params` has, where the patch grid changed (fine-tuning at 320², another clip length or
+  waveform length). Returns (pretrained, {path: (old shape, new shape)})."""
+
+  def shape(tree, tower, table):
+    leaf = tree.get(tower, {}).get('tokenizer', {}).get(table)
+    return None if leaf is None else tuple(np.shape(leaf))
+
+  resized, lengths = {}, {}
+  for tower, tables in POSITION_TABLES.items():
+    for table in tables:
+      new, old = shape(params, tower, table), shape(pretrained, tower, table)
+      if new is not None and old is not None and new != old:
+        resized[f'{tower}/tokenizer/{table}'] = (old, new)
+        lengths[tower] = [shape(params, tower, t)[0] for t in tables]
+  if lengths:
+    pretrained = resize_positions(
+      pretrained,
+      video_grid=lengths.get('video_tower'),
+      audio_patches=lengths['audio_tower'][0] if 'audio_tower' in lengths else None,
+    )
+  return pretrained, resized
+
+
+# ---- the contract ---------------------------------------------------------------------------------
+
+# embed() level → model output name (pooled) per modality; token levels add '<level>_mask'.
+_POOLED = {
+  'video': {'agg': 'video_agg', 'va': 'video_va', 'vt': 'video_vt'},
+  'audio': {'agg': 'audio_agg', 'va': 'audio_va'},
+  'text': {'agg': 'text_agg', 'vt': 'text_vt'},
+}
+_TOKENS = {
+  'video': {'frames_vt': ('video_frames_vt', 'video_frames_mask')},
+  'text': {'words_vt': ('text_words_vt', 'text_words_mask')},
+}
+
+
+class VattModel(contract.FlaxModel):
+  """VATT under the model contract (vatt_jax/models/contract.py).
+
+  Embedding levels: 'input' (the tokenizer's output, mean-pooled: VATT Fig. 3's input space),
+  'agg' (the backbone's AGG output, the linear-probe feature), 'va' / 'vt' (the common spaces);
+  per token: video 'frames_vt' (per temporal patch position) and text 'words_vt'. Trains with the
+  'vatt' (NCE + MIL-NCE) and 'norton' losses.
+  """
+
+  losses = ('vatt', 'norton')
+  embeddings = {m: ('input', *levels) for m, levels in _POOLED.items()}
+  token_embeddings = {m: tuple(levels) for m, levels in _TOKENS.items()}
+  spaces = {('video', 'audio'): 'va', ('video', 'text'): 'vt'}
+  rng_streams = ('dropout', 'droptoken')
+
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    super().__init__(cfg, build_module(cfg), media_inputs(cfg))
+    # The same parameters with per-frame / per-word outputs on (token-level embeddings).
+    self._token_module = build_module(cfg, token_outputs=True)
+
+  def _embed(self, modality: str, levels: tuple[str, ...]) -> contract.EmbedFn:
+    tokens = [lv for lv in levels if lv in _TOKENS.get(modality, {})]
+    module = self._token_module if tokens else self.module
+    outputs = [lv for lv in levels if lv != 'input']
+
+    def embed(variables, x):
+      result = {}
+      if 'input' in levels:
+        result['input'] = module.apply(variables, modality, x, method=VATT.input_space)
+      if outputs:
+        out = module.apply(variables, {modality: x[:, None] if modality == 'text' else x})
+        if modality == 'text':  # one narration per row
+          out = {k: v[:, 0] for k, v in out.items()}
+        for level in outputs:
+          if level in _POOLED[modality]:
+            result[level] = out[_POOLED[modality][level]]
+          else:
+            value, mask = _TOKENS[modality][level]
+            result[level], result[f'{level}_mask'] = out[value], out[mask]
+      return result
+
+    return embed
+
+  def load_pretrained(self, params: dict, pretrained: dict) -> tuple[dict, dict]:
+    return contract.load_by_name(params, pretrained, adapt=adapt_positions)

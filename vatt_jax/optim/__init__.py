@@ -114,6 +114,20 @@ def build_optimizer(
   return (harmonized or tx), schedule
 
 
+def learning_rate(opt_state, schedule: Callable) -> jax.Array:
+  """The learning rate the next update applies: the schedule at optax's own count of the updates
+  it has applied (the count in the schedule's ScaleByScheduleState; a rejected or skipped step
+  does not advance it)."""
+  count = optax.tree_utils.tree_get(
+    opt_state,
+    'count',
+    filtering=lambda path, _: getattr(path[-1], 'tuple_name', '') == 'ScaleByScheduleState',
+  )
+  if count is None:
+    raise ValueError('the optimizer state has no learning-rate schedule count')
+  return schedule(count)
+
+
 def harmonized(cfg: ml_collections.ConfigDict) -> bool:
   """Whether build_optimizer's transform takes per-loss (K-stacked) gradients."""
   h = cfg.get('harmonization')

@@ -1,4 +1,5 @@
-"""Checkpoints: orbax's CheckpointManager under `workdir/checkpoints/<step>/`, saved asynchronously.
+"""Checkpoints: orbax's CheckpointManager under `workdir/checkpoints/<step>/`, saved asynchronously
+(reading a finished run's parameters is vatt_jax/workdir.py's).
 
 A step directory holds three items:
   params  {'params', 'batch_stats'}: what a model needs (fine-tuning restores only this item)
@@ -13,7 +14,6 @@ checkpoint written on one mesh restores onto any other (8 devices → 1, 1 → 8
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -22,9 +22,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vatt_jax import workdir as workdir_lib
 from vatt_jax.train.state import TrainState
 
-CHECKPOINT_DIR = 'checkpoints'
 _TRAIN_FIELDS = ('step', 'opt_state', 'rng', 'nonfinite_steps', 'nonfinite_run')
 
 
@@ -60,39 +60,6 @@ def _gather_data_states(local: dict) -> dict:
   }
 
 
-def _handlers() -> dict:
-  return {
-    'params': ocp.StandardCheckpointHandler(),
-    'train': ocp.StandardCheckpointHandler(),
-    'data': ocp.JsonCheckpointHandler(),
-  }
-
-
-def _describe(tree) -> dict[str, tuple]:
-  """'path' → (shape, dtype) of every leaf of an abstract or metadata tree."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    out[jax.tree_util.keystr(path)] = (tuple(leaf.shape), str(leaf.dtype))
-  return out
-
-
-def check_same_structure(stored, expected, where: str) -> None:
-  """Raises ValueError naming the leaves that differ between a checkpoint and this model."""
-  have, want = _describe(stored), _describe(expected)
-  problems = [f'{k}: missing from the checkpoint' for k in sorted(want.keys() - have.keys())]
-  problems += [
-    f'{k}: in the checkpoint, not in this model' for k in sorted(have.keys() - want.keys())
-  ]
-  problems += [
-    f'{k}: checkpoint {have[k][0]} {have[k][1]}, this model {want[k][0]} {want[k][1]}'
-    for k in sorted(have.keys() & want.keys())
-    if have[k][0] != want[k][0]
-  ]
-  if problems:
-    shown = '; '.join(problems[:8]) + (f'; … {len(problems) - 8} more' if len(problems) > 8 else '')
-    raise ValueError(f'{where} holds a checkpoint of another model: {shown}')
-
-
 class Checkpointer:
   """Saves and restores TrainState + data position in `workdir/checkpoints`.
 
@@ -106,7 +73,7 @@ class Checkpointer:
         f'config checkpoint_steps={save_steps} and keep_checkpoints={keep} must be >= 1, '
         f'keep_checkpoint_period={keep_period} >= 0'
       )
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.directory = workdir_lib.checkpoint_dir(workdir)
     self.save_steps = save_steps
     options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_steps,
@@ -116,7 +83,9 @@ class Checkpointer:
       cleanup_tmp_directories=True,
       create=True,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_handlers=workdir_lib.item_handlers()
+    )
     self._last_saved = self.manager.latest_step()
 
   def latest_step(self) -> int | None:
@@ -170,8 +139,7 @@ class Checkpointer:
 
   def check(self, step: int, abstract_params: dict) -> None:
     """Fails before any restore (and compilation) when the stored model has other shapes."""
-    stored = self.manager.item_metadata(step)['params']
-    check_same_structure(stored, abstract_params, f'{self.directory}/{step}')
+    workdir_lib.check_params_item(self.manager, step, abstract_params, f'{self.directory}/{step}')
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -179,69 +147,6 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def restore_params(workdir: str, abstract_params: dict, step: int | None = None) -> dict:
-  """Only {'params', 'batch_stats'} of a run's checkpoint (latest unless `step`), e.g. to fine-tune.
-
-  abstract_params: {'params': …, 'batch_stats': …} of jax.ShapeDtypeStruct with shardings.
-  """
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  manager = ocp.CheckpointManager(
-    directory, options=ocp.CheckpointManagerOptions(create=False), item_handlers=_handlers()
-  )
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint under {directory}')
-    check_same_structure(manager.item_metadata(step)['params'], abstract_params, f'{directory}')
-    restored = manager.restore(
-      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-    )
-    return dict(restored['params'])
-  finally:
-    manager.close()
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run stored in its workdir (config.json)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training workdir')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def latest_step(workdir: str) -> int | None:
-  """The newest finished checkpoint step of a workdir (None: none)."""
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return None
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    return manager.latest_step()
-  finally:
-    manager.close()
-
-
-def load_model(workdir: str, step: int | None = None):
-  """(config, model, variables) of a trained run, on this process's first device: the model
-  rebuilt from the workdir's stored config.json, {'params', 'batch_stats'} from its checkpoint
-  (latest unless `step`). The entry point of evaluation, embedding extraction and export."""
-  from vatt_jax.models import build_model, init_variables
-  from vatt_jax.models.summary import example_inputs
-
-  config = read_config(workdir)
-  model = build_model(config.model)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shapes = jax.eval_shape(
-    lambda batch: init_variables(model, jax.random.key(0), batch), example_inputs(config.model)
-  )
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-    {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})},
-  )
-  return config, model, restore_params(workdir, abstract, step)
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:

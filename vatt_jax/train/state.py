@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from vatt_jax.models import Model
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps applied
   params: Any
-  batch_stats: Any  # batch-norm running statistics of the common-space heads
+  batch_stats: Any  # the model's non-parameter state: batch-norm running statistics (VATT's heads)
   opt_state: Any
   rng: jax.Array  # base key; step keys are fold_in(rng, step), so a resumed run draws the same
   nonfinite_steps: jax.Array  # int32 scalar: steps rejected for a non-finite loss or gradient
@@ -23,11 +24,11 @@ class TrainState:
 
 
 def init_train_state(
-  model: nn.Module, tx: optax.GradientTransformation, example_batch: dict, rng: jax.Array
+  model: Model, tx: optax.GradientTransformation, example_batch: dict, rng: jax.Array
 ) -> TrainState:
   """Initialises parameters from an example batch (only its shapes and dtypes matter)."""
   params_rng, state_rng = jax.random.split(rng)
-  variables = nn.meta.unbox(model.init({'params': params_rng}, example_batch, train=False))
+  variables = model.init(params_rng, example_batch)
   params = variables['params']
   return TrainState(
     step=jnp.zeros((), jnp.int32),

@@ -9,15 +9,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vatt_jax.optim import harmonization
+from vatt_jax.models.contract import Objective
+from vatt_jax.optim import harmonization, learning_rate
 from vatt_jax.train.state import TrainState
 
 _AUGMENT_STREAM = 0x6D6978  # fold_in constant of the batch transform's key ('mix')
 
 
 def make_train_step(
-  model: nn.Module,
-  loss_fn: Callable,
+  objective: Objective,
   tx: optax.GradientTransformation,
   schedule: Callable,
   *,
@@ -27,17 +27,20 @@ def make_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns train_step(state, batch) -> (state, metrics).
 
+  objective: the model's (vatt_jax/models/contract.py), (variables, batch, rng) → (loss, (terms,
+  model state)); its key is fold_in(state.rng, state.step), so a resumed run draws the same masks.
   The loss sees the global batch (all devices' samples), so contrastive negatives span it. A step
   whose loss or gradient is not finite is not applied (the official VATT code silently zeroes NaN;
   we report it): the state advances only its step and rejected-step counters, and the learning-rate
-  schedule (driven by optax's count of applied updates) does not move. `nonfinite_run` counts the
+  schedule (driven by optax's count of applied updates; the logged learning rate is the schedule at
+  that count) does not move. `nonfinite_run` counts the
   rejected steps in a row (the trainer stops after config.max_nonfinite_steps of them).
 
   axis_rules: logical → mesh axis rules for the model's activation-sharding constraints (traced
   under them; without a mesh they are no-ops).
   augment: an optional pure batch transform (batch, rng) -> batch run on the global batch before
-  the model (fine-tuning's mixup); its key is its own stream, so the dropout and DropToken draws
-  are those of a run without it.
+  the objective (fine-tuning's mixup, vatt_jax/train/augment.py); its key is its own stream, so the
+  objective's draws are those of a run without it.
   per_loss: ((term, weight), …) for gradient harmonization: the loss terms whose weighted sum is the
   loss, each differentiated on its own in the same forward pass; `tx` then takes K-stacked per-loss
   gradients (vatt_jax.optim.harmonization). The metrics add grad_cosine and grad_conflict (terms 0
@@ -51,20 +54,14 @@ def make_train_step(
 
   def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     step_rng = jax.random.fold_in(state.rng, state.step)
-    dropout_rng, droptoken_rng = jax.random.split(step_rng)
     if augment is not None:
       batch = augment(batch, jax.random.fold_in(step_rng, _AUGMENT_STREAM))
 
     def compute_loss(params):
-      out, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats},
-        batch,
-        train=True,
-        rngs={'dropout': dropout_rng, 'droptoken': droptoken_rng},
-        mutable=['batch_stats'],
+      loss, (terms, model_state) = objective(
+        {'params': params, 'batch_stats': state.batch_stats}, batch, step_rng
       )
-      loss, terms = loss_fn(out, batch)
-      return loss, (terms, updates['batch_stats'])
+      return loss, (terms, model_state.get('batch_stats', state.batch_stats))
 
     extra = {}
     if per_loss is None:
@@ -96,13 +93,7 @@ def make_train_step(
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
       nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
     )
-    skipped = jnp.zeros((), jnp.int32)  # steps a gradient curriculum rejected before this one
-    for before, after in zip(
-      harmonization.curriculum_states(state.opt_state),
-      harmonization.curriculum_states(new_state.opt_state),
-      strict=True,
-    ):
-      skipped += before.skipped
+    for after in harmonization.curriculum_states(new_state.opt_state):
       extra['grad_skipped'] = (finite & ~after.applied).astype(jnp.float32)
       extra['skipped_steps'] = after.skipped
     metrics = {
@@ -110,9 +101,7 @@ def make_train_step(
       **terms,
       **extra,
       'grad_norm': grad_norm,
-      # optax counts applied updates only, so a rejected or skipped step does not advance the
-      # schedule.
-      'learning_rate': schedule(state.step - state.nonfinite_steps - skipped),
+      'learning_rate': learning_rate(state.opt_state, schedule),
       'nonfinite_steps': new_state.nonfinite_steps,
       'nonfinite_run': new_state.nonfinite_run,
     }

@@ -30,33 +30,22 @@ import optax
 from absl import logging
 
 import data_pipelines
+from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation import build_evaluator
-from vatt_jax.losses import build_loss, loss_components
-from vatt_jax.losses.classification import build_augment, check_labels
-from vatt_jax.models import build_model, logical_specs
-from vatt_jax.models.classifier import load_pretrained_tower
+from vatt_jax.losses import loss_components
+from vatt_jax.losses.classification import check_labels
+from vatt_jax.models import Model, build_model, logical_specs
 from vatt_jax.optim import build_optimizer, harmonized
 from vatt_jax.train import checkpoint as ckpt
 from vatt_jax.train import sharding
+from vatt_jax.train.augment import build_augment
 from vatt_jax.train.logging import PER_STEP, MetricLogger, quiet_libraries
 from vatt_jax.train.state import init_train_state
 from vatt_jax.train.step import make_train_step
 
-CONFIG_FILENAME = 'config.json'
-
 
 class NonFiniteError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-def save_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the fully resolved config (references expanded) into the workdir."""
-  path = os.path.join(workdir, CONFIG_FILENAME)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)  # never a half-written config
-  return path
 
 
 class _StopSignal:
@@ -126,7 +115,7 @@ class Program:
   sharding of global batch arrays.
   """
 
-  model: Any
+  model: Model
   tx: optax.GradientTransformation
   schedule: Any
   shardings: Any
@@ -141,7 +130,7 @@ def build_program(config: ml_collections.ConfigDict, mesh, example_batch: dict) 
   by config.mesh.rules. example_batch: any batch of the run (only shapes and dtypes are used)."""
   axis_rules = sharding.rules(config.mesh)
   model = build_model(config.model)
-  loss_fn = build_loss(config.loss)
+  objective = model.objective(config.loss)
   tx, schedule = build_optimizer(config.optimizer, config.total_steps)
   per_loss = loss_components(config.loss) if harmonized(config.optimizer) else None
   example = {k: jnp.zeros((2, *v.shape[1:]), v.dtype) for k, v in example_batch.items()}
@@ -157,12 +146,11 @@ def build_program(config: ml_collections.ConfigDict, mesh, example_batch: dict) 
   batch = sharding.batch_sharding(mesh)
   step = jax.jit(
     make_train_step(
-      model,
-      loss_fn,
+      objective,
       tx,
       schedule,
       axis_rules=axis_rules,
-      augment=build_augment(config),
+      augment=build_augment(config, model),
       per_loss=per_loss,
     ),
     in_shardings=(shardings, batch),
@@ -189,7 +177,7 @@ def train(
   profile = _parse_profile_steps(profile_steps)
   quiet_libraries()
   os.makedirs(workdir, exist_ok=True)
-  config_path = os.path.join(workdir, CONFIG_FILENAME)
+  config_path = os.path.join(workdir, workdir_lib.CONFIG_FILENAME)
   checkpointer = ckpt.Checkpointer(
     workdir,
     save_steps=config.checkpoint_steps,
@@ -200,7 +188,7 @@ def train(
   if resume_step is not None and os.path.exists(config_path):
     ckpt.check_resume_config(config, config_path)  # before anything is built or compiled
   if jax.process_index() == 0:
-    save_resolved_config(config, workdir)
+    workdir_lib.save_config(config, workdir)
 
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -216,10 +204,10 @@ def train(
   start_position = data.get_state()
   first = next(data)  # shapes only; the stream is rewound (or moved to the checkpoint) below
   local_batch = _batch_size(first)
-  num_classes = config.model.get('num_classes', 0)
+  program = build_program(config, mesh, first)
+  num_classes = program.model.num_classes
   if num_classes and 'label' in first:
     check_labels(first['label'], num_classes, 'the train input')
-  program = build_program(config, mesh, first)
   abstract, shardings = program.abstract, program.shardings
 
   if resume_step is not None:
@@ -316,8 +304,7 @@ def train(
     counts = getattr(data, 'counts', None)
     if counts:
       logging.info('input: %s', dict(counts))
-    if hasattr(data, 'close'):
-      data.close()
+    data.close()
   return logger.history
 
 
@@ -346,30 +333,32 @@ def _evaluate(name: str, evaluator, state) -> dict[str, float]:
 
 
 def init_from_pretrained(state, program: Program, workdir: str, step: int = -1):
-  """`state` (freshly initialised) with its tower loaded from the run in `workdir` (a pretraining
-  or an earlier fine-tuning workdir; checkpoint `step`, −1 for the latest).
+  """`state` (freshly initialised) with its parameters loaded from the run in `workdir` (a
+  pretraining or an earlier fine-tuning workdir; checkpoint `step`, −1 for the latest).
 
-  Tower parameters are matched by name (vatt_jax.models.classifier.load_pretrained_tower:
-  position tables resized when the patch grid differs, any other difference an error); a
-  classifier's head keeps its initialisation; batch-norm statistics are loaded when the run has the
-  same ones (post-training a VATT: the common-space heads) and kept otherwise; the optimizer state
-  is rebuilt for the new parameters. Logs what was loaded, resized, kept and left unused.
+  Parameters are matched by name by the model (Model.load_pretrained: VATT and the classifier
+  resize position tables when the patch grid differs; a classifier's head keeps its
+  initialisation; any other difference is an error); batch-norm statistics are loaded when the
+  run has the same ones (post-training a VATT: the common-space heads) and kept otherwise; the
+  optimizer state is rebuilt for the new parameters. Logs what was loaded, resized, kept and left
+  unused.
   """
-  config_path = os.path.join(workdir, CONFIG_FILENAME)
-  directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+  config_path = os.path.join(workdir, workdir_lib.CONFIG_FILENAME)
+  directory = workdir_lib.checkpoint_dir(workdir)
   if not os.path.exists(config_path) or not os.path.isdir(directory):
     raise ValueError(
-      f'config init_from={workdir!r} is not a training workdir (it needs {CONFIG_FILENAME} and '
-      f'{ckpt.CHECKPOINT_DIR}/ as scripts/train.py writes them)'
+      f'config init_from={workdir!r} is not a training workdir (it needs '
+      f'{workdir_lib.CONFIG_FILENAME} and {workdir_lib.CHECKPOINT_DIR}/ as scripts/train.py '
+      'writes them)'
     )
   if step is None or step < 0:
-    step = ckpt.latest_step(workdir)  # finished checkpoints only
+    step = workdir_lib.latest_step(workdir)  # finished checkpoints only
     if step is None:
       raise ValueError(f'config init_from={workdir!r}: no finished checkpoint in {directory}')
-  _, _, variables = ckpt.load_model(workdir, step)
+  _, _, variables = workdir_lib.load_model(workdir, step)
   pretrained = jax.device_get(variables['params'])
   try:
-    params, report = load_pretrained_tower(state.params, pretrained)
+    params, report = program.model.load_pretrained(state.params, pretrained)
   except ValueError as e:
     raise ValueError(f'config init_from={workdir!r} (step {step}): {e}') from None
 
@@ -382,14 +371,13 @@ def init_from_pretrained(state, program: Program, workdir: str, step: int = -1):
   batch_stats, stats_loaded = _pretrained_batch_stats(state.batch_stats, variables)
   batch_stats = jax.tree.map(place, batch_stats, program.shardings.batch_stats)
   opt_state = jax.jit(program.tx.init, out_shardings=program.shardings.opt_state)(params)
-  unused = sorted(set(pretrained) - {path.split('/')[0] for path in report['loaded']})
   resized = '; '.join(f'{k} {a} → {b}' for k, (a, b) in sorted(report['resized'].items()))
   logging.info(
-    'init_from %s step %d: loaded %d tower parameters (%s); position tables resized: %s; kept '
+    'init_from %s step %d: loaded %d parameters (%s); position tables resized: %s; kept '
     'their initialisation: %s; not used from the checkpoint: %s',
     workdir, step, len(report['loaded']),
     ', '.join(sorted({p.split('/')[0] for p in report['loaded']})), resized or 'none',
-    ', '.join(report['kept_init']) or 'none', ', '.join(unused) or 'none',
+    ', '.join(report['kept_init']) or 'none', ', '.join(report['unused']) or 'none',
   )  # fmt: skip
   if stats_loaded:
     logging.info('init_from %s step %d: batch-norm statistics loaded too', workdir, step)
