@@ -47,9 +47,9 @@ def _params(workdir, step=None) -> dict:
   """Final parameters of a run (restored onto this process's one device) as numpy arrays."""
   code = f"""
     import json, numpy as np, jax
-    from vatt_jax.train import checkpoint as ckpt
+    from vatt_jax import workdir as workdir_lib
     import orbax.checkpoint as ocp
-    manager = ocp.CheckpointManager('{workdir}/checkpoints', item_handlers=ckpt._handlers())
+    manager = ocp.CheckpointManager('{workdir}/checkpoints', item_handlers=workdir_lib.item_handlers())
     step = {step!r} if {step!r} is not None else manager.latest_step()
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     stored = manager.item_metadata(step)['params'].tree
@@ -220,6 +220,7 @@ _RESHARD = """
   import json, jax, numpy as np
   from tests.conftest import ROOT, load_config
   import data_pipelines
+  from vatt_jax import workdir as workdir_lib
   from vatt_jax.train import checkpoint as ckpt, sharding, trainer
 
   config = load_config(ROOT / 'configs' / 'vatt_bbs.py', 'runlocal')
@@ -246,8 +247,8 @@ _RESHARD = """
     same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                zip(leaves(state), leaves(restored), strict=True))
     devices = {len(x.sharding.device_set) for x in jax.tree.leaves(restored.params)}
-    params = ckpt.restore_params(f'{WORKDIR}/{name}', {'params': p2.abstract.params,
-                                                      'batch_stats': p2.abstract.batch_stats})
+    params = workdir_lib.restore_params(f'{WORKDIR}/{name}', {'params': p2.abstract.params,
+                                                             'batch_stats': p2.abstract.batch_stats})
     same_params = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                       zip(jax.tree.leaves(state.params), jax.tree.leaves(params['params'])))
     report[name] = {'same': same, 'devices': sorted(devices), 'position': position,
@@ -298,6 +299,7 @@ def test_restore_params_refuses_another_model(tmp_path):
     import json, jax
     from tests.conftest import ROOT, load_config
     import data_pipelines
+    from vatt_jax import workdir as workdir_lib
     from vatt_jax.train import checkpoint as ckpt, sharding, trainer
     config = load_config(ROOT / 'configs' / 'vatt_bbs.py', 'runlocal')
     batch = next(data_pipelines.build(config.data, 'train', batch_size=8))
@@ -309,8 +311,8 @@ def test_restore_params_refuses_another_model(tmp_path):
     config.model.head.vt_dim = 24
     q = trainer.build_program(config, mesh, batch)
     try:
-      ckpt.restore_params('{tmp_path}', {{'params': q.abstract.params,
-                                          'batch_stats': q.abstract.batch_stats}})
+      workdir_lib.restore_params('{tmp_path}', {{'params': q.abstract.params,
+                                                 'batch_stats': q.abstract.batch_stats}})
       print(json.dumps({{'error': None}}))
     except ValueError as e:
       print(json.dumps({{'error': str(e)}}))
@@ -401,22 +403,21 @@ def test_load_model_rebuilds_a_trained_run(tmp_path):
   import jax.numpy as jnp
 
   from tests.conftest import load_config
-  from vatt_jax.models.summary import example_inputs
-  from vatt_jax.train import checkpoint as ckpt
+  from vatt_jax import workdir as workdir_lib
   from vatt_jax.train import trainer
 
   config = load_config(ROOT / 'configs' / 'vatt_bbs.py', 'runlocal')
   config.total_steps, config.checkpoint_steps = 2, 1
   trainer.train(config, str(tmp_path))
-  loaded, model, variables = ckpt.load_model(str(tmp_path))
-  _, _, first = ckpt.load_model(str(tmp_path), step=1)
+  loaded, model, variables = workdir_lib.load_model(str(tmp_path))
+  _, _, first = workdir_lib.load_model(str(tmp_path), step=1)
   assert loaded.model.to_dict() == json.loads(config.model.to_json_best_effort())
   now, before = jax.tree.leaves(variables['params']), jax.tree.leaves(first['params'])
   changed = [not np.array_equal(a, b) for a, b in zip(now, before, strict=True)]
   assert any(changed)  # step 2's parameters, not step 1's
-  batch = {k: jnp.ones(s.shape, s.dtype) for k, s in example_inputs(loaded.model, 2).items()}
-  out = model.apply(variables, batch, train=False)
-  assert out['video_va'].shape == (2, config.model.head.va_dim)
+  video = jnp.ones(model.example_batch(2)['video'].shape, jnp.float32)
+  out = model.embed('video')(variables, video)
+  assert out['va'].shape == (2, config.model.head.va_dim)
   assert all(np.isfinite(np.asarray(v)).all() for v in out.values())
   with pytest.raises(FileNotFoundError, match='not a training workdir'):
-    ckpt.load_model(str(tmp_path / 'nowhere'))
+    workdir_lib.load_model(str(tmp_path / 'nowhere'))

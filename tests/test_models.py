@@ -35,7 +35,7 @@ from flax import traverse_util
 from scipy.special import erf
 
 from configs import common
-from vatt_jax.models import build_model
+from vatt_jax.models import build_model, contract
 from vatt_jax.models.attention import (
   MultiHeadSelfAttention,
   RelativePositionBias,
@@ -185,17 +185,28 @@ def _with_agg(agg, tokens):
   return np.concatenate([np.broadcast_to(agg, (tokens.shape[0], 1, agg.shape[-1])), tokens], 1)
 
 
+def ref_encoder_params(params, modality, cfg):
+  """The encoder of `modality`'s tower: its own, or the shared one (modality-agnostic)."""
+  if cfg.backbone == 'modality_agnostic':
+    return params['shared_encoder']
+  return params[f'{modality}_tower']['encoder']
+
+
 def ref_vatt_agg(params, batch, cfg):
   """The AGG outputs {video,audio,text}_agg of a VATT model (eval, or train with no dropout)."""
-  shared = cfg.backbone == 'modality_agnostic'
-  encoder = lambda m: params['shared_encoder' if shared else f'{m}_encoder']  # noqa: E731
   out = {}
   if 'video' in batch:
-    tokens = ref_voxel_tokens(params['video_tokenizer'], batch['video'], cfg.video.patch_size)
-    out['video_agg'] = ref_encoder(encoder('video'), _with_agg(params['video_agg'], tokens))[:, 0]
+    tower = params['video_tower']
+    tokens = ref_voxel_tokens(tower['tokenizer'], batch['video'], cfg.video.patch_size)
+    out['video_agg'] = ref_encoder(
+      ref_encoder_params(params, 'video', cfg), _with_agg(tower['agg'], tokens)
+    )[:, 0]
   if 'audio' in batch:
-    tokens = ref_waveform_tokens(params['audio_tokenizer'], batch['audio'], cfg.audio.patch_size)
-    out['audio_agg'] = ref_encoder(encoder('audio'), _with_agg(params['audio_agg'], tokens))[:, 0]
+    tower = params['audio_tower']
+    tokens = ref_waveform_tokens(tower['tokenizer'], batch['audio'], cfg.audio.patch_size)
+    out['audio_agg'] = ref_encoder(
+      ref_encoder_params(params, 'audio', cfg), _with_agg(tower['agg'], tokens)
+    )[:, 0]
   if 'text' in batch:
     out['text_agg'] = ref_text_agg(params, batch['text'], cfg)
   return out
@@ -203,18 +214,19 @@ def ref_vatt_agg(params, batch, cfg):
 
 def ref_text_agg(params, text, cfg, *, bias_all_layers=None):
   shared = cfg.backbone == 'modality_agnostic'
+  tower = params['text_tower']
   ids = text.reshape(-1, text.shape[-1])
-  tokens = params['text_tokenizer']['vocabulary']['embedding'][ids]
+  tokens = tower['tokenizer']['vocabulary']['embedding'][ids]
   mask = np.concatenate([np.ones((ids.shape[0], 1), bool), ids != 0], axis=1)
-  table = params['text_relative_bias']['rel_embedding']
+  table = tower['relative_bias']['rel_embedding']
   bias = ref_relative_bias(
     table, ids.shape[1] + 1, cfg.text.relative_buckets, cfg.text.relative_max_distance
   )
   if bias_all_layers is None:
     bias_all_layers = False if shared else cfg.text.bias_all_layers
   out = ref_encoder(
-    params['shared_encoder' if shared else 'text_encoder'],
-    _with_agg(params['text_agg'], tokens),
+    ref_encoder_params(params, 'text', cfg),
+    _with_agg(tower['agg'], tokens),
     mask=mask,
     bias=bias,
     bias_all_layers=bias_all_layers,
@@ -282,8 +294,15 @@ def random_like(abstract, seed):
 
 
 def random_variables(module, *args, seed=0, **kwargs):
+  """Random variables of a flax module (its init's shapes)."""
   init = lambda: module.init({'params': jax.random.key(0)}, *args, **kwargs)  # noqa: E731
   abstract = nn.meta.unbox(jax.eval_shape(init))
+  return random_like(abstract, seed)
+
+
+def model_variables(model, batch, seed=0):
+  """Random {'params', 'batch_stats'} of a contract model (the shapes of `model.init`)."""
+  abstract = jax.eval_shape(lambda b: model.init(jax.random.key(0), b), batch)
   return random_like(abstract, seed)
 
 
@@ -319,14 +338,18 @@ def rngs(seed):
 
 
 class Tiny:
-  """A runlocal-sized VATT with random variables, a batch and jitted eval/train applies."""
+  """A runlocal-sized VATT with random variables, a batch and jitted eval/train applies.
+
+  model: the contract object (build_model); module: its VATT flax module (model internals).
+  """
 
   def __init__(self, shared_size=None, seed=0):
     self.cfg = tiny_config(shared_size)
     self.model = build_model(self.cfg)
+    self.module = self.model.module
     self.batch = make_batch(self.cfg, np.random.default_rng(seed))
-    self.variables = random_variables(self.model, self.batch, seed=seed, train=False)
-    self.eval = jax.jit(functools.partial(self.model.apply, train=False))
+    self.variables = model_variables(self.model, self.batch, seed=seed)
+    self.eval = jax.jit(functools.partial(self.module.apply, train=False))
     self._eval_out = None
 
   @property
@@ -336,7 +359,8 @@ class Tiny:
     return self._eval_out
 
   def variant(self, **changes):
-    """The same variables under a model built from a modified config (rates only)."""
+    """The VATT flax module of a model built from a modified config (rates and flags only: the
+    variables stay valid)."""
     cfg = self.cfg.copy_and_resolve_references()
     for dotted, value in changes.items():
       node = cfg
@@ -344,11 +368,11 @@ class Tiny:
       for parent in parents:
         node = node[parent]
       node[leaf] = value
-    return build_model(cfg)
+    return build_model(cfg).module
 
 
-def train_apply(model):
-  return jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))
+def train_apply(module):
+  return jax.jit(functools.partial(module.apply, train=True, mutable=['batch_stats']))
 
 
 @pytest.fixture(scope='module')
@@ -403,13 +427,13 @@ def test_output_shapes(backbone, train, modalities, request):
   batch = {m: tiny.batch[m] for m in modalities}
   if train:
     out, updates = jax.eval_shape(
-      lambda v, b: tiny.model.apply(v, b, train=True, rngs=rngs(0), mutable=['batch_stats']),
+      lambda v, b: tiny.module.apply(v, b, train=True, rngs=rngs(0), mutable=['batch_stats']),
       tiny.variables,
       batch,
     )
     assert set(updates) == {'batch_stats'}
   else:
-    out = jax.eval_shape(lambda v, b: tiny.model.apply(v, b, train=False), tiny.variables, batch)
+    out = jax.eval_shape(lambda v, b: tiny.module.apply(v, b, train=False), tiny.variables, batch)
   keys = [key for m in modalities for key in MODALITY_KEYS[m]]
   assert {key: value.shape for key, value in out.items()} == expected_shapes(
     tiny.cfg, TINY_WIDTH, keys
@@ -419,7 +443,7 @@ def test_output_shapes(backbone, train, modalities, request):
 
 def test_single_narration_text_shapes(specific):
   text = specific.batch['text'][:, 0]  # [B, W] rather than [B, K, W]
-  out = jax.eval_shape(lambda v, t: specific.model.apply(v, {'text': t}), specific.variables, text)
+  out = jax.eval_shape(lambda v, t: specific.module.apply(v, {'text': t}), specific.variables, text)
   assert {key: value.shape for key, value in out.items()} == {
     'text_agg': (BATCH, TINY_WIDTH),
     'text_vt': (BATCH, specific.cfg.head.vt_dim),
@@ -428,7 +452,7 @@ def test_single_narration_text_shapes(specific):
 
 def test_empty_batch_raises(specific):
   with pytest.raises(ValueError, match='batch has none of'):
-    specific.model.apply(specific.variables, {'label': np.zeros(2)}, train=False)
+    specific.module.apply(specific.variables, {'label': np.zeros(2)}, train=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -729,7 +753,7 @@ def test_model_eval_matches_reference(specific):
 
 def test_model_eval_needs_no_rngs_and_ignores_them(specific):
   video = {'video': specific.batch['video']}
-  apply = jax.jit(lambda v, b, r: specific.model.apply(v, b, train=False, rngs=r))
+  apply = jax.jit(lambda v, b, r: specific.module.apply(v, b, train=False, rngs=r))
   first = apply(specific.variables, video, rngs(1))['video_agg']
   np.testing.assert_array_equal(first, apply(specific.variables, video, rngs(2))['video_agg'])
   assert_close(first, np.asarray(specific.eval_out['video_agg'], np.float64))  # rng-free call
@@ -775,15 +799,15 @@ def test_model_drop_token_in_training(specific):
   )
   assert not np.allclose(outs[0], specific.eval_out['video_agg'], atol=1e-3)
 
-  params = to64(specific.variables['params'])
+  tower = to64(specific.variables['params']['video_tower'])
   tokens = ref_voxel_tokens(
-    params['video_tokenizer'], video['video'].astype(np.float64), specific.cfg.video.patch_size
+    tower['tokenizer'], video['video'].astype(np.float64), specific.cfg.video.patch_size
   )
   num_tokens = tokens.shape[1]
   subsets = list(itertools.combinations(range(num_tokens), num_kept_tokens(num_tokens, 0.5)))
   candidates = np.stack(
     [
-      ref_encoder(params['video_encoder'], _with_agg(params['video_agg'], tokens[:, list(s)]))[:, 0]
+      ref_encoder(tower['encoder'], _with_agg(tower['agg'], tokens[:, list(s)]))[:, 0]
       for s in subsets
     ]
   )  # [subsets, B, D]
@@ -796,7 +820,7 @@ def test_model_drop_token_in_training(specific):
 
 def test_model_dropout_in_training(specific):
   audio = {'audio': specific.batch['audio']}
-  apply = train_apply(specific.model)  # config rates: dropout 0.1, attention 0.1, DropToken 0.5
+  apply = train_apply(specific.module)  # config rates: dropout 0.1, attention 0.1, DropToken 0.5
   first = np.asarray(apply(specific.variables, audio, rngs=rngs(6))[0]['audio_agg'])
   assert np.all(np.isfinite(first))
   np.testing.assert_array_equal(
@@ -814,7 +838,7 @@ def test_model_dropout_in_training(specific):
 @pytest.fixture(scope='module')
 def padded_text(specific):
   text = np.pad(specific.batch['text'], ((0, 0), (0, 0), (0, 4)))  # W -> W + 4 zeros
-  return text, jax.jit(functools.partial(specific.model.apply, train=False))
+  return text, jax.jit(functools.partial(specific.module.apply, train=False))
 
 
 def test_text_extra_padding_changes_nothing(specific, padded_text):
@@ -827,7 +851,13 @@ def test_text_extra_padding_changes_nothing(specific, padded_text):
 def test_text_relative_bias_is_used_in_the_first_layer_only(specific, padded_text):
   text, apply = padded_text
   params = specific.variables['params']
-  zeroed = {**params, 'text_relative_bias': {'rel_embedding': jnp.zeros((32, 4), jnp.float32)}}
+  zeroed = {
+    **params,
+    'text_tower': {
+      **params['text_tower'],
+      'relative_bias': {'rel_embedding': jnp.zeros((32, 4), jnp.float32)},
+    },
+  }
   with_bias = np.asarray(apply(specific.variables, {'text': text})['text_agg'])
   without = np.asarray(apply({**specific.variables, 'params': zeroed}, {'text': text})['text_agg'])
   assert not np.allclose(with_bias, without, atol=1e-3)
@@ -848,6 +878,8 @@ def test_modality_agnostic_has_one_shared_encoder(agnostic):
   params = agnostic.variables['params']
   encoders = sorted(name for name in params if name.endswith('encoder'))
   assert encoders == ['shared_encoder']
+  for tower in ('video_tower', 'audio_tower', 'text_tower'):
+    assert 'encoder' not in params[tower], tower  # tokenizers, AGG (and text bias) only
   assert sum(name.startswith('block_') for name in params['shared_encoder']) == 2
 
 
@@ -863,15 +895,19 @@ def test_modality_agnostic_matches_reference(agnostic):
   'perturbed, changed',
   [
     ('shared_encoder', ('video_agg', 'audio_agg', 'text_agg')),
-    ('video_tokenizer', ('video_agg',)),
-    ('text_agg', ('text_agg',)),
+    ('video_tower/tokenizer', ('video_agg',)),
+    ('text_tower/agg', ('text_agg',)),
   ],
 )
 def test_modality_agnostic_perturbation(agnostic, perturbed, changed):
-  params = dict(agnostic.variables['params'])
-  params[perturbed] = jax.tree_util.tree_map(
-    lambda a: (np.asarray(a) * 1.1 + 0.05).astype(np.float32), params[perturbed]
-  )
+  params = contract.flat_paths(agnostic.variables['params'])
+  params = {
+    tuple(path.split('/')): (np.asarray(a) * 1.1 + 0.05).astype(np.float32)
+    if path == perturbed or path.startswith(perturbed + '/')
+    else a
+    for path, a in params.items()
+  }
+  params = traverse_util.unflatten_dict(params)
   out = agnostic.eval({**agnostic.variables, 'params': params}, agnostic.batch)
   for key in ('video_agg', 'audio_agg', 'text_agg'):
     same = np.allclose(out[key], agnostic.eval_out[key], atol=1e-6)
@@ -882,28 +918,28 @@ def test_modality_specific_encoders_follow_configured_sizes():
   cfg = tiny_config()
   cfg.video.size = 'small'  # 6 layers, width 512, MLP 2048, 8 heads; traced, never run
   model = build_model(cfg)
-  batch = make_batch(cfg, np.random.default_rng(0))
-  init = lambda: model.init({'params': jax.random.key(0)}, batch, train=False)  # noqa: E731
-  params = nn.meta.unbox(jax.eval_shape(init))['params']
-  assert sorted(name for name in params if name.endswith('encoder')) == [
-    'audio_encoder',
-    'text_encoder',
-    'video_encoder',
+  batch = model.example_batch(BATCH)
+  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b), batch)['params']
+  assert sorted(name for name in params if 'encoder' in params[name]) == [
+    'audio_tower',
+    'text_tower',
+    'video_tower',
   ]
+  assert 'shared_encoder' not in params
   for name, (layers, width, mlp, heads) in {
-    'video_encoder': (6, 512, 2048, 8),
-    'audio_encoder': (2, 64, 256, 4),
-    'text_encoder': (2, 64, 256, 4),
+    'video_tower': (6, 512, 2048, 8),
+    'audio_tower': (2, 64, 256, 4),
+    'text_tower': (2, 64, 256, 4),
   }.items():
-    encoder = params[name]
+    encoder = params[name]['encoder']
     assert sum(key.startswith('block_') for key in encoder) == layers
     block = encoder[f'block_{layers - 1:02d}']
     assert block['attention']['query']['kernel'].shape == (width, heads, width // heads)
     assert block['attention']['out']['kernel'].shape == (heads, width // heads, width)
     assert block['mlp']['fc1']['kernel'].shape == (width, mlp)
     assert encoder['final_norm']['scale'].shape == (width,)
-  assert params['video_tokenizer']['patch']['kernel'].shape == (2 * 16 * 16 * 3, 512)
-  assert params['video_agg'].shape == (512,)
+  assert params['video_tower']['tokenizer']['patch']['kernel'].shape == (2 * 16 * 16 * 3, 512)
+  assert params['video_tower']['agg'].shape == (512,)
   assert params['head']['video_va_1_dense']['kernel'].shape == (512, cfg.head.va_dim)
   assert params['head']['audio_va_dense']['kernel'].shape == (64, cfg.head.va_dim)
 
@@ -1007,7 +1043,7 @@ def test_mlp_block_matches_reference(block_inputs):
 )
 def test_model_rejects_bad_video(specific, video, message):
   with pytest.raises(ValueError, match=message):
-    specific.model.apply(specific.variables, {'video': video}, train=False)
+    specific.module.apply(specific.variables, {'video': video}, train=False)
 
 
 @pytest.mark.parametrize(
@@ -1021,7 +1057,7 @@ def test_model_rejects_bad_video(specific, video, message):
 )
 def test_model_rejects_bad_audio(specific, audio, message):
   with pytest.raises(ValueError, match=message):
-    specific.model.apply(specific.variables, {'audio': audio}, train=False)
+    specific.module.apply(specific.variables, {'audio': audio}, train=False)
 
 
 @pytest.mark.parametrize('tower', ['video', 'audio', 'text'])
@@ -1044,7 +1080,7 @@ def test_build_rejects_unknown_shared_size():
 @pytest.mark.parametrize(
   'field, value, message',
   [
-    ('backbone', 'foo', "backbone must be 'modality_specific' or 'modality_agnostic'"),
+    ('backbone', 'foo', r"backbone must be one of \('modality_specific', 'modality_agnostic'\)"),
     ('dtype', 'float16', 'dtype must be one of'),
     ('name', 'foo', "name 'foo' is not one of"),
   ],

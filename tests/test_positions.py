@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, load_config
-from vatt_jax.models import build_model, init_variables
-from vatt_jax.models.tokenizers import interpolate_positions, resize_positions
+from vatt_jax.models import build_model
+from vatt_jax.models.tokenizers import interpolate_positions
+from vatt_jax.models.vatt import resize_positions
 
 
 def _reference(table: np.ndarray, length: int) -> np.ndarray:
@@ -67,16 +68,19 @@ def test_resized_params_run_a_model_at_another_size():
   small = build_model(config.model)
   batch = {'video': jnp.zeros((1, 4, 32, 32, 3)), 'audio': jnp.zeros((1, 2048)),
            'text': jnp.zeros((1, 2, 8), jnp.int32)}  # fmt: skip
-  variables = init_variables(small, jax.random.key(0), batch)
+  variables = small.init(jax.random.key(0), batch)
   config.model.video.frame_size = 48  # 16-px patches: a 2×2 grid becomes 3×3
   config.model.audio.num_samples = 4096  # 16 → 32 waveform patches
   large = build_model(config.model)
   params = resize_positions(variables['params'], video_grid=(2, 3, 3), audio_patches=32)
-  assert params['video_tokenizer']['vertical_position'].shape[0] == 3
+  assert params['video_tower']['tokenizer']['vertical_position'].shape[0] == 3
+  assert params['audio_tower']['tokenizer']['position'].shape[0] == 32
+  assert params['text_tower'] is variables['params']['text_tower']  # shared, not copied
   bigger = {'video': jnp.ones((1, 4, 48, 48, 3)), 'audio': jnp.ones((1, 4096)),
             'text': batch['text']}  # fmt: skip
-  out = large.apply({**variables, 'params': params}, bigger, train=False)
+  out = large.module.apply({**variables, 'params': params}, bigger, train=False)
   assert out['video_va'].shape == (1, config.model.head.va_dim)
-  assert variables['params']['video_tokenizer']['vertical_position'].shape[0] == 2  # untouched
+  untouched = variables['params']['video_tower']['tokenizer']
+  assert untouched['vertical_position'].shape[0] == 2
   with pytest.raises(ValueError, match='video_grid'):
     resize_positions(variables['params'], video_grid=(2, 3))

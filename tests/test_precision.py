@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec
 from tests.conftest import ROOT, load_config
 from tests.test_models import random_like
 from vatt_jax.losses import build_loss
-from vatt_jax.models import PARAM_AXES, build_model, init_variables, logical_specs
+from vatt_jax.models import PARAM_AXES, build_model, logical_specs
 from vatt_jax.models.attention import MultiHeadSelfAttention
 from vatt_jax.models.transformer import Encoder, EncoderSize
 
@@ -53,10 +53,19 @@ def make_batch(model_cfg, batch_size=BATCH, seed=0):
   }
 
 
+def abstract_variables(model, batch):
+  """{'params', 'batch_stats'} of a contract model as ShapeDtypeStructs (model.init traced)."""
+  return jax.eval_shape(lambda b: model.init(jax.random.key(0), b), batch)
+
+
 def random_variables(model, batch, seed=0):
   """Random float32 variables shaped like the model's (initialising for real costs a compile)."""
-  abstract = jax.eval_shape(lambda b: init_variables(model, jax.random.key(0), b), batch)
-  return random_like(abstract, seed)
+  return random_like(abstract_variables(model, batch), seed)
+
+
+def unboxed_init(module, *args, **kwargs):
+  """A flax module's variables without the logical-partitioning boxes."""
+  return nn.meta.unbox(module.init(jax.random.key(0), *args, **kwargs))
 
 
 def flat_paths(tree):
@@ -74,7 +83,7 @@ def test_every_variable_has_logical_axes_from_the_vocabulary(name):
   model = build_model(cfg)
   batch = make_batch(cfg)
   specs = logical_specs(model, batch)
-  abstract = jax.eval_shape(lambda b: init_variables(model, jax.random.key(0), b), batch)
+  abstract = abstract_variables(model, batch)
   assert set(specs) == {'params', 'batch_stats'}
   used = set()
   for collection in ('params', 'batch_stats'):
@@ -98,7 +107,7 @@ def test_every_variable_has_logical_axes_from_the_vocabulary(name):
 def test_logical_axes_per_parameter_kind():
   specs = flat_paths(logical_specs(build_model(runlocal('vatt_bbs').model), make_batch(
     runlocal('vatt_bbs').model))['params'])  # fmt: skip
-  block = 'video_encoder/block_00'
+  block = 'video_tower/encoder/block_00'
   want = {
     f'{block}/attention/query/kernel': ('embed', 'heads', 'kv'),
     f'{block}/attention/key/bias': ('heads', 'kv'),
@@ -109,13 +118,14 @@ def test_logical_axes_per_parameter_kind():
     f'{block}/mlp/fc2/kernel': ('mlp', 'embed'),
     f'{block}/mlp/fc2/bias': ('embed',),
     f'{block}/norm_attention/scale': ('embed',),
-    'video_encoder/final_norm/bias': ('embed',),
-    'video_tokenizer/patch/kernel': ('patch', 'embed'),
-    'video_tokenizer/temporal_position': ('positions', 'embed'),
-    'audio_tokenizer/position': ('positions', 'embed'),
-    'text_tokenizer/vocabulary/embedding': ('vocab', 'embed'),
-    'text_relative_bias/rel_embedding': ('positions', 'heads'),
-    'video_agg': ('embed',),
+    'video_tower/encoder/final_norm/bias': ('embed',),
+    'video_tower/tokenizer/patch/kernel': ('patch', 'embed'),
+    'video_tower/tokenizer/temporal_position': ('positions', 'embed'),
+    'audio_tower/tokenizer/position': ('positions', 'embed'),
+    'text_tower/tokenizer/vocabulary/embedding': ('vocab', 'embed'),
+    'text_tower/relative_bias/rel_embedding': ('positions', 'heads'),
+    'video_tower/agg': ('embed',),
+    'audio_tower/agg': ('embed',),
     'head/video_va_1_dense/kernel': ('embed', 'common'),
     'head/video_va_2_dense/kernel': (None, 'common'),
     'head/text_vt_bn/scale': ('common',),
@@ -141,14 +151,15 @@ def test_init_and_forward_under_a_mesh_with_rules():
     ('vocab', 'model'),
   )
   variables = random_variables(model, batch)
-  forward = jax.jit(functools.partial(model.apply, train=False))
+  forward = jax.jit(functools.partial(model.module.apply, train=False))
   attention = MultiHeadSelfAttention(num_heads=2)
   x = np.ones((2, 3, 8), np.float32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(lambda b: init_variables(model, jax.random.key(0), b), batch)
+    abstract = abstract_variables(model, batch)
     assert jax.tree.structure(abstract) == jax.tree.structure(variables)
     lowered = forward.lower(variables, batch).as_text()
-    specs = logical_specs(attention, x)
+    boxed = jax.eval_shape(lambda x: attention.init(jax.random.key(0), x), x)
+    specs = nn.get_partition_spec(boxed)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     init = jax.jit(lambda x: attention.init(jax.random.key(0), x), out_shardings=shardings)
     kernel = nn.meta.unbox(init(x))['params']['query']['kernel']
@@ -171,7 +182,7 @@ def test_remat_keeps_the_parameter_tree(name):
   for remat in ('none', 'dots', 'full'):
     config.model.remat = remat
     model = build_model(config.model)
-    abstract = jax.eval_shape(lambda b, m=model: init_variables(m, jax.random.key(0), b), batch)
+    abstract = abstract_variables(model, batch)
     trees[remat] = (
       jax.tree.map(lambda a: (a.shape, a.dtype), abstract),
       logical_specs(model, batch),
@@ -193,11 +204,11 @@ def test_remat_policies_keep_loss_and_gradients(deterministic):
   make = functools.partial(
     Encoder, size=size, dropout_rate=0.1, attention_dropout_rate=0.1, bias_all_layers=True
   )
-  params = jax.jit(lambda x: init_variables(make(), jax.random.key(0), x, mask=mask))(x)['params']
+  params = jax.jit(lambda x: unboxed_init(make(), x, mask=mask))(x)['params']
   results, residuals = {}, {}
   for remat in ('none', 'dots', 'full'):
     encoder = make(remat=remat)
-    abstract = jax.eval_shape(lambda x, e=encoder: init_variables(e, jax.random.key(0), x), x)
+    abstract = jax.eval_shape(lambda x, e=encoder: unboxed_init(e, x), x)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract['params']) == jax.tree.map(
       lambda a: (a.shape, a.dtype), params
     )
@@ -267,13 +278,13 @@ def test_bfloat16_compute_with_float32_parameters_and_outputs():
   config.model.dtype = 'bfloat16'
   bf16 = build_model(config.model)
 
-  abstract = jax.eval_shape(lambda b: init_variables(bf16, jax.random.key(0), b), batch)
+  abstract = abstract_variables(bf16, batch)
   assert {leaf.dtype for leaf in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
 
   loss_fn = build_loss(config.loss)
 
   def loss(model, params):
-    out = model.apply({**variables, 'params': params}, batch, train=False)
+    out = model.module.apply({**variables, 'params': params}, batch, train=False)
     return loss_fn(out, batch)[0], out
 
   grad = lambda model: jax.jit(jax.grad(functools.partial(loss, model), has_aux=True))  # noqa: E731
@@ -292,7 +303,7 @@ def test_bfloat16_compute_with_float32_parameters_and_outputs():
   assert cosine > 0.98, cosine
 
   # Matmuls of the encoders in bf16; softmax (exp) and norms (rsqrt) in float32.
-  jaxpr = jax.make_jaxpr(functools.partial(bf16.apply, train=False))(variables, batch)
+  jaxpr = jax.make_jaxpr(functools.partial(bf16.module.apply, train=False))(variables, batch)
   eqns = list(_equations(jaxpr.jaxpr))
   dot_inputs = [
     tuple(v.aval.dtype for v in e.invars) for e in eqns if e.primitive.name == 'dot_general'

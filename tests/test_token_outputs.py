@@ -61,7 +61,7 @@ def test_token_outputs_leave_the_other_outputs_unchanged(tiny):
   np.testing.assert_array_equal(out['text_words_mask'], tiny.batch['text'] != 0)
 
   # Training (DropToken on): the same draws, so the same outputs and batch statistics.
-  plain, updates = train_apply(tiny.model)(tiny.variables, tiny.batch, rngs=rngs(3))
+  plain, updates = train_apply(tiny.module)(tiny.variables, tiny.batch, rngs=rngs(3))
   out, token_updates = train_apply(with_tokens)(tiny.variables, tiny.batch, rngs=rngs(3))
   for key, value in plain.items():
     np.testing.assert_array_equal(out[key], value, err_msg=key)

@@ -16,7 +16,6 @@ import pytest
 
 import data_pipelines
 from tests.conftest import ROOT, load_config
-from vatt_jax.losses import build_loss
 from vatt_jax.models import build_model
 from vatt_jax.optim import build_optimizer, build_schedule
 from vatt_jax.train import trainer
@@ -70,7 +69,7 @@ def _tiny_setup():
   tx, schedule = build_optimizer(config.optimizer, config.total_steps)
   batch = next(data_pipelines.build(config.data, 'train', batch_size=config.batch_size))
   state = init_train_state(model, tx, batch, jax.random.key(0))
-  step = jax.jit(make_train_step(model, build_loss(config.loss), tx, schedule))
+  step = jax.jit(make_train_step(model.objective(config.loss), tx, schedule))
   return state, step, batch
 
 
@@ -101,7 +100,6 @@ _SHARDED_SCRIPT = textwrap.dedent(
     sys.path.insert(0, '.')
     import data_pipelines
     from tests.conftest import load_config
-    from vatt_jax.losses import build_loss
     from vatt_jax.models import build_model
     from vatt_jax.optim import build_optimizer
     from vatt_jax.train import sharding
@@ -119,7 +117,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
       mesh = sharding.make_mesh(config.mesh)
       state = jax.jit(lambda r: init_train_state(model, tx, batch, r),
                       out_shardings=sharding.replicated(mesh))(jax.random.key(0))
-      step = jax.jit(make_train_step(model, build_loss(config.loss), tx, schedule),
+      step = jax.jit(make_train_step(model.objective(config.loss), tx, schedule),
                      in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
       global_batch = sharding.put_batch(batch, mesh)
       assert len(global_batch['video'].sharding.device_set) == devices

@@ -117,33 +117,6 @@ def interpolate_positions(table: jax.Array, length: int) -> jax.Array:
   return jnp.einsum('lk,lkd->ld', weights.astype(table.dtype), rows)
 
 
-_VIDEO_TABLES = ('temporal_position', 'horizontal_position', 'vertical_position')
-
-
-def resize_positions(
-  params: dict, *, video_grid: Sequence[int] | None = None, audio_patches: int | None = None
-) -> dict:
-  """A copy of a VATT parameter tree whose position tables fit another input size.
-
-  video_grid: the new (t, h, w) patch grid (e.g. (8, 20, 20) for 32 × 320² with 4×16×16 patches);
-  audio_patches: the new number of waveform patches. Tables are resized with
-  `interpolate_positions`; everything else is shared, not copied.
-  """
-  params = dict(params)
-  if video_grid is not None:
-    if len(video_grid) != 3:
-      raise ValueError(f'video_grid must be (t, h, w), got {video_grid!r}')
-    tokenizer = dict(params['video_tokenizer'])
-    for name, length in zip(_VIDEO_TABLES, video_grid, strict=True):
-      tokenizer[name] = interpolate_positions(tokenizer[name], int(length))
-    params['video_tokenizer'] = tokenizer
-  if audio_patches is not None:
-    tokenizer = dict(params['audio_tokenizer'])
-    tokenizer['position'] = interpolate_positions(tokenizer['position'], int(audio_patches))
-    params['audio_tokenizer'] = tokenizer
-  return params
-
-
 class VoxelTokenizer(nn.Module):
   """Non-overlapping t×h×w×3 voxel patches → width, plus factorized learned positions.
 

@@ -53,8 +53,12 @@ class Tower(nn.Module):
     self.token_dropout = nn.Dropout(self.dropout_rate)
 
   def _tokens(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """The tokenizer's tokens [B, N, D] (a temporal layout [B, T, N/T, D] flattened) and mask."""
     out = self.tokenizer(x)
-    return out if isinstance(out, tuple) else (out, None)
+    tokens, mask = out if isinstance(out, tuple) else (out, None)
+    if tokens.ndim == 4:
+      tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+    return tokens, mask
 
   def __call__(self, x: jax.Array, *, train: bool) -> TowerOutput:
     tokens, mask = self._tokens(x)
@@ -78,8 +82,6 @@ class Tower(nn.Module):
     "input space")."""
     tokens, mask = self._tokens(x)
     tokens = tokens.astype(jnp.float32)
-    if tokens.ndim == 4:  # a tokenizer that keeps the temporal layout
-      tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
     if mask is None:
       return tokens.mean(1)
     weights = mask.astype(jnp.float32)[..., None]

@@ -228,6 +228,8 @@ class Encoder(nn.Module):
         positions = kept if positions is None else gather_tokens(positions, kept)
         mask = None if mask is None else gather_tokens(mask, kept)
         bias = None if bias is None else gather_bias(bias, kept)
+      else:
+        x = out
       x = nn.with_logical_constraint(x, RESIDUAL_AXES)
     x = _norm(self.norm_type, 'final_norm')(x)
     return (x, positions) if return_positions else x
