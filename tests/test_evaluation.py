@@ -13,16 +13,15 @@ from tests.conftest import ROOT, load_config
 from vatt_jax import plots
 from vatt_jax.evaluation import embeddings as emb
 from vatt_jax.evaluation import retrieval
-from vatt_jax.models import build_model, init_variables
-from vatt_jax.models.summary import example_inputs
+from vatt_jax.models import build_model
 
 
 @pytest.fixture(scope='module')
 def tiny():
   config = load_config(ROOT / 'configs' / 'demo_tiny.py', 'runlocal')
   model = build_model(config.model)
-  example = {k: jnp.zeros(s.shape, s.dtype) for k, s in example_inputs(config.model, 2).items()}
-  variables = init_variables(model, jax.random.key(0), example)
+  example = {k: jnp.zeros(s.shape, s.dtype) for k, s in model.example_batch(2).items()}
+  variables = model.init(jax.random.key(0), example)
   # Batch norm at init has mean 0 / var 1: give it statistics so the eval path is not an identity.
   rng = np.random.default_rng(0)
   variables['batch_stats'] = jax.tree.map(
@@ -47,7 +46,7 @@ def test_embedder_matches_the_model_for_any_batch_size(tiny):
   x = _inputs(config, 5, rng)
   x['text'][1, 3:] = 0  # padding
   x['text'][2, 1:] = 0
-  out = model.apply(
+  out = model.module.apply(
     variables, {'video': x['video'], 'audio': x['audio'], 'text': x['text'][:, None]}
   )
   for batch_size in (2, 5, 8):  # last batch padded; one batch; one padded batch
@@ -60,11 +59,13 @@ def test_embedder_matches_the_model_for_any_batch_size(tiny):
     np.testing.assert_allclose(text['vt'], out['text_vt'][:, 0], rtol=1e-5, atol=1e-5)
     assert set(video) == {'input', 'agg', 'va', 'vt'} and set(audio) == {'input', 'agg', 'va'}
   # The text input space: the word embeddings of the non-padding ids, averaged (float64 reference).
-  table = np.asarray(variables['params']['text_tokenizer']['vocabulary']['embedding'], np.float64)
+  table = np.asarray(
+    variables['params']['text_tower']['tokenizer']['vocabulary']['embedding'], np.float64
+  )
   for i, ids in enumerate(x['text']):
     expected = table[ids[ids != 0]].mean(0)
     np.testing.assert_allclose(text['input'][i], expected, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match='modality must be one of'):
+  with pytest.raises(ValueError, match='has no image embedding'):
     embedder('image', x['video'])
 
 
@@ -173,3 +174,22 @@ def test_plots_are_written(tmp_path):
     assert open(p, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
   with pytest.raises(ValueError, match='t-SNE needs'):
     plots.tsne_2d(x[:3])
+
+
+def test_tsne_of_features_without_spread_is_the_origin():
+  # sklearn's Barnes-Hut t-SNE crashes the process on identical rows: they map to zeros instead.
+  same = np.tile(np.random.default_rng(0).normal(size=(1, 8)), (12, 1))
+  for x in (same, np.zeros((12, 8)), same * 1e6):
+    points = plots.tsne_2d(x)
+    assert points.shape == (12, 2)
+    np.testing.assert_array_equal(points, 0.0)
+  # Some spread: a real embedding.
+  spread = same + np.random.default_rng(1).normal(size=same.shape)
+  assert plots.tsne_2d(spread).std(0).min() > 0
+  bad = same.copy()
+  bad[3, 2] = np.nan
+  with pytest.raises(ValueError, match='non-finite'):
+    plots.tsne_2d(bad)
+  bad[3, 2] = np.inf
+  with pytest.raises(ValueError, match='non-finite'):
+    plots.tsne_2d(bad)

@@ -20,16 +20,17 @@ import data_pipelines
 from data_pipelines import schema
 from data_pipelines import video as video_ops
 from tests.conftest import ROOT, load_config
+from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation import build_evaluator
 from vatt_jax.evaluation.finetune import average_views
 from vatt_jax.losses import build_loss
-from vatt_jax.losses.classification import inverse_frequency_weights, mixup, mixup_draw
-from vatt_jax.models import build_model, init_variables
-from vatt_jax.models.classifier import load_pretrained_tower
-from vatt_jax.models.tokenizers import resize_positions
+from vatt_jax.losses.classification import inverse_frequency_weights
+from vatt_jax.models import build_model
+from vatt_jax.models.vatt import resize_positions
 from vatt_jax.optim import build_optimizer
 from vatt_jax.train import checkpoint as ckpt
 from vatt_jax.train import sharding, trainer
+from vatt_jax.train.augment import mixup, mixup_draw
 from vatt_jax.train.state import init_train_state
 
 # ---- losses and mixup ----------------------------------------------------------------------------
@@ -243,7 +244,7 @@ def _pretraining_workdir(
   if edit is not None:
     state = edit(state)
   path.mkdir(parents=True, exist_ok=True)
-  trainer.save_resolved_config(config, str(path))
+  workdir_lib.save_config(config, str(path))
   saver = ckpt.Checkpointer(str(path), save_steps=1, keep=1)
   saver.save(7, state, {}, force=True)
   saver.close()
@@ -271,18 +272,22 @@ def test_init_from_loads_the_tower_resizes_positions_and_keeps_the_head(pretrain
   program = trainer.build_program(config, mesh, batch)
   fresh = program.init(jax.random.key(0))
   state = trainer.init_from_pretrained(fresh, program, str(pretrained))
-  _, _, stored = ckpt.load_model(str(pretrained))
+  _, _, stored = workdir_lib.load_model(str(pretrained))
   source = jax.device_get(stored['params'])
   params = jax.device_get(state.params)
-  assert set(params) == {'video_tokenizer', 'video_agg', 'video_encoder', 'classifier'}
-  resized = resize_positions(source, video_grid=(2, 3, 3))['video_tokenizer']
+  assert set(params) == {'video_tower', 'classifier'}
+  assert set(params['video_tower']) == {'tokenizer', 'agg', 'encoder'}
+  tokenizer, pretrained_tower = params['video_tower']['tokenizer'], source['video_tower']
+  resized = resize_positions(source, video_grid=(2, 3, 3))['video_tower']['tokenizer']
   for name in ('temporal_position', 'horizontal_position', 'vertical_position'):
-    np.testing.assert_allclose(params['video_tokenizer'][name], resized[name], rtol=1e-6)
-  assert params['video_tokenizer']['horizontal_position'].shape == (3, 64)
-  np.testing.assert_array_equal(params['video_tokenizer']['patch']['kernel'],
-                                source['video_tokenizer']['patch']['kernel'])  # fmt: skip
-  jax.tree.map(np.testing.assert_array_equal, params['video_encoder'], source['video_encoder'])
-  np.testing.assert_array_equal(params['video_agg'], source['video_agg'])
+    np.testing.assert_allclose(tokenizer[name], resized[name], rtol=1e-6)
+  assert tokenizer['horizontal_position'].shape == (3, 64)
+  np.testing.assert_array_equal(tokenizer['patch']['kernel'],
+                                pretrained_tower['tokenizer']['patch']['kernel'])  # fmt: skip
+  jax.tree.map(
+    np.testing.assert_array_equal, params['video_tower']['encoder'], pretrained_tower['encoder']
+  )
+  np.testing.assert_array_equal(params['video_tower']['agg'], pretrained_tower['agg'])
   np.testing.assert_array_equal(
     params['classifier']['kernel'], fresh.params['classifier']['kernel']
   )
@@ -291,13 +296,13 @@ def test_init_from_loads_the_tower_resizes_positions_and_keeps_the_head(pretrain
   config.model.video.frame_size = 32
   model = build_model(config.model)
   video = jnp.asarray(batch['video'][:2, :, :32, :32])
-  abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), {'video': video}))
-  tower, report = load_pretrained_tower(abstract['params'], source)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), {'video': video}))
+  tower, report = model.load_pretrained(abstract['params'], source)
   assert not report['resized'] and report['kept_init'] == ['classifier/bias', 'classifier/kernel']
-  tower.pop('classifier')  # encode_video does not read the head
-  ours = model.apply({'params': tower}, video, method='encode_video')
+  tower.pop('classifier')  # the tower's AGG output does not read the head
+  ours = model.embed('video', ['agg'])({'params': tower}, video)['agg']
   pre_model = build_model(load_config(ROOT / 'configs' / 'vatt_bbs.py', 'runlocal').model)
-  theirs = pre_model.apply({'params': source}, video, method='encode_video')
+  theirs = pre_model.module.apply({'params': source}, video, method='encode_video')
   np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
 
 
@@ -308,10 +313,13 @@ def test_init_from_errors_name_the_problem(pretrained, tmp_path):
   config.model.video.size = 'small'  # another tower width than the checkpoint's
   model = build_model(config.model)
   video = jnp.zeros((1, 4, 48, 48, 3))
-  abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), {'video': video}))
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), {'video': video}))
   fresh = types.SimpleNamespace(params=abstract['params'])  # only its shapes are read
-  with pytest.raises(ValueError, match=r'init_from=.*video_agg: checkpoint \(64,\), this model'):
-    trainer.init_from_pretrained(fresh, None, str(pretrained))
+  program = types.SimpleNamespace(model=model)  # only its model is read before the error
+  with pytest.raises(
+    ValueError, match=r'init_from=.*video_tower/agg: checkpoint \(64,\), this model'
+  ):
+    trainer.init_from_pretrained(fresh, program, str(pretrained))
 
 
 def test_classification_evaluator_averages_the_views_of_each_example(ramp_shards):
@@ -320,16 +328,17 @@ def test_classification_evaluator_averages_the_views_of_each_example(ramp_shards
   config.model.num_classes = 5
   config.data = _shard_config(ramp_shards)
   model = build_model(config.model)
-  variables = jax.jit(
-    lambda key: init_variables(model, key, {'video': jnp.zeros((1, 8, 48, 48, 3))})
-  )(jax.random.key(0))
+  variables = jax.jit(lambda key: model.init(key, {'video': jnp.zeros((1, 8, 48, 48, 3))}))(
+    jax.random.key(0)
+  )
   eval_cfg = ml_collections.ConfigDict(dict(type='classification', split='test', batch_size=2))
   evaluator = build_evaluator(eval_cfg, config, model)
   predictions = evaluator.predict(variables)
   assert predictions['view_logits'].shape == (3, 6, 5)  # 3 records (last batch padded), 2 × 3 views
   np.testing.assert_allclose(predictions['logits'], predictions['view_logits'].mean(1), rtol=1e-5)
   batch = next(data_pipelines.build(config.data, 'test', batch_size=3))
-  apply = jax.jit(lambda video: model.apply(variables, {'video': video})['logits'])
+  classify = model.classify()
+  apply = jax.jit(lambda video: classify(variables, {'video': video}))
   for view in (0, 4):
     alone = apply(jnp.asarray(batch['video'][:, view]))
     np.testing.assert_allclose(predictions['view_logits'][:, view], alone, rtol=1e-4, atol=1e-5)

@@ -295,13 +295,13 @@ class Encoders:
 
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
     """[B] strings → [B, max_words] int32 ids, exactly as the training pipeline tokenizes."""
+    if 'text' not in self._spec:
+      raise ValueError(f'model {self.model.name!r} has no text encoder ({self.modalities})')
     if self.tokenizer_path is None:
       raise ValueError(
         'this bundle has no tokenizer.model (the run had none, e.g. synthetic data): pass int32 '
         'token ids [B, W] to text(), or re-export with the tokenizer'
       )
-    if 'text' not in self._spec:
-      raise ValueError(f'model {self.model.name!r} has no text encoder')
     if self._tokenizer is None:
       from data_pipelines.text import Tokenizer  # (imports TensorFlow: only when strings are used)
 
