@@ -163,6 +163,8 @@ def test_no_import_cycle(granularity):
 def test_the_checker_sees_a_deferred_import(tmp_path):
   """The scan finds an import nested in a function (the case these tests exist for)."""
   path = tmp_path / 'x.py'
-  path.write_text('import os\n\ndef f():\n  from vatt_jax.models import contract\n  return contract\n')
+  path.write_text(
+    'import os\n\ndef f():\n  from vatt_jax.models import contract\n  return contract\n'
+  )
   assert ('vatt_jax.models.contract', True, 4) in _imports(path)
   assert ('os', False, 1) in _imports(path)

@@ -12,7 +12,7 @@ from configs import common
 from tests.test_long_video import _config, shards, tokenizer_path  # noqa: F401 (fixtures)
 from vatt_jax.evaluation import build_evaluator
 from vatt_jax.evaluation.long_video import paragraph_scores
-from vatt_jax.models import build_model, init_variables
+from vatt_jax.models import build_model
 
 
 def _bucket_plan(block: np.ndarray, p: float, epsilon: float, iters: int, mass: float):
@@ -59,14 +59,10 @@ def evaluated(shards, tokenizer_path):  # noqa: F811
   config = _model_config()
   config.data = _config(shards, tokenizer_path, clips=2, max_clips=6)
   eval_cfg = ml_collections.ConfigDict(dict(type='long_video_retrieval', split='val', batch_size=2))
-  evaluator = build_evaluator(eval_cfg, config, None)
   model = build_model(config.model)
-  batch = {
-    'video': np.zeros((2, 4, 16, 16, 3), np.float32),
-    'audio': np.zeros((2, config.model.audio.num_samples), np.float32),
-    'text': np.ones((2, 1, 4), np.int32),
-  }
-  variables = init_variables(model, jax.random.key(0), batch)
+  evaluator = build_evaluator(eval_cfg, config, model)
+  batch = {k: np.ones(s.shape, s.dtype) for k, s in model.example_batch(2).items()}
+  variables = model.init(jax.random.key(0), batch)
   return evaluator, evaluator.run(variables)
 
 
@@ -93,8 +89,8 @@ def test_long_video_retrieval_on_whole_videos_scores_by_bucket_transport(evaluat
   # Caption→clip: every clip whose caption has the same tokens is a correct target.
   e = last['embeddings']
   captions = [tuple(row) for row in e['text_ids']]
-  text = e['text_vt'].astype(np.float64)
-  video = e['video_vt'].astype(np.float64)
+  text = e['text'].astype(np.float64)
+  video = e['video'].astype(np.float64)
   cosine = (text / np.linalg.norm(text, axis=1, keepdims=True)) @ (
     video / np.linalg.norm(video, axis=1, keepdims=True)
   ).T

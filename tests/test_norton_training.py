@@ -13,8 +13,8 @@ from flax import traverse_util
 import data_pipelines
 from tests.conftest import ROOT, load_config
 from tests.test_finetune import _pretraining_workdir
+from vatt_jax import workdir as workdir_lib
 from vatt_jax.optim import TRAINABLE, build_optimizer, trainable_labels
-from vatt_jax.train import checkpoint as ckpt
 from vatt_jax.train import sharding, trainer
 
 NORTON = ROOT / 'configs' / 'norton_demo.py'
@@ -78,7 +78,7 @@ def test_trainable_errors():
 def test_post_training_loads_the_vatt_with_its_statistics_and_trains_only_layer_norms(pretrained):
   config, program, batch = _program('runlocal,layernorm', init_from=pretrained)
   state = trainer.init_from_pretrained(program.init(jax.random.key(0)), program, str(pretrained))
-  _, _, stored = ckpt.load_model(str(pretrained))
+  _, _, stored = workdir_lib.load_model(str(pretrained))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), stored['params'])
   jax.tree.map(
     np.testing.assert_array_equal, jax.device_get(state.batch_stats), stored['batch_stats']
