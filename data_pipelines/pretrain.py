@@ -32,7 +32,7 @@ from absl import logging
 
 from data_pipelines import audio as audio_ops
 from data_pipelines import labels as labels_ops
-from data_pipelines import schema
+from data_pipelines import options, schema
 from data_pipelines import text as text_ops
 from data_pipelines import video as video_ops
 
@@ -147,7 +147,7 @@ class ShardSource:
 
   def _load_tokenizer(self) -> None:
     cfg = self.cfg
-    self.tokenizer = text_ops.Tokenizer(cfg.tokenizer or os.path.join(cfg.path, 'tokenizer.model'))
+    self.tokenizer = text_ops.Tokenizer(options.tokenizer_path(cfg))
     if self.tokenizer.vocab_size > cfg.vocab_size:
       raise ValueError(
         f'tokenizer {self.tokenizer.model_path} has {self.tokenizer.vocab_size} pieces, more than the '

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
+from data_pipelines.options import frame_hw
+
 _SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2}
 
 
@@ -51,7 +53,7 @@ class SyntheticSource:
     self._stream = (seed, _SPLIT_IDS[split])
     self._first = process_index * self.local_batch_size  # this host's first global example
     self._step = 0
-    height, width = (cfg.frame_size,) * 2 if isinstance(cfg.frame_size, int) else cfg.frame_size
+    height, width = frame_hw(cfg.frame_size)
     self._frame_shape = (cfg.num_frames, height, width, 3)
     rng = np.random.default_rng([seed, 12345])  # the concepts: identical on every host and split
     coarse = (max(1, cfg.num_frames // 4), max(1, height // 8), max(1, width // 8), 3)

@@ -26,6 +26,7 @@ from absl import app, flags
 from runs import run as _run  # scripts/experiments/runs.py
 from runs import tag as _tag
 
+from data_pipelines.options import TOKENIZER_FILENAME
 from vatt_jax import plots
 from vatt_jax.plots import read_metrics
 
@@ -58,12 +59,12 @@ def make_data(workdir: str, noise: float, clean_shards: str | None) -> str:
   for split, manifest in splits:
     _run(['scripts/prepare_data.py', f'--manifest={os.path.join(media, manifest)}',
           f'--output_dir={os.path.join(shards, split)}', *prepare])  # fmt: skip
-  tokenizer = os.path.join(shards, 'tokenizer.model')
+  tokenizer = os.path.join(shards, TOKENIZER_FILENAME)
   if clean_shards is None and not os.path.exists(tokenizer):
     _run(['scripts/train_tokenizer.py', f'--input_dir={os.path.join(shards, "train")}',
           f'--output={os.path.join(shards, "tokenizer")}', '--vocab_size=1024'])  # fmt: skip
   if clean_shards is not None:  # same tokenizer, clean evaluation data
-    for name in ('tokenizer.model', *EVAL_SPLITS):
+    for name in (TOKENIZER_FILENAME, *EVAL_SPLITS):
       link = os.path.join(shards, name)
       if not os.path.lexists(link):
         os.symlink(os.path.abspath(os.path.join(clean_shards, name)), link)

@@ -29,6 +29,7 @@ from runs import run as _run  # scripts/experiments/runs.py
 from runs import tag as _tag
 
 from configs import norton_demo
+from data_pipelines.options import TOKENIZER_FILENAME
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation.long_video import LongVideoRetrievalEvaluator
 from vatt_jax.plots import read_metrics
@@ -77,7 +78,7 @@ def pretrain(workdir: str) -> tuple[str, str]:
     return _PRETRAINED.value, _PRETRAINED_SHARDS.value
   media, shards = (os.path.join(workdir, 'data', 'short', d) for d in ('media', 'shards'))
   _make(media, shards, ['train'], ['--seed=1'])
-  if not os.path.exists(os.path.join(shards, 'tokenizer.model')):
+  if not os.path.exists(os.path.join(shards, TOKENIZER_FILENAME)):
     _run(['scripts/train_tokenizer.py', f'--input_dir={os.path.join(shards, "train")}',
           f'--output={os.path.join(shards, "tokenizer")}', '--vocab_size=1024'])  # fmt: skip
   run = os.path.join(workdir, 'pretrain')
@@ -97,7 +98,7 @@ def long_data(workdir: str, noise: float, tokenizer: str) -> str:
   if noise:
     flags_ += [f'--caption_shift={noise}', f'--caption_irrelevant={_IRRELEVANT.value * noise}']
   _make(media, shards, ['train'] if noise else ['train', 'test'], flags_)
-  links = {'tokenizer.model': tokenizer}
+  links = {TOKENIZER_FILENAME: tokenizer}
   if noise:
     links['test'] = os.path.join(workdir, 'data', 'long_noise00', 'shards', 'test')
   for name, target in links.items():
@@ -191,7 +192,7 @@ def main(argv):
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   pretrained, pretrained_shards = pretrain(workdir)
-  tokenizer = os.path.join(pretrained_shards, 'tokenizer.model')
+  tokenizer = os.path.join(pretrained_shards, TOKENIZER_FILENAME)
   noises = [float(n) for n in _NOISE.value]
   shards = {n: long_data(workdir, n, tokenizer) for n in sorted(noises)}  # clean one first
   if 0.0 not in shards:

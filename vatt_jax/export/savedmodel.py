@@ -30,6 +30,7 @@ import tempfile
 import jax
 import numpy as np
 
+from data_pipelines.options import TOKENIZER_FILENAME
 from vatt_jax.export.bundle import check_exportable, input_spec, outputs
 from vatt_jax.models import Model
 
@@ -83,7 +84,7 @@ def export_saved_model(
     signatures[modality] = function.get_concrete_function()
   with tempfile.TemporaryDirectory() as scratch:
     if tokenizer_path is not None:  # (an asset keeps its file name)
-      asset = os.path.join(scratch, 'tokenizer.model')
+      asset = os.path.join(scratch, TOKENIZER_FILENAME)
       shutil.copyfile(tokenizer_path, asset)
       module.tokenizer_model = tf.saved_model.Asset(asset)
     tf.saved_model.save(module, path, signatures=signatures)
