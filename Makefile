@@ -2,14 +2,16 @@
 #   make demo   creates .venv, installs the pinned requirements, makes the demo media and shards,
 #               trains demo_tiny on them, then evaluates it against a random init
 #               (linear probe, retrieval: DEMO_DIR/run/results.json, plots) (DEMO_DIR=./demo by default)
-#   make test   creates .venv, installs, runs ruff and pytest
+#   make test   creates .venv, installs, runs ruff and the whole pytest suite, slow tests included
+#               (what CI runs: .ci/run)
+#   make test-fast   the same without the tests marked slow: the edit–test loop
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo demo-shards test lint format install clean
+.PHONY: demo demo-shards test test-fast lint format install clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +64,9 @@ format: $(VENV)/.installed
 
 test: lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+
+test-fast: lint
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -q -m 'not slow' tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

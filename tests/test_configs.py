@@ -30,7 +30,16 @@ def test_config_has_recipe_and_fields(path):
   assert 'python scripts/train.py' in text or 'make demo' in text, 'docstring gives no command'
 
 
-@pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda p: p.stem)
+# The fast tier trains one config per model kind (VATT, the classifier, Norton's post-training);
+# the full suite trains every one.
+FAST = ('demo_tiny', 'finetune_demo', 'norton_demo')
+
+
+@pytest.mark.parametrize(
+  'path',
+  [pytest.param(p, marks=() if p.stem in FAST else pytest.mark.slow) for p in CONFIG_FILES],
+  ids=lambda p: p.stem,
+)
 def test_config_trains_one_step_at_runlocal(path, tmp_path):
   config = load_config(path, 'runlocal')
   config.total_steps = 2

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT
 
@@ -18,6 +19,7 @@ def _run(*args):
   return out.stdout
 
 
+@pytest.mark.slow  # the whole demo chain through the scripts (~2 min)
 def test_media_to_trained_model(tmp_path):
   media, shards, run = tmp_path / 'media', tmp_path / 'shards', tmp_path / 'run'
   _run('scripts/make_demo_data.py', f'--output_dir={media}', '--num_train=6', '--num_val=2',

@@ -94,6 +94,7 @@ _MESHES = """
 """
 
 
+@pytest.mark.slow  # subprocesses / 8 host devices, each compiling the step
 def test_meshes_give_the_single_device_step():
   results = _run_python(_MESHES)
   one = results.pop('1x1x1')
@@ -166,6 +167,7 @@ def _wait_for_step(workdir, step: int, proc, timeout: float = 240) -> int:
   raise TimeoutError(f'step {step} not reached')
 
 
+@pytest.mark.slow  # subprocesses / 8 host devices, each compiling the step
 def test_kill_9_and_resume_is_bit_identical(tmp_path):
   total = 100  # long enough that the kill lands mid-run
   args = [f'--config.total_steps={total}', '--config.checkpoint_steps=10', '--config.log_steps=1',
@@ -200,6 +202,7 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
   assert last[total] == _metrics(tmp_path / 'straight')[-1]['loss']
 
 
+@pytest.mark.slow  # subprocesses / 8 host devices, each compiling the step
 def test_sigterm_checkpoints_the_step_it_arrived_at(tmp_path):
   proc = subprocess.Popen(
     [*TRAIN, f'--workdir={tmp_path}', '--config.total_steps=100000', '--config.log_steps=1',
@@ -257,6 +260,7 @@ _RESHARD = """
 """
 
 
+@pytest.mark.slow  # subprocesses / 8 host devices, each compiling the step
 def test_checkpoint_restores_onto_another_device_count(tmp_path):
   report = _run_python(_RESHARD.replace('{WORKDIR}', str(tmp_path)))
   assert report['8to1'] == {
@@ -269,6 +273,7 @@ def test_checkpoint_restores_onto_another_device_count(tmp_path):
   assert max(report['1to8']['devices']) > 1  # spread over the 8 devices again
 
 
+@pytest.mark.slow  # subprocesses / 8 host devices, each compiling the step
 def test_resume_with_another_model_is_refused(tmp_path):
   first = subprocess.run(
     [*TRAIN, f'--workdir={tmp_path}', '--config.total_steps=2', '--config.checkpoint_steps=2',
@@ -294,6 +299,7 @@ def test_resume_with_another_model_is_refused(tmp_path):
   assert [r['step'] for r in _metrics(tmp_path)] == [1, 2, 3]
 
 
+@pytest.mark.slow  # subprocesses / 8 host devices, each compiling the step
 def test_restore_params_refuses_another_model(tmp_path):
   code = f"""
     import json, jax
@@ -321,6 +327,7 @@ def test_restore_params_refuses_another_model(tmp_path):
   assert error and 'another model' in error and '(16,)' in error and '(24,)' in error
 
 
+@pytest.mark.slow  # subprocesses / 8 host devices, each compiling the step
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
   import data_pipelines
   from tests.conftest import load_config
@@ -398,6 +405,7 @@ def test_checkpoints_kept_last_k_and_every_mth(tmp_path):
   assert (jax.random.key_data(restored.rng) == jax.random.key_data(jax.random.key(8))).all()
 
 
+@pytest.mark.slow  # subprocesses / 8 host devices, each compiling the step
 def test_load_model_rebuilds_a_trained_run(tmp_path):
   import jax
   import jax.numpy as jnp

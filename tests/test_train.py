@@ -49,6 +49,7 @@ def test_adam_uses_the_configured_epsilon():
   np.testing.assert_allclose(np.asarray(updates['w']), expected, rtol=1e-4)
 
 
+@pytest.mark.slow  # trains 80 steps, or runs subprocesses
 def test_demo_loss_falls(tmp_path):
   config = load_config(ROOT / 'configs' / 'demo_tiny.py')
   config.data.name = 'synthetic'  # the shard path is tested end to end in test_pipeline.py
@@ -130,6 +131,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # trains 80 steps, or runs subprocesses
 def test_negatives_span_the_global_batch_under_data_parallelism():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   out = subprocess.run(
@@ -145,6 +147,7 @@ def test_negatives_span_the_global_batch_under_data_parallelism():
     assert eight[key] == pytest.approx(one[key], rel=1e-4), key
 
 
+@pytest.mark.slow  # trains 80 steps, or runs subprocesses
 def test_train_script_writes_config_and_metrics(tmp_path):
   out = subprocess.run(
       [sys.executable, 'scripts/train.py', '--config=configs/vatt_bbs.py:runlocal',
