@@ -209,8 +209,11 @@ def _reference_pair_scores(params, clips, ids, patch):
 
 
 @pytest.mark.parametrize('top_k', [0, 2])
-def test_pair_scoring_model_is_ranked_by_its_pair_score(toy_shards, top_k):
-  """Every pair (k = 0, or a model without embeddings), and the top k by cosine re-ranked."""
+def test_pair_scoring_model_is_ranked_by_its_pair_score(toy_shards, top_k, monkeypatch):
+  """Every pair (k = 0, or a model without embeddings; the pairs in chunks of 2), and the top k
+  by cosine re-ranked."""
+  if not top_k:
+    monkeypatch.setattr(retrieval, 'PAIR_CHUNK', 1)  # 1 batch of 4 rows / 2 clips: 2 pairs a chunk
   config = load_config(ROOT / 'tests' / 'toy_config.py', 'pairs')
   config.data.path = str(toy_shards)
   config.model.with_space = bool(top_k)

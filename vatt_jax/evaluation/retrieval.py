@@ -39,6 +39,7 @@ from vatt_jax.models import Model
 from vatt_jax.models.contract import space
 
 SCORES = ('auto', 'cosine', 'pairs')
+PAIR_CHUNK = 64  # pair-score batches gathered at a time
 
 
 def normalize_caption(text: str) -> str:
@@ -152,15 +153,20 @@ class PairScorer:
     return emb.batched_apply(self._text, self.variables, (ids,), self.batch_size)
 
   def scores(self, video, text, pairs: np.ndarray) -> np.ndarray:
-    """pairs [P, 2] of (query, video) indices → [P] scores, the mean over each video's clips."""
+    """pairs [P, 2] of (query, video) indices → [P] scores, the mean over each video's clips.
+    The pairs' features are gathered PAIR_CHUNK batches at a time (bounded host memory)."""
     k = jax.tree.leaves(video)[0].shape[1]
-    q = np.repeat(pairs[:, 0], k)
-    v = np.repeat(pairs[:, 1], k)
-    c = np.tile(np.arange(k), len(pairs))
-    vf = jax.tree.map(lambda x: x[v, c], video)
-    tf = jax.tree.map(lambda x: x[q], text)
-    out = emb.batched_apply(self._pairs, self.variables, (vf, tf), self.batch_size)
-    return np.asarray(out, np.float64).reshape(-1, k).mean(1)
+    per_chunk = max(1, PAIR_CHUNK * self.batch_size // k)
+    out = []
+    for lo in range(0, len(pairs), per_chunk):
+      chunk = pairs[lo : lo + per_chunk]
+      q, v = np.repeat(chunk[:, 0], k), np.repeat(chunk[:, 1], k)
+      c = np.tile(np.arange(k), len(chunk))
+      vf = jax.tree.map(lambda x, v=v, c=c: x[v, c], video)
+      tf = jax.tree.map(lambda x, q=q: x[q], text)
+      scores = emb.batched_apply(self._pairs, self.variables, (vf, tf), self.batch_size)
+      out.append(np.asarray(scores, np.float64).reshape(-1, k).mean(1))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def chance_recall(correct: np.ndarray, k: int) -> float:
