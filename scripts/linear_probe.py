@@ -6,7 +6,8 @@ r"""Linear probe of a pretrained model's frozen features (VATT §4.3: UCF101, HM
       --train_split=train --test_split=test --modality=video
   python scripts/linear_probe.py --workdir=RUN ... --random_init   # the untrained baseline
 
-Features (the AGG output by default; --feature=va/vt for the common space) are extracted in
+Features (the AGG output by default; --feature=va/vt for VATT's common space, or any pooled level
+the run's model has) are extracted in
 evaluation mode (--num_clips uniformly spaced clips per record, central crops, averaged) and
 cached under --cache_dir (default RUN/features), keyed by checkpoint and data settings. The
 classifier is VATT's low-rank one (n = 128 components, 10 % sampled per step, Adam 5e-4, batch
@@ -35,7 +36,11 @@ _STORED_FPS = flags.DEFINE_float('stored_fps', 25.0, 'TFDS videos: the frame rat
 _TRAIN = flags.DEFINE_string('train_split', 'train', 'Split the classifier is trained on.')
 _TEST = flags.DEFINE_string('test_split', 'test', 'Split it is evaluated on.')
 _MODALITY = flags.DEFINE_enum('modality', 'video', ['video', 'audio'], 'Which tower to probe.')
-_FEATURE = flags.DEFINE_enum('feature', 'agg', ['agg', 'va', 'vt', 'input'], 'Which output.')
+_FEATURE = flags.DEFINE_string(
+  'feature',
+  None,
+  "The model's embedding level (VATT: agg, va, vt, input; default agg or its first).",
+)
 _CLASSIFIER = flags.DEFINE_enum('classifier', 'low_rank', ['low_rank', 'svm'], 'Classifier.')
 _STEPS = flags.DEFINE_integer('steps', 2000, 'Low-rank classifier training steps.')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 0, '0: the largest label + 1.')
@@ -59,7 +64,7 @@ def eval_config(flag_values) -> dict:
         video_key='video', audio_key='audio',
     )  # fmt: skip
   return dict(
-      type='linear_probe', modality=_MODALITY.value, feature=_FEATURE.value,
+      type='linear_probe', modality=_MODALITY.value, feature=_FEATURE.value or '',
       train_split=_TRAIN.value, test_split=_TEST.value, num_classes=_NUM_CLASSES.value,
       classifier=_CLASSIFIER.value, steps=_STEPS.value, num_clips=_CLIPS.value,
       batch_size=_BATCH.value, seed=_SEED.value, data=data,
@@ -92,7 +97,7 @@ def main(argv):
     **result,
   }
   print(f'\nlinear probe · {what}')
-  print(f'  {_MODALITY.value} {_FEATURE.value} features [{x_train.shape[1]}], '
+  print(f'  {_MODALITY.value} {evaluator.feature} features [{x_train.shape[1]}], '
         f'{_CLASSIFIER.value} on {len(x_train)} train / {len(x_test)} test records, '
         f'{record["num_classes"]} classes')  # fmt: skip
   print(f'  top-1 {result["top1"]:6.2f} %   top-5 {result["top5"]:6.2f} %   '

@@ -288,6 +288,20 @@ def test_a_registered_test_model_trains_reports_and_exports(toy_shards, tmp_path
     assert 0 <= results[model]['linear_probe']['top1'] <= 100
     assert results[model]['retrieval']['t2v']['queries'] > 0
   assert (run / 'plots' / 'tsne.png').read_bytes()[:4] == b'\x89PNG'
+  # The standalone evaluation scripts, on the model's own level ('joint').
+  _run('scripts/linear_probe.py', f'--workdir={run}', f'--data_path={toy_shards}',
+       '--train_split=segments_train', '--test_split=segments_test', '--steps=20',
+       '--num_clips=2', f'--output={tmp_path}/probe.json')  # fmt: skip
+  probe = json.loads((tmp_path / 'probe.json').read_text())
+  assert (
+    probe['feature_dim'] == 16 and probe['top1'] == results['pretrained']['linear_probe']['top1']
+  )
+  _run('scripts/retrieval.py', f'--workdir={run}', f'--data_path={toy_shards}',
+       '--split=segments_test', '--num_clips=2', '--batch_size=4', f'--output={tmp_path}/r.json')  # fmt: skip
+  assert (
+    json.loads((tmp_path / 'r.json').read_text())['t2v']
+    == results['pretrained']['retrieval']['t2v']
+  )
   _run('scripts/export.py', f'--workdir={run}', f'--output_dir={export}', '--platforms=cpu')
   report = json.loads((export / 'export.json').read_text())
   assert report['model'] == 'bag_of_patches' and report['parity']['passed']

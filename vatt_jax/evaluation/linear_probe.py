@@ -264,7 +264,7 @@ class LinearProbeEvaluator:
     self.data = retrieval.eval_data_config(config, eval_cfg)
     self.modality = eval_cfg.get('modality', 'video')
     levels = tuple(model.embeddings.get(self.modality, ()))
-    self.feature = eval_cfg.get('feature', 'agg' if 'agg' in levels else (levels or ('',))[0])
+    self.feature = eval_cfg.get('feature') or ('agg' if 'agg' in levels else (levels or ('',))[0])
     if self.modality not in ('video', 'audio') or self.feature not in levels:
       raise ValueError(
         f'linear probe: modality must be video or audio and feature one of the levels model '
