@@ -16,11 +16,12 @@ Data: the bundled real-media demo (scripts/make_demo_data.py → prepare_data.py
 train_tokenizer.py), read from demo/shards (--config.data.path); the evaluations (config.evals,
 every 500 steps and by scripts/report.py) read its per-segment shards segments_train/_test. The
 paper's augmentation applies, with crops of 50–100 % of the frame.
-Hardware and time: 2 CPU cores; `make demo` from a fresh clone takes about 9 minutes with the
-install when the cores are not shared (15 min when they were).
-Measured (seed 0, fresh clone): loss 4.27 at step 100, 2.82 at step 1500 (video–text 2.21,
-video–audio 3.43; chance log 64 ≈ 4.16); video linear probe 51.2 % top-1 (random init 20.9 %,
-chance 10 %), text→video R@5 28.6 % over 86 held-out segments (random init 3.6 %, chance 6.0 %).
+Hardware and time: 2 CPU cores; `make demo` from a fresh clone took 4 min 55 s with the install
+(pip from its cache) on quiet cores, about 9 minutes on a slower or shared machine.
+Measured (seed 0, fresh clone, commit ba88fe4): loss 4.52 at step 100, 3.00 at step 1500
+(video–text 2.53, video–audio 3.46; chance log 64 ≈ 4.16); video linear probe 36.0 % top-1 (random
+init 22.1 %, chance 10 %), text→video R@5 31.0 % over 86 held-out segments (random init 2.4 %,
+chance 6.0 %). Seed 1 on the same shards: 52.3 % and 44.0 %; runs differ by about 10 points.
 """
 
 from configs import common
