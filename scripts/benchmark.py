@@ -54,6 +54,7 @@ import sys
 
 from absl import app, flags
 
+from vatt_jax import cli
 from vatt_jax.benchmarks import gradsurgery, sinkhorn, train
 from vatt_jax.benchmarks import input as input_bench
 
@@ -130,4 +131,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -18,6 +18,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging
 
+from vatt_jax import cli
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation import build_evaluator
 
@@ -68,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags, logging
 
-from vatt_jax import export
+from vatt_jax import cli, export
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the export goes.')
@@ -80,4 +80,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -32,6 +32,7 @@ from absl import app, flags, logging
 import data_pipelines
 from data_pipelines import manifest
 from data_pipelines.options import tokenizer_path as data_tokenizer_path
+from vatt_jax import cli
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation import embeddings as emb
 from vatt_jax.evaluation.retrieval import read_captions
@@ -165,4 +166,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

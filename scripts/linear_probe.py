@@ -22,6 +22,7 @@ import os
 import ml_collections
 from absl import app, flags, logging
 
+from vatt_jax import cli
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation.linear_probe import LinearProbeEvaluator
 
@@ -109,4 +110,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from data_pipelines import demo
+from vatt_jax import cli
 
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Directory to write media and manifests to.')
 _NUM = {
@@ -65,4 +66,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

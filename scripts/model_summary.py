@@ -17,6 +17,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from vatt_jax import cli
 from vatt_jax.models.summary import summarize
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:variant]).')
@@ -77,4 +78,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

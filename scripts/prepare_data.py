@@ -18,6 +18,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags
 
 from data_pipelines import decode, ingest
+from vatt_jax import cli
 
 _MANIFEST = flags.DEFINE_string('manifest', None, 'JSONL or CSV manifest (docs/DATA.md).')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Folder for the shards and report.jsonl.')
@@ -65,4 +66,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

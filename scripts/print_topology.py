@@ -14,6 +14,7 @@ import os
 from absl import app
 from ml_collections import config_flags
 
+from vatt_jax import cli
 from vatt_jax.train import distributed, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,4 +44,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -20,7 +20,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from vatt_jax import plots
+from vatt_jax import cli, plots
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation import build_evaluator, retrieval
 from vatt_jax.evaluation.linear_probe import LinearProbeEvaluator
@@ -175,4 +175,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

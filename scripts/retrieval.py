@@ -19,6 +19,7 @@ import os
 import ml_collections
 from absl import app, flags, logging
 
+from vatt_jax import cli
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation.retrieval import RetrievalEvaluator
 
@@ -82,4 +83,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -16,6 +16,7 @@ import os
 from absl import app, flags, logging
 
 from data_pipelines import schema
+from vatt_jax import cli
 
 _INPUT = flags.DEFINE_string('input_dir', None, 'Folder of *.tfrecord shards.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Model prefix: writes OUTPUT.model and OUTPUT.vocab.')
@@ -52,4 +53,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

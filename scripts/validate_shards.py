@@ -19,6 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags
 
 from data_pipelines import validate
+from vatt_jax import cli
 
 _INPUT_DIR = flags.DEFINE_string('input_dir', None, 'Folder holding the *.tfrecord shards.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.')
@@ -88,4 +89,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

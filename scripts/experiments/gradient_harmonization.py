@@ -27,7 +27,7 @@ from runs import run as _run  # scripts/experiments/runs.py
 from runs import tag as _tag
 
 from data_pipelines.options import TOKENIZER_FILENAME
-from vatt_jax import plots
+from vatt_jax import cli, plots
 from vatt_jax.plots import read_metrics
 
 _WORKDIR = flags.DEFINE_string('workdir', 'demo/experiments/harmonization', 'Output directory.')
@@ -204,4 +204,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from runs import run as _run  # scripts/experiments/runs.py
 from runs import tag as _tag
 
 from configs import norton_demo
 from data_pipelines.options import TOKENIZER_FILENAME
+from vatt_jax import cli
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation.long_video import LongVideoRetrievalEvaluator
 from vatt_jax.plots import read_metrics
@@ -215,4 +216,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
