@@ -18,7 +18,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging
 
-from vatt_jax import cli
+from vatt_jax import cli, provenance
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation import build_evaluator
 
@@ -49,6 +49,7 @@ def evaluate(
   unknown = sorted(set(names or ()) - set(evals))
   if unknown:
     raise ValueError(f'--evals {unknown} not in config.evals ({sorted(evals)})')
+  provenance.check_evals(workdir, config, names or sorted(evals))
   results = {}
   for name in names or sorted(evals):
     logging.info('running %s (%s) on %s step %d', name, evals[name].type, workdir, step)

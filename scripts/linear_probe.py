@@ -22,7 +22,7 @@ import os
 import ml_collections
 from absl import app, flags, logging
 
-from vatt_jax import cli
+from vatt_jax import cli, provenance
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation.linear_probe import LinearProbeEvaluator
 
@@ -85,6 +85,7 @@ def main(argv):
     eval_cfg, config, model,
     cache_dir=_CACHE.value or os.path.join(workdir, 'features'), cache_key=what,
   )  # fmt: skip
+  provenance.check_reads(workdir, evaluator.data, [_TRAIN.value, _TEST.value])
   result = evaluator.run(variables)
   (x_train, _), (x_test, _) = evaluator.last['train'], evaluator.last['test']
   record = {

@@ -20,7 +20,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from vatt_jax import cli, plots
+from vatt_jax import cli, plots, provenance
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation import build_evaluator, retrieval
 from vatt_jax.evaluation.linear_probe import LinearProbeEvaluator
@@ -157,6 +157,8 @@ def main(argv):
     )
     if not config.get('evals'):
       raise app.UsageError(f'{workdir}/config.json has no config.evals to report')
+    if not random_init:
+      provenance.check_evals(workdir, config)
     results[tag], evaluators[tag] = evaluate(
       config, model, variables, cache_key=what, workdir=workdir
     )

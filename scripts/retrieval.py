@@ -19,7 +19,7 @@ import os
 import ml_collections
 from absl import app, flags, logging
 
-from vatt_jax import cli
+from vatt_jax import cli, provenance
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation.retrieval import RetrievalEvaluator
 
@@ -70,6 +70,7 @@ def main(argv):
          score=_SCORE.value, rerank_top_k=_TOP_K.value, data=data)
   )  # fmt: skip
   evaluator = RetrievalEvaluator(eval_cfg, config, model)
+  provenance.check_reads(workdir, evaluator.data, [_SPLIT.value])
   evaluator.run(variables)
   results = evaluator.last['results']
   videos = len(evaluator.last['embeddings']['media_id'])

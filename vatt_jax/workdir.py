@@ -2,6 +2,7 @@
 
   WORKDIR/config.json             the resolved config the run trained with (save_config)
   WORKDIR/checkpoints/<step>/     orbax items 'params' ({'params', 'batch_stats'}), 'train', 'data'
+  WORKDIR/provenance.json, WORKDIR/tokenizer.model   what results depend on (vatt_jax.provenance)
 
 `load_model(workdir)` is the entry point of evaluation, embedding extraction, export and init_from:
 the model rebuilt from config.json through the model registry, and its variables restored from a
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from vatt_jax import provenance
 from vatt_jax.models import Model, build_model
 from vatt_jax.models.contract import Variables, abstract_variables, check_variables, flat_paths
 
@@ -59,6 +61,12 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
       return ml_collections.ConfigDict(json.load(f))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f'{path} is not a readable config: {e}') from None
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The stored config as the run's readers use it: with the run's recorded tokenizer
+  (provenance.run_config)."""
+  return provenance.run_config(workdir, read_config(workdir))
 
 
 def _manager(workdir: str, *, handlers: bool = True) -> ocp.CheckpointManager:
@@ -116,8 +124,8 @@ def load_model(
 ) -> tuple[ml_collections.ConfigDict, Model, Variables]:
   """(config, model, variables) of a trained run, on this process's first device: the model
   rebuilt from the workdir's config.json, {'params', 'batch_stats'} from its checkpoint (latest
-  unless `step`)."""
-  config = read_config(workdir)
+  unless `step`). Text is read with the run's copy of its tokenizer (provenance.run_config)."""
+  config = run_config(workdir)
   model = build_model(config.model)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return config, model, restore_params(workdir, abstract_variables(model, device), step)
@@ -130,7 +138,7 @@ def load(workdir: str, *, step: int | None = None, random_init: bool = False, se
     config, model, variables = load_model(workdir, step)
     used = step if step is not None else latest_step(workdir)
     return config, model, variables, f'{workdir} step {used}'
-  config = read_config(workdir)
+  config = run_config(workdir)
   model = build_model(config.model)
   example = {k: jnp.zeros(s.shape, s.dtype) for k, s in model.example_batch().items()}
   variables = jax.jit(lambda key: model.init(key, example))(jax.random.key(seed))

@@ -27,6 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 import data_pipelines
+from vatt_jax import provenance
 from vatt_jax.evaluation import embeddings, metrics, retrieval
 from vatt_jax.models import Model
 
@@ -282,19 +283,29 @@ class LinearProbeEvaluator:
     )
     self.last = None
 
-  def _cache_path(self, split: str) -> str | None:
+  def _cache_path(self, split: str, variables) -> str | None:
+    """The cache file of a split's features: keyed by the checkpoint (its name and the bytes of its
+    variables), the data settings and the full content of the shards read (a repaired or replaced
+    shard is a new key, never a stale hit)."""
     if not self.cache_dir or self.cache_key is None:
       return None
+    weights = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(variables)):
+      weights.update(np.ascontiguousarray(leaf).tobytes())
+    shards = provenance.split_files(self.data, split)
     spec = json.dumps(
-      [self.cache_key, self.data.to_dict(), split, self.modality], sort_keys=True, default=str
-    )
+      [self.cache_key, weights.hexdigest(), provenance.content_sha256(shards), self.data.to_dict(),
+       split, self.modality],
+      sort_keys=True, default=str,
+    )  # fmt: skip
     name = f'{split}_{self.modality}_{hashlib.sha256(spec.encode()).hexdigest()[:16]}.npz'
     return os.path.join(self.cache_dir, name)
 
   def features(self, variables, split: str) -> dict[str, np.ndarray]:
     """{'{modality}/{output}', 'label', 'media_id'} of a split, from the cache when there."""
-    path = self._cache_path(split)
+    path = self._cache_path(split, variables)
     if path and os.path.exists(path):
+      logging.info('linear probe: %s features of %r from the cache %s', self.modality, split, path)
       with np.load(path, allow_pickle=False) as f:
         return dict(f)
     batch_size = self.eval_cfg.get('batch_size', 32)

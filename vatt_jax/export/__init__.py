@@ -66,6 +66,10 @@ class ParityError(RuntimeError):
   """An export whose outputs differ from the JAX model's by more than the tolerance."""
 
 
+# Everything an export writes into its output_dir (what --overwrite may replace).
+EXPORT_ENTRIES = ('bundle', 'saved_model', EXPORT_REPORT)
+
+
 def check_output_dir(output_dir: str, overwrite: bool, workdir: str | None = None) -> None:
   """Refuses (before any work) an output_dir that is a file, holds or is the workdir, or is not
   empty; with overwrite, a non-empty one is accepted only if it holds an earlier export."""
@@ -86,6 +90,13 @@ def check_output_dir(output_dir: str, overwrite: bool, workdir: str | None = Non
     raise FileExistsError(
       f'output_dir {output_dir} holds no {EXPORT_REPORT}: it is not an earlier export, and '
       '--overwrite replaces only those'
+    )
+  others = sorted(set(os.listdir(output_dir)) - set(EXPORT_ENTRIES))
+  if others:
+    raise FileExistsError(
+      f'output_dir {output_dir} holds an earlier export and also {", ".join(others[:5])}'
+      f'{" …" if len(others) > 5 else ""}, which no export writes; --overwrite would delete '
+      'them: move them away or pick another --output_dir'
     )
 
 
