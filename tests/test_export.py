@@ -292,19 +292,25 @@ def test_script_refuses_to_overwrite(run, exported, tmp_path):
   output_dir = exported[0]
   before = {p: p.stat().st_mtime_ns for p in output_dir.rglob('*')}
   script = [sys.executable, str(ROOT / 'scripts' / 'export.py'), f'--workdir={run["workdir"]}']
-  result = subprocess.run(
-    [*script, f'--output_dir={output_dir}'], capture_output=True, text=True, timeout=120
-  )
+  result = subprocess.run([*script, f'--output_dir={output_dir}'], capture_output=True, text=True)
   assert result.returncode == 1 and 'pass --overwrite' in result.stderr, result.stderr[-2000:]
   (tmp_path / 'notes.txt').write_text('not an export')
   result = subprocess.run(
     [*script, f'--output_dir={tmp_path}', '--overwrite'],
     capture_output=True,
     text=True,
-    timeout=120,
   )
   assert result.returncode == 1 and 'not an earlier export' in result.stderr, result.stderr[-2000:]
   assert (tmp_path / 'notes.txt').read_text() == 'not an export'
+  assert {p: p.stat().st_mtime_ns for p in output_dir.rglob('*')} == before
+  # An earlier export with a file of the user's beside it: --overwrite would delete it, so refused.
+  (output_dir / 'notes.txt').write_text('mine')
+  before = {p: p.stat().st_mtime_ns for p in output_dir.rglob('*')}
+  result = subprocess.run(
+    [*script, f'--output_dir={output_dir}', '--overwrite'], capture_output=True, text=True
+  )
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'also notes.txt, which no export writes' in result.stderr.strip().splitlines()[-1]
   assert {p: p.stat().st_mtime_ns for p in output_dir.rglob('*')} == before
 
 
@@ -313,7 +319,7 @@ def test_script_end_to_end(run, tmp_path):
   output_dir = tmp_path / 'export'
   script = [sys.executable, str(ROOT / 'scripts' / 'export.py'), f'--workdir={run["workdir"]}']
   command = [*script, f'--output_dir={output_dir}', '--platforms=cpu']
-  result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(command, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((output_dir / 'export.json').read_text())
   assert report['parity']['passed'] and report['platforms'] == ['cpu']
