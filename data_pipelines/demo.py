@@ -11,6 +11,10 @@ relative to the manifest, duration s, captions [{start, end, text}], label = fir
 segments [{start, end, digit, direction}], noise = what was corrupted), retrieval_{split}.jsonl
 (one row per segment: a manifest of windows with the clean caption and the digit as label), dataset_info.json and README.txt.
 
+Never overwrites: a file it would write that is already there stops it before it writes anything,
+unless the folder holds this very dataset (the same arguments), finished (nothing to do) or
+unfinished (MARKER_NAME is there until the end: only the missing files are written).
+
 Optional noise (fractions, exact counts per split, chosen from the seed) corrupts captions or audio
 for robustness experiments; the clean content of every video does not depend on it. Same arguments
 → byte-identical manifests and identical decoded media (mp4 bytes carry encoder metadata).
@@ -28,6 +32,9 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
+
+from data_pipelines.manifest import check_output_dir
+from vatt_jax import cli
 
 SPLITS = ('train', 'val', 'test')
 DEFAULT_NUM_VIDEOS = {'train': 96, 'val': 24, 'test': 24}
@@ -49,6 +56,8 @@ FADE_SECONDS = 0.02
 NUM_BACKGROUNDS = 8  # textures shared by all videos (so no video is recognisable by its own)
 _SEGMENT_KEYS = ('start', 'end', 'digit', 'direction')  # a segment as the manifest shows it
 _RETRIEVAL_KEYS = ('start', 'end', 'caption', 'digit', 'direction')
+# Written first and removed last: an output folder holding it is an unfinished run of generate().
+MARKER_NAME = 'make_demo_data.unfinished.json'
 
 _DIRECTION_PHRASES = {
   'left': ('to the left', 'left', 'leftwards'),
@@ -391,55 +400,18 @@ Videos per split: {counts}. Noise fractions: {noise}.
 """
 
 
-def generate(
-  output_dir: str | os.PathLike,
-  *,
-  num_videos: Mapping[str, int] = DEFAULT_NUM_VIDEOS,
-  seed: int = 0,
-  fps: int = 10,
-  size: int = 64,
-  sample_rate: int = 48_000,
-  noise: NoiseConfig = NoiseConfig(),
-  workers: int = 2,
-  num_segments: tuple[int, int] = NUM_SEGMENTS,
-) -> dict:
-  """Writes the dataset (see the module docstring) and returns dataset_info plus elapsed_s.
+def _write_text(path: pathlib.Path, text: str) -> None:
+  """Via a temporary file, so a file there is always complete."""
+  tmp = path.with_name(path.name + '.part')
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
-  size: frame side in px (even, ≥ 32); fps: frames per second; sample_rate: Hz; workers: encoding
-  processes (1 = in this process); num_segments: (lo, hi) segments per video (see `plan`).
-  """
-  if size < 32 or size % 2:
-    raise ValueError(f'--size must be an even number of pixels >= 32, got {size}')
-  if not 8000 <= sample_rate <= 96_000:
-    raise ValueError(f'--sample_rate must be in [8000, 96000] Hz (AAC), got {sample_rate}')
-  if workers < 1:
-    raise ValueError(f'--workers must be >= 1, got {workers}')
-  num_segments = _check_segments(num_segments)
-  started = time.perf_counter()
-  out = pathlib.Path(output_dir)
-  planned = plan(num_videos, seed=seed, fps=fps, noise=noise, num_segments=num_segments)
-  jobs = []
-  for split, (videos, _) in planned.items():
-    media_dir = out / 'media' / split
-    media_dir.mkdir(parents=True, exist_ok=True)
-    keep = {pathlib.Path(v['media']).name for v in videos}
-    for stale in media_dir.glob(f'{split}_*.mp4'):  # left over from an earlier, larger run
-      if stale.name not in keep:
-        stale.unlink()
-    jobs += [(str(out / v['media']), v, size, sample_rate) for v in videos]
-  if workers > 1 and len(jobs) > 1:
-    # spawn, not fork: the caller may hold threads (JAX, TF) that a forked child would inherit.
-    context = multiprocessing.get_context('spawn')
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      list(pool.map(_make_video, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
-  else:
-    for job in jobs:
-      _make_video(job)
 
-  # Manifests last, so none ever names a file that is not there yet.
-  splits = {}
+def _manifests(planned: dict) -> dict[str, str]:
+  """{file name: text} of the manifests: {split}.jsonl and retrieval_{split}.jsonl."""
+  texts = {}
   for split, (videos, rows) in planned.items():
-    (out / f'{split}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    texts[f'{split}.jsonl'] = ''.join(json.dumps(r) + '\n' for r in rows)
     # A YouCook2-style manifest: prepare_data converts each segment (start/end) into its own
     # record, labelled with its digit and captioned with its clean caption.
     pairs = [
@@ -453,10 +425,85 @@ def generate(
       for v in videos
       for k, seg in enumerate(v['segments'])
     ]
-    (out / f'retrieval_{split}.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in pairs))
+    texts[f'retrieval_{split}.jsonl'] = ''.join(json.dumps(p) + '\n' for p in pairs)
+  return texts
+
+
+def _output_state(out: pathlib.Path, paths: list[pathlib.Path], info: dict) -> str:
+  """'new', 'resume' (this dataset, unfinished) or 'done' (this dataset, finished); raises
+  `cli.UserError` when writing would overwrite anything else."""
+
+  def load(path: pathlib.Path):
+    try:
+      return json.loads(path.read_text())
+    except (OSError, ValueError):
+      return None
+
+  expected = json.loads(json.dumps(info))
+  marker, info_path = out / MARKER_NAME, out / 'dataset_info.json'
+  if marker.exists():
+    if load(marker) == expected:
+      return 'resume'
+    raise cli.UserError(
+      f'--output_dir={out} holds an unfinished demo dataset made with other arguments '
+      f'({marker.name}): use a new --output_dir, or delete that folder first'
+    )
+  earlier = load(info_path) if info_path.exists() else None
+  if earlier == expected:
+    return 'done' if all(p.exists() for p in paths) else 'resume'
+  if isinstance(earlier, dict) and earlier.get('name') == info['name']:
+    raise cli.UserError(
+      f'--output_dir={out} holds a demo dataset made with other arguments (dataset_info.json): '
+      'use a new --output_dir, or delete that folder first'
+    )
+  parts = [p.with_name(p.name + '.part') for p in paths]  # temporary names: see _write_text
+  clashes = [p for p in paths + parts if os.path.lexists(p)]
+  if clashes:
+    names = ', '.join(str(p.relative_to(out)) for p in clashes[:3])
+    more = f' and {len(clashes) - 3} more' if len(clashes) > 3 else ''
+    raise cli.UserError(
+      f'--output_dir={out} already holds {names}{more}: make_demo_data never overwrites files; '
+      'use a new or empty --output_dir'
+    )
+  return 'new'
+
+
+def generate(
+  output_dir: str | os.PathLike,
+  *,
+  num_videos: Mapping[str, int] = DEFAULT_NUM_VIDEOS,
+  seed: int = 0,
+  fps: int = 10,
+  size: int = 64,
+  sample_rate: int = 48_000,
+  noise: NoiseConfig = NoiseConfig(),
+  workers: int = 2,
+  num_segments: tuple[int, int] = NUM_SEGMENTS,
+) -> dict:
+  """Writes the dataset (see the module docstring) and returns dataset_info plus elapsed_s (and
+  unchanged=True when output_dir already held it, finished).
+
+  size: frame side in px (even, ≥ 32); fps: frames per second; sample_rate: Hz; workers: encoding
+  processes (1 = in this process); num_segments: (lo, hi) segments per video (see `plan`).
+  Raises ValueError naming the flag for a bad argument and `cli.UserError` for an output folder it
+  cannot write or would overwrite files in, before writing anything.
+  """
+  if size < 32 or size % 2:
+    raise ValueError(f'--size must be an even number of pixels >= 32, got {size}')
+  if not 8000 <= sample_rate <= 96_000:
+    raise ValueError(f'--sample_rate must be in [8000, 96000] Hz (AAC), got {sample_rate}')
+  if workers < 1:
+    raise ValueError(f'--workers must be >= 1, got {workers}')
+  num_segments = _check_segments(num_segments)
+  started = time.perf_counter()
+  out = pathlib.Path(output_dir)
+  planned = plan(num_videos, seed=seed, fps=fps, noise=noise, num_segments=num_segments)
+  manifests = _manifests(planned)
+  splits = {}
+  for split, (_, rows) in planned.items():
     splits[split] = dict(
       videos=len(rows),
-      segments=len(pairs),
+      segments=manifests[f'retrieval_{split}.jsonl'].count('\n'),
       seconds=round(sum(r['duration'] for r in rows), 4),
       noise_applied=_noise_counts(rows),
     )
@@ -476,7 +523,6 @@ def generate(
   )
   if num_segments != NUM_SEGMENTS:  # absent at the default: its files stay as they were
     info['num_segments'] = list(num_segments)
-  (out / 'dataset_info.json').write_text(json.dumps(info, indent=2) + '\n')
   counts = ', '.join(f'{s} {v["videos"]}' for s, v in splits.items())
   # The module docstring documents content and layout; the README carries it with the data.
   readme = _README.format(seed=seed, counts=counts, noise=info['noise'])
@@ -484,5 +530,41 @@ def generate(
     lo, hi = num_segments
     readme += f'Segments per video: {lo}–{hi} (the description below gives the default range).\n'
   readme += '\n' + __doc__
-  (out / 'README.txt').write_text(readme)
-  return dict(info, output_dir=str(out), elapsed_s=round(time.perf_counter() - started, 2))
+  # dataset_info.json last: `make demo` takes it for a finished dataset.
+  texts = {
+    **manifests,
+    'README.txt': readme,
+    'dataset_info.json': json.dumps(info, indent=2) + '\n',
+  }
+  videos = [v for videos, _ in planned.values() for v in videos]
+  media = [out / v['media'] for v in videos]
+
+  check_output_dir(str(output_dir))
+  state = _output_state(out, [*media, *(out / n for n in texts)], info)
+  result = dict(info, output_dir=str(out))
+  if state == 'done':
+    return dict(result, elapsed_s=round(time.perf_counter() - started, 2), unchanged=True)
+  # Accepted: from here on things are written, and (resuming) only what is missing.
+  out.mkdir(parents=True, exist_ok=True)
+  marker = out / MARKER_NAME
+  if not marker.exists():
+    _write_text(marker, json.dumps(info, indent=2) + '\n')
+  jobs = []
+  for video, path in zip(videos, media, strict=True):
+    if not path.exists():
+      path.parent.mkdir(parents=True, exist_ok=True)
+      jobs.append((str(path), video, size, sample_rate))
+  if workers > 1 and len(jobs) > 1:
+    # spawn, not fork: the caller may hold threads (JAX, TF) that a forked child would inherit.
+    context = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+      list(pool.map(_make_video, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+  else:
+    for job in jobs:
+      _make_video(job)
+  # Manifests after the media, so none ever names a file that is not there yet.
+  for name, text in texts.items():
+    if not (out / name).exists():
+      _write_text(out / name, text)
+  marker.unlink()
+  return dict(result, elapsed_s=round(time.perf_counter() - started, 2))

@@ -5,15 +5,23 @@ media file with `decode` and writes `output_dir/shard-SSSSS-of-NNNNN.tfrecord`; 
 i % N.
 
 Bad input never stops the run: a row that cannot be converted is skipped, counted and listed in
-`output_dir/report.jsonl`. Each shard is written under a temporary name and renamed when complete,
-next to a `.done.json` with its counts, so a rerun with the same arguments converts only the shards
-that are missing.
+`output_dir/report.jsonl`; so is a row that repeats an earlier row's media (and window), after a
+warning. A manifest with no row to convert is refused before anything is written. Each shard is
+written under a temporary name and renamed when complete, next to a `.done.json` with its counts,
+so a rerun with the same arguments converts only the shards that are missing.
+
+Failures that are not the input's (a full disk, a worker killed, the converter killed) never mark
+a media file as bad: a write error removes the shard's partial files and ends the run with one line
+naming the path; workers end with the converter, even on kill -9.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import ctypes
 import dataclasses
+import errno
 import glob
 import hashlib
 import json
@@ -22,16 +30,20 @@ import os
 import queue
 import re
 import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import tensorflow as tf
+from absl import logging
 from tqdm import tqdm
 
 from data_pipelines import schema
 from data_pipelines.decode import MediaError, Options, _hide_gpus_from_tensorflow, convert_row
-from data_pipelines.manifest import ManifestRow, read_manifest
+from data_pipelines.manifest import ManifestRow, check_output_dir, duplicates, read_manifest
+from vatt_jax import cli
 
 _hide_gpus_from_tensorflow()
 
@@ -40,6 +52,21 @@ _SHARD_RE = re.compile(r'^shard-(\d{5})-of-(\d{5})\.tfrecord$')
 # A file whose decoding killed the worker process (decoder crash, out of memory) this many times,
 # in consecutive runs, is skipped and reported instead of killing every rerun.
 _WORKER_DEATHS_TO_SKIP = 2
+# Words of TensorFlow's file-system errors → the errno they stand for (for the one-line message).
+_TF_ERRNOS = (
+  ('No space left', errno.ENOSPC),
+  ('quota exceeded', errno.EDQUOT),
+  ('Read-only file system', errno.EROFS),
+  ('Permission denied', errno.EACCES),
+)
+
+
+def old_format(version: int) -> str:
+  """What to say about records of another format version."""
+  return (
+    f'format version {version}, this code reads {schema.SCHEMA_VERSION}: convert the media again '
+    'with scripts/prepare_data.py'
+  )
 
 
 def shard_name(shard: int, num_shards: int) -> str:
@@ -54,13 +81,38 @@ def _marker_path(output_dir: str, shard: int, num_shards: int) -> str:
   return os.path.join(output_dir, shard_name(shard, num_shards) + '.current.json')
 
 
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+  """Write errors inside come out as OSError naming `path` (TensorFlow's and Python's alike)."""
+  try:
+    yield
+  except tf.errors.OpError as e:
+    message = e.message.strip()
+    code = next((c for words, c in _TF_ERRNOS if words.lower() in message.lower()), errno.EIO)
+    raise OSError(code, message, path) from e
+  except OSError as e:
+    if e.filename is None:
+      raise OSError(e.errno, e.strerror or str(e), path) from e
+    raise
+
+
+def _remove(path: str) -> None:
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(path)
+
+
 def _write_json_atomic(path: str, obj: Any) -> None:
   tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with _writing(path):
+      with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+  except BaseException:
+    _remove(tmp)
+    raise
 
 
 def _fsync(path: str) -> None:
@@ -83,6 +135,24 @@ def _error_text(e: BaseException) -> str:
 _active_marker: str | None = None
 
 
+def _read_marker(marker: str) -> tuple[int | None, int]:
+  """(row, worker deaths so far) from a marker left behind, (None, 0) without one.
+
+  A marker is left only by a process that died while decoding that row. In a worker pool that may
+  be the converter's own death (kill -9; the workers die with it), so a worker's marker counts as
+  a death of the file only once the converter, still alive, confirmed it (`_confirm_death`).
+  """
+  try:
+    with open(marker, encoding='utf-8') as f:
+      left = json.load(f)
+    counted = not left.get('in_pool', False) or left.get('confirmed', False)
+    return int(left['row']), int(left['worker_deaths']) + int(bool(counted))
+  except FileNotFoundError:
+    return None, 0
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return None, 0  # unreadable: a death that cannot be pinned on a row
+
+
 def convert_shard(
   shard: int,
   num_shards: int,
@@ -91,20 +161,19 @@ def convert_shard(
   options: Options,
   manifest_sha256: str,
   on_row: Callable[[], None] | None = None,
+  in_pool: bool = False,
 ) -> dict:
-  """Converts `rows` into one shard file; returns (and stores as .done.json) its counts."""
+  """Converts `rows` into one shard file; returns (and stores as .done.json) its counts.
+
+  Bad rows are skipped and counted. A write error (full disk) raises OSError naming the path, after
+  removing the partial shard; nothing of it marks a media file as bad.
+  """
   final = os.path.join(output_dir, shard_name(shard, num_shards))
   tmp = final + '.tmp'
   marker = _marker_path(output_dir, shard, num_shards)
-  # A marker left behind means a worker died (not an exception: those remove it) on that row.
-  poisoned_row, deaths = None, 0
-  if os.path.exists(marker):
-    try:
-      with open(marker, encoding='utf-8') as f:
-        left = json.load(f)
-      poisoned_row, deaths = int(left['row']), int(left['worker_deaths']) + 1
-    except (OSError, ValueError, KeyError, TypeError):
-      pass
+  # The marker names the row being decoded, and exists only while it is: one left behind means the
+  # process died decoding that row (exceptions remove it).
+  poisoned_row, deaths = _read_marker(marker)
   start = time.time()
   stats = {
     'shard': shard, 'num_shards': num_shards, 'rows': len(rows), 'written': 0, 'skipped': 0,
@@ -114,23 +183,36 @@ def convert_shard(
   global _active_marker
   _active_marker = marker
   try:
-    with tf.io.TFRecordWriter(tmp) as writer:
+    with _writing(tmp):
+      writer = tf.io.TFRecordWriter(tmp)
+    try:
       for row in rows:
         died_here = deaths if row.index == poisoned_row else 0
-        try:
-          if died_here >= _WORKER_DEATHS_TO_SKIP:
-            raise MediaError(
-              f'the converter process died {died_here} times decoding this file (decoder crash '
-              'or out of memory; try --max_duration)'
-            )
-          _write_json_atomic(marker, {'row': row.index, 'worker_deaths': died_here})
-          record = convert_row(row, options)
-          writer.write(schema.encode(record))
-        except Exception as e:  # bad input of any kind: report, skip, carry on
-          stats['skipped'] += 1
-          error = {'row': row.index, 'line': row.line, 'media': row.media, 'shard': shard}
-          errors.append({**error, 'error': _error_text(e)})
+        serialized, error = None, None
+        if died_here >= _WORKER_DEATHS_TO_SKIP:
+          error = MediaError(
+            f'the converter process died {died_here} times decoding this file (decoder crash or '
+            'out of memory; try --max_duration)'
+          )
         else:
+          # Not inside the handler below: a failed write is not the row's fault.
+          _write_json_atomic(
+            marker, {'row': row.index, 'worker_deaths': died_here, 'in_pool': in_pool}
+          )
+          try:
+            record = convert_row(row, options)
+            serialized = schema.encode(record)
+          except Exception as e:  # bad input of any kind: report, skip, carry on
+            error = e
+          finally:
+            _remove(marker)
+        if serialized is None:
+          stats['skipped'] += 1
+          where = {'row': row.index, 'line': row.line, 'media': row.media, 'shard': shard}
+          errors.append({**where, 'error': _error_text(error)})
+        else:
+          with _writing(tmp):
+            writer.write(serialized)
           stats['written'] += 1
           stats['duration_s'] += record.duration
           stats['frames'] += len(record.frames)
@@ -139,26 +221,33 @@ def convert_shard(
           stats['with_captions'] += int(len(record.captions) > 0)
         if on_row is not None:
           on_row()
-    _fsync(tmp)
+    except BaseException:
+      with contextlib.suppress(Exception):  # the first error is the one to tell
+        writer.close()
+      raise
+    with _writing(tmp):
+      writer.close()
+      _fsync(tmp)
+    _remove(marker)  # one from an earlier run, when its row was skipped here
+    stats.update(
+      schema_version=schema.SCHEMA_VERSION,
+      errors=errors,
+      options=dataclasses.asdict(options),
+      manifest_sha256=manifest_sha256,
+      seconds=round(time.time() - start, 3),
+    )
+    # The .done.json goes first: a final .tfrecord therefore always has its counts next to it.
+    _write_json_atomic(_done_path(output_dir, shard, num_shards), stats)
+    with _writing(final):
+      os.replace(tmp, final)
   except BaseException:
-    # Interrupted or failed for a reason other than a worker death: this was not the file's fault.
-    if os.path.exists(marker):
-      os.remove(marker)
+    # Interrupted or failed for a reason other than a worker death: not the file's fault. The
+    # partial shard goes too: a full disk wants its space back, and a rerun starts it afresh.
+    _remove(marker)
+    _remove(tmp)
     raise
   finally:
     _active_marker = None
-  stats.update(
-    schema_version=schema.SCHEMA_VERSION,
-    errors=errors,
-    options=dataclasses.asdict(options),
-    manifest_sha256=manifest_sha256,
-    seconds=round(time.time() - start, 3),
-  )
-  # The .done.json goes first: a final .tfrecord therefore always has its counts next to it.
-  _write_json_atomic(_done_path(output_dir, shard, num_shards), stats)
-  os.replace(tmp, final)
-  if os.path.exists(marker):
-    os.remove(marker)
   return stats
 
 
@@ -168,32 +257,68 @@ _progress_queue = None
 def _on_sigterm(signum, frame) -> None:
   # Terminated from outside: the pool stopping the others after one worker died, or a shutdown.
   # Not this file's fault, so its marker must not count towards skipping it.
-  if _active_marker and os.path.exists(_active_marker):
-    os.remove(_active_marker)
+  if _active_marker:
+    with contextlib.suppress(OSError):
+      os.remove(_active_marker)
   os._exit(128 + signum)
 
 
-def _init_worker(progress_queue) -> None:
+def _watch_parent(parent_pid: int) -> None:
+  while os.getppid() == parent_pid:
+    time.sleep(1.0)
+  os._exit(1)
+
+
+def die_with_parent(parent_pid: int) -> None:
+  """Makes this (worker) process end when process `parent_pid`, its parent, does, kill -9 included.
+
+  Linux: the kernel sends SIGKILL (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls the
+  parent id. A worker left running would hold its memory (about 1 GB) until it finished its shard.
+  """
+  armed = False
+  if sys.platform.startswith('linux'):
+    try:
+      libc = ctypes.CDLL(None, use_errno=True)
+      armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+      armed = False
+  if os.getppid() != parent_pid:  # the parent died before the signal was armed
+    os._exit(1)
+  if not armed:
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _init_worker(progress_queue, parent_pid: int) -> None:
   global _progress_queue
+  die_with_parent(parent_pid)
   _progress_queue = progress_queue
   signal.signal(signal.SIGTERM, _on_sigterm)
   _hide_gpus_from_tensorflow()
 
 
 def _convert_shard_in_worker(*args) -> dict:
-  return convert_shard(*args, on_row=lambda: _progress_queue.put(1))
+  return convert_shard(*args, on_row=lambda: _progress_queue.put(1), in_pool=True)
 
 
-def _culprit(
-  output_dir: str, shard: int, num_shards: int, by_shard: list[list[ManifestRow]]
-) -> str:
-  """'; it was converting row R (MEDIA)' when a dead worker's marker names the file."""
+def _confirm_death(output_dir: str, shard: int, num_shards: int) -> int | None:
+  """Marks the marker a dead worker left as its own death (the converter lives: not a kill -9 of
+  the whole run); returns the row it names, None without one."""
+  marker = _marker_path(output_dir, shard, num_shards)
   try:
-    with open(_marker_path(output_dir, shard, num_shards), encoding='utf-8') as f:
-      index = int(json.load(f)['row'])
-  except (OSError, ValueError, KeyError, TypeError):
+    with open(marker, encoding='utf-8') as f:
+      left = json.load(f)
+    left['confirmed'] = True
+    _write_json_atomic(marker, left)
+    return int(left['row'])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return None
+
+
+def _culprit(index: int | None, rows: list[ManifestRow]) -> str:
+  """'; it was converting row R (MEDIA)' when a dead worker's marker names the file."""
+  if index is None:
     return ''
-  media = next((r.media for r in by_shard[shard] if r.index == index), '?')
+  media = next((r.media for r in rows if r.index == index), '?')
   return f'; it was converting row {index} ({media})'
 
 
@@ -225,9 +350,8 @@ def _finished_shard(
     )
   if stats.get('schema_version', 1) != schema.SCHEMA_VERSION:
     raise ValueError(
-      f'{final} holds records of format version {stats.get("schema_version", 1)}; this vatt-jax '
-      f'writes and reads version {schema.SCHEMA_VERSION}: use a new --output_dir or delete the old '
-      'shards'
+      f'{final} holds records of format version {stats.get("schema_version", 1)}, this code '
+      f'writes and reads {schema.SCHEMA_VERSION}: use a new --output_dir or delete the old shards'
     )
   stored = stats.get('options', {})
   for key, value in dataclasses.asdict(options).items():
@@ -250,17 +374,32 @@ def convert(
   """Converts a manifest into `num_shards` shards in `output_dir`, resuming an earlier run.
 
   workers <= 1 converts in this process; more start that many processes (spawn: TensorFlow does
-  not survive fork), one shard per task. Returns the run's summary. A shard that fails for reasons
-  other than its input (a worker killed, a full disk) stops the run once the running shards are
-  done: RuntimeError naming the shards (and the row a dead worker was on); finished shards stay.
+  not survive fork), one shard per task. Returns the run's summary. Refused before anything is
+  written (`cli.UserError`): a manifest with no row or no usable row, one that is not UTF-8, an
+  output folder that cannot be written. A shard that fails for reasons other than its input (a full
+  disk, a worker killed) stops the run once the running shards are done: `cli.UserError`, one line
+  naming the path (write errors) or the shards and the row a dead worker was on; finished shards
+  stay.
   """
   options = options or Options()
   if num_shards < 1:
     raise ValueError(f'num_shards must be >= 1, got {num_shards}')
   start = time.time()
+  check_output_dir(output_dir)
   rows = read_manifest(manifest)
+  if not rows:
+    raise cli.UserError(f'{manifest} lists no media (no data rows): nothing to convert')
+  if all(r.error for r in rows):
+    raise cli.UserError(
+      f'no row of {manifest} can be converted ({len(rows)} rows): {rows[0].error}'
+    )
+  repeated = duplicates(rows)
+  if repeated:
+    rows = [
+      _as_duplicate(r, repeated[r.index], manifest) if r.index in repeated else r for r in rows
+    ]
+    _warn_duplicates(manifest, rows, repeated)
   manifest_sha256 = _file_sha256(manifest)
-  os.makedirs(output_dir, exist_ok=True)
   for existing in sorted(glob.glob(os.path.join(output_dir, 'shard-*.tfrecord'))):
     match = _SHARD_RE.match(os.path.basename(existing))
     if match and int(match.group(2)) != num_shards:
@@ -277,9 +416,11 @@ def convert(
     stats = _finished_shard(output_dir, shard, num_shards, options, manifest_sha256)
     if stats is not None:
       results[shard] = stats
+  os.makedirs(output_dir, exist_ok=True)  # accepted: from here on things are written
   reused = sorted(results)
   todo = [s for s in range(num_shards) if s not in results]
   failures: dict[int, str] = {}
+  raised: dict[int, BaseException] = {}
 
   with tqdm(
     total=len(rows),
@@ -295,7 +436,15 @@ def convert(
 
     if workers <= 1:
       for shard in todo:
-        results[shard] = convert_shard(*args(shard), on_row=lambda: bar.update(1))
+        try:
+          results[shard] = convert_shard(*args(shard), on_row=lambda: bar.update(1))
+        except OSError as e:  # a write error (the input's are reported, not raised)
+          raised[shard] = e
+          failures[shard] = _error_text(e).rstrip('.')
+          break
+      for shard in todo:
+        if shard not in results and shard not in failures:
+          failures[shard] = 'not started after an earlier shard failed'
     elif todo:
       ctx = multiprocessing.get_context('spawn')
       progress_queue = ctx.Queue()
@@ -315,7 +464,7 @@ def convert(
         max_workers=max_workers,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(progress_queue,),
+        initargs=(progress_queue, os.getpid()),
       ) as pool:
         # At most one shard per worker is handed over at a time: the executor cannot take back work
         # it has queued, so after Ctrl-C it would otherwise go on converting queued shards.
@@ -334,6 +483,7 @@ def convert(
               try:
                 results[shard] = future.result()
               except Exception as e:  # a worker died or the disk is full: not the input's fault
+                raised[shard] = e
                 failures[shard] = _error_text(e).rstrip('.')
             if failures and not running:
               for shard in waiting:  # the pool is likely broken; a rerun picks these up
@@ -344,17 +494,26 @@ def convert(
           raise
       drain()
       # Only now, with every worker gone: a worker stopped by the pool removes its marker on the way
-      # out, so what is left names the file a worker died on.
-      for shard in failures:
-        failures[shard] += _culprit(output_dir, shard, num_shards, by_shard)
+      # out, and a write error removes it too, so what is left names the file a worker died on.
+      for shard, e in raised.items():
+        if isinstance(e, concurrent.futures.BrokenExecutor):
+          failures[shard] += _culprit(
+            _confirm_death(output_dir, shard, num_shards), by_shard[shard]
+          )
 
   report = os.path.join(output_dir, REPORT_NAME)
   errors = sorted((e for s in results.values() for e in s['errors']), key=lambda e: e['row'])
-  tmp = report + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    for error in errors:
-      f.write(json.dumps(error, ensure_ascii=False) + '\n')
-  os.replace(tmp, report)
+  try:
+    with _writing(report):
+      tmp = report + '.tmp'
+      with open(tmp, 'w', encoding='utf-8') as f:
+        for error in errors:
+          f.write(json.dumps(error, ensure_ascii=False) + '\n')
+      os.replace(tmp, report)
+  except OSError:
+    _remove(report + '.tmp')
+    if not failures:
+      raise  # else: the shard's error below tells the cause
 
   def total(key: str) -> float:
     return sum(s[key] for s in results.values())
@@ -363,6 +522,7 @@ def convert(
     'rows': len(rows),
     'written': int(total('written')),
     'skipped': int(total('skipped')),
+    'duplicates': len(repeated),
     'duration_s': round(total('duration_s'), 3),
     'frames': int(total('frames')),
     'with_video': int(total('with_video')),
@@ -375,9 +535,37 @@ def convert(
     'report': report,
   }
   if failures:
-    details = '; '.join(f'{shard_name(s, num_shards)}: {e}' for s, e in sorted(failures.items()))
-    raise RuntimeError(
-      f'{len(failures)} shard(s) failed ({details}). Finished shards are kept; rerun with the '
-      'same arguments to convert the rest.'
-    )
+    raise _failure(failures, raised, num_shards)
   return summary
+
+
+def _failure(failures: dict[int, str], raised: dict[int, BaseException], num_shards: int):
+  """The one-line error of a run whose shards failed for reasons other than their input."""
+  rerun = 'rerun with the same arguments to convert the rest'
+  kept = f'{num_shards - len(failures)} of {num_shards} shards are finished and kept'
+  write_errors = [e for e in raised.values() if isinstance(e, OSError)]
+  if write_errors:  # one cause for all (a full disk): say it once
+    return cli.UserError(f'{cli.describe(write_errors[0])} ({kept}; fix that and {rerun})')
+  details = '; '.join(f'{shard_name(s, num_shards)}: {e}' for s, e in sorted(failures.items()))
+  return cli.UserError(f'{len(failures)} shard(s) failed ({details}); {kept}: {rerun}')
+
+
+def _as_duplicate(row: ManifestRow, first: ManifestRow, manifest: str) -> ManifestRow:
+  return dataclasses.replace(
+    row,
+    error=f'{manifest} line {row.line}: repeats line {first.line} (the same media '
+    f'{first.media_id!r}); only the first is converted',
+  )
+
+
+def _warn_duplicates(manifest: str, rows: list[ManifestRow], repeated: dict) -> None:
+  lines: dict[str, list[int]] = {}
+  for index, first in repeated.items():
+    lines.setdefault(first.media_id, [first.line]).append(rows[index].line)
+  shown = [f'{media} (lines {", ".join(map(str, ls))})' for media, ls in list(lines.items())[:5]]
+  more = f' and {len(lines) - 5} more' if len(lines) > 5 else ''
+  logging.warning(
+    '%s lists the same media more than once: %s%s; only the first row of each is converted, the '
+    '%d repeats are skipped and listed in report.jsonl',
+    manifest, '; '.join(shown), more, len(repeated),
+  )  # fmt: skip

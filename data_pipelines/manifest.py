@@ -2,22 +2,27 @@
 
 `read_manifest` turns each data row into a `ManifestRow`: the media path as written and where to
 open it, its captions and labels. A malformed row is returned with `error` set, never raised, so the
-converter can report it and carry on.
+converter can report it and carry on; a file that is not UTF-8 text is refused as a whole, naming
+the line. `duplicates` finds rows that would make records with the same id. `check_output_dir`
+vets the folder a data tool is about to write to, before it writes anything.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
 from typing import Any
 
 from data_pipelines import schema
+from vatt_jax import cli
 
 JSONL_SUFFIXES = ('.jsonl', '.ndjson')
 CSV_SUFFIXES = ('.csv',)
+_BOM = b'\xef\xbb\xbf'  # the UTF-8 byte-order mark
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,14 +159,41 @@ def _row_from_fields(
   return ManifestRow(index, line, media, _resolve(media, base_dir), captions, labels, None, *window)
 
 
+def read_utf8(path: str) -> str:
+  """The text of a UTF-8 file (a leading byte-order mark dropped).
+
+  Raises `cli.UserError` naming the line and byte offset of the first bytes that are not UTF-8
+  (a file saved as Latin-1 or Windows-1252), OSError when the file cannot be read.
+  """
+  with open(path, 'rb') as f:
+    data = f.read()
+  # Editors on Windows (and Excel, for CSV) start the file with a byte-order mark.
+  skip = len(_BOM) if data.startswith(_BOM) else 0
+  try:
+    return data[skip:].decode('utf-8')
+  except UnicodeDecodeError as e:
+    offset = skip + e.start
+    line = data.count(b'\n', 0, offset) + 1
+    raise cli.UserError(
+      f'{path} line {line} (byte {offset}): not UTF-8 text ({e.reason}: '
+      f'{data[offset : offset + 4]!r}); save the file as UTF-8'
+    ) from None
+
+
 def read_manifest(path: str) -> list[ManifestRow]:
   """Reads a JSONL or CSV manifest; malformed rows come back with `error` set (never raised).
 
   Raises ValueError only when the manifest as a whole is unusable (unknown suffix, no `media`
-  column) and OSError when it cannot be read.
+  column, not UTF-8: `cli.UserError` naming the line) and OSError when it cannot be read. An empty
+  manifest gives no rows.
   """
   base_dir = os.path.dirname(os.path.abspath(path))
   suffix = os.path.splitext(path)[1].lower()
+  if suffix not in JSONL_SUFFIXES + CSV_SUFFIXES:
+    raise ValueError(
+      f'{path}: unknown manifest type {suffix!r}; use {JSONL_SUFFIXES + CSV_SUFFIXES} files'
+    )
+  text = read_utf8(path)
   rows: list[ManifestRow] = []
 
   def bad(index: int, line: int, media: Any, error: str) -> ManifestRow:
@@ -169,40 +201,70 @@ def read_manifest(path: str) -> list[ManifestRow]:
     return ManifestRow(index, line, media, '', error=f'{path} line {line}: {error}')
 
   if suffix in JSONL_SUFFIXES:
-    # utf-8-sig: editors on Windows (and Excel, for CSV) start the file with a byte-order mark.
-    with open(path, encoding='utf-8-sig') as f:
-      for line_no, text in enumerate(f, start=1):
-        if not text.strip():
-          continue
-        index = len(rows)
-        try:
-          fields = json.loads(text)
-        except json.JSONDecodeError as e:
-          rows.append(bad(index, line_no, None, f'not valid JSON ({e})'))
-          continue
-        if not isinstance(fields, dict):
-          rows.append(
-            bad(index, line_no, None, f'expected a JSON object, got {type(fields).__name__}')
-          )
-          continue
-        try:
-          rows.append(_row_from_fields(index, line_no, fields, base_dir, csv_row=False))
-        except ValueError as e:
-          rows.append(bad(index, line_no, fields.get('media'), str(e)))
-  elif suffix in CSV_SUFFIXES:
-    with open(path, encoding='utf-8-sig', newline='') as f:
-      reader = csv.DictReader(f)
-      columns = [c.strip() for c in reader.fieldnames or []]
-      if 'media' not in columns:
-        raise ValueError(f'{path}: the CSV header needs a "media" column, found {columns}')
-      reader.fieldnames = columns
-      for index, fields in enumerate(reader):
-        try:
-          rows.append(_row_from_fields(index, reader.line_num, fields, base_dir, csv_row=True))
-        except ValueError as e:
-          rows.append(bad(index, reader.line_num, fields.get('media'), str(e)))
+    # newline=None: '\r\n' and '\r' end lines too, as they did when the file was opened as text.
+    for line_no, line in enumerate(io.StringIO(text, newline=None), start=1):
+      if not line.strip():
+        continue
+      index = len(rows)
+      try:
+        fields = json.loads(line)
+      except json.JSONDecodeError as e:
+        rows.append(bad(index, line_no, None, f'not valid JSON ({e})'))
+        continue
+      if not isinstance(fields, dict):
+        rows.append(
+          bad(index, line_no, None, f'expected a JSON object, got {type(fields).__name__}')
+        )
+        continue
+      try:
+        rows.append(_row_from_fields(index, line_no, fields, base_dir, csv_row=False))
+      except ValueError as e:
+        rows.append(bad(index, line_no, fields.get('media'), str(e)))
   else:
-    raise ValueError(
-      f'{path}: unknown manifest type {suffix!r}; use {JSONL_SUFFIXES + CSV_SUFFIXES} files'
-    )
+    if not text.strip():
+      return rows  # not even a header
+    reader = csv.DictReader(io.StringIO(text, newline=''))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    if 'media' not in columns:
+      raise ValueError(f'{path}: the CSV header needs a "media" column, found {columns}')
+    reader.fieldnames = columns
+    for index, fields in enumerate(reader):
+      try:
+        rows.append(_row_from_fields(index, reader.line_num, fields, base_dir, csv_row=True))
+      except ValueError as e:
+        rows.append(bad(index, reader.line_num, fields.get('media'), str(e)))
   return rows
+
+
+def duplicates(rows: list[ManifestRow]) -> dict[int, ManifestRow]:
+  """{index of a later row: the first row} for well-formed rows with the same record id (media as
+  written, and window): converting both would put two records with one id into the shards."""
+  first: dict[str, ManifestRow] = {}
+  later = {}
+  for row in rows:
+    if row.error is None:
+      seen = first.setdefault(row.media_id, row)
+      if seen is not row:
+        later[row.index] = seen
+  return later
+
+
+def check_output_dir(path: str, flag: str = '--output_dir') -> None:
+  """Raises `cli.UserError` (one line naming the folder) unless `path` is a folder this process can
+  write into, or one it can create. Creates nothing."""
+  absolute = os.path.abspath(path)
+  existing = absolute
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    if existing == absolute:
+      raise cli.UserError(f'{flag}={path} is not a folder (it is a file): give a folder')
+    raise cli.UserError(f'{flag}={path} cannot be created: {existing} is a file, not a folder')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    try:
+      read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+      read_only = False
+    why = 'on a read-only file system' if read_only else 'not writable by this user'
+    where = path if existing == absolute else f'{path} (in {existing})'
+    raise cli.UserError(f'{flag}={where}: cannot write there, the folder is {why}')

@@ -184,3 +184,21 @@ def parse(serialized):
     'caption_end': sequence[CAPTION_END],
     'version': context[VERSION],
   }
+
+
+def record_version(serialized: bytes) -> tuple[int, str] | None:
+  """(format version, media id) of a vatt-jax record of any format version, None for bytes that are
+  not one. Reads the protocol buffer itself: an older record may not parse as the current format
+  (version 1 stored the waveform as floats). Records without schema/version are version 1."""
+  import tensorflow as tf
+
+  try:
+    example = tf.train.SequenceExample.FromString(serialized)
+  except Exception:  # google.protobuf.message.DecodeError: not a SequenceExample
+    return None
+  context = example.context.feature
+  if MEDIA_ID not in context or not context[MEDIA_ID].bytes_list.value:
+    return None
+  versions = context[VERSION].int64_list.value if VERSION in context else [1]
+  media_id = context[MEDIA_ID].bytes_list.value[0].decode('utf-8', 'replace')
+  return int(versions[0]) if versions else 1, media_id

@@ -1,7 +1,9 @@
 """Shard inspection for scripts/validate_shards.py: reads shards back with `schema.parse`.
 
 `inspect_shards` checks every record (fields consistent, JPEG frames decodable) and computes the
-counts, durations and histograms the validator prints.
+counts, durations and histograms the validator prints; records of an older format (which may not
+even parse as the current one) are told apart by `schema.record_version` and reported as such.
+`problems` gives the validator's error lines.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import tensorflow as tf
 
 from data_pipelines import schema
 from data_pipelines.decode import _hide_gpus_from_tensorflow
-from data_pipelines.ingest import _error_text
+from data_pipelines.ingest import _error_text, old_format
 
 _hide_gpus_from_tensorflow()
 
@@ -33,12 +35,7 @@ def _caption_coverage(starts: np.ndarray, ends: np.ndarray, duration: float) -> 
 
 
 def _check_record(parsed: dict, decode_all: bool) -> tuple[str | None, dict]:
-  """Returns (why the record is bad or None, a few facts about it)."""
-  if int(parsed['version']) != schema.SCHEMA_VERSION:
-    return (
-      f'record format version {int(parsed["version"])}, this vatt-jax reads version '
-      f'{schema.SCHEMA_VERSION}: convert the media again with scripts/prepare_data.py'
-    ), {}
+  """Returns (why the record is bad or None, a few facts about it); the version is checked before."""
   frames = parsed['frames'].numpy()
   wave = parsed['waveform'].numpy()
   height, width = int(parsed['height']), int(parsed['width'])
@@ -76,7 +73,8 @@ def inspect_shards(input_dir: str, decode_all: bool = False) -> dict:
 
   `unreadable_shards` lists shards whose file is corrupt or truncated (records before the damage
   still count); `bad_records` lists records that do not parse, whose JPEG frames do not decode, or
-  whose fields contradict each other.
+  whose fields contradict each other; `old_format_shards` the shards holding records of another
+  format version ({shard, version, records}), which count as bad records too.
   """
   paths = sorted(glob.glob(os.path.join(input_dir, '*.tfrecord')))
   counts = {'records': 0, 'with_video': 0, 'with_audio': 0, 'with_captions': 0, 'with_labels': 0}
@@ -86,6 +84,7 @@ def inspect_shards(input_dir: str, decode_all: bool = False) -> dict:
   size_hist: dict[str, int] = {}
   labels: set[int] = set()
   bad, unreadable, mismatches = [], [], []
+  old: dict[tuple[str, int], int] = {}  # (shard, version) → records
   max_frame_error = 0.0
   for path in paths:
     name = os.path.basename(path)
@@ -95,9 +94,18 @@ def inspect_shards(input_dir: str, decode_all: bool = False) -> dict:
         counts['records'] += 1
         try:
           parsed = schema.parse(serialized)
-          media_id = parsed['media_id'].numpy().decode('utf-8', 'replace')
+          stored = int(parsed['version']), parsed['media_id'].numpy().decode('utf-8', 'replace')
         except (tf.errors.OpError, ValueError) as e:
-          bad.append({'shard': name, 'index': index, 'media_id': None, 'error': _error_text(e)})
+          stored = schema.record_version(serialized.numpy())
+          if stored is None or stored[0] == schema.SCHEMA_VERSION:
+            error = _error_text(e)
+            bad.append({'shard': name, 'index': index, 'media_id': None, 'error': error})
+            continue
+        version, media_id = stored
+        if version != schema.SCHEMA_VERSION:
+          old[name, version] = old.get((name, version), 0) + 1
+          error = f'record {old_format(version)}'
+          bad.append({'shard': name, 'index': index, 'media_id': media_id, 'error': error})
           continue
         why, facts = _check_record(parsed, decode_all)
         if why is not None:
@@ -156,4 +164,30 @@ def inspect_shards(input_dir: str, decode_all: bool = False) -> dict:
     'bad_records': len(bad),
     'bad_record_list': bad[:100],
     'unreadable_shards': unreadable,
+    'old_format_shards': [
+      {'shard': shard, 'version': version, 'records': n} for (shard, version), n in old.items()
+    ],
   }
+
+
+def problems(stats: dict) -> list[str]:
+  """The validator's error lines (without 'error: '): unreadable shards, shards of another format
+  version (one line per version), no shards at all. Bad records are listed, not errors."""
+  lines = [
+    f'shard {u["shard"]} cannot be read after {u["records_read"]} records: {u["error"]}'
+    for u in stats['unreadable_shards']
+  ]
+  by_version: dict[int, list[str]] = {}
+  for o in stats['old_format_shards']:
+    by_version.setdefault(o['version'], []).append(o['shard'])
+  for version, shards in sorted(by_version.items()):
+    which = ', '.join(shards[:3]) + (f' and {len(shards) - 3} more' if len(shards) > 3 else '')
+    count = (
+      'all shards'
+      if len(shards) == stats['shards']
+      else f'{len(shards)} of {stats["shards"]} shards'
+    )
+    lines.append(f'{stats["input_dir"]}: {count} ({which}) hold records of {old_format(version)}')
+  if stats['shards'] == 0:
+    lines.append(f'no *.tfrecord files in {stats["input_dir"]}')
+  return lines

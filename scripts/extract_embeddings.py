@@ -55,8 +55,8 @@ def media_manifest(path: str, directory: str) -> str:
   if os.path.splitext(path)[1].lower() in manifest.JSONL_SUFFIXES + manifest.CSV_SUFFIXES:
     return path
   base = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding='utf-8-sig') as f:
-    files = [line.strip() for line in f if line.strip() and not line.startswith('#')]
+  lines = manifest.read_utf8(path).splitlines()  # (a file that is not UTF-8: its line, named)
+  files = [line.strip() for line in lines if line.strip() and not line.startswith('#')]
   if not files:
     raise app.UsageError(f'--media {path} lists no files')
   out = os.path.join(directory, 'media.jsonl')
@@ -135,13 +135,12 @@ def main(argv):
   arrays, ids, skipped = {}, {}, []
   with tempfile.TemporaryDirectory() as work:
     if _MEDIA.value:
-      manifest = media_manifest(_MEDIA.value, work)
-      arrays, ids, skipped = embed_media(config, model, variables, manifest, work, tokenizer)
+      media_list = media_manifest(_MEDIA.value, work)
+      arrays, ids, skipped = embed_media(config, model, variables, media_list, work, tokenizer)
   if _TEXT.value:
     from data_pipelines import text as text_ops  # (TensorFlow)
 
-    with open(_TEXT.value, encoding='utf-8-sig') as f:
-      captions = [line.rstrip('\n') for line in f]
+    captions = manifest.read_utf8(_TEXT.value).splitlines()
     keep = [c for c in captions if c.strip()]
     skipped += [{'text_line': i + 1, 'error': 'empty line'} for i, c in enumerate(captions)
                 if not c.strip()]  # fmt: skip

@@ -4,7 +4,10 @@ r"""Writes the bundled demo dataset: mp4s of moving handwritten digits with per-
   python scripts/make_demo_data.py --output_dir=/tmp/noisy --caption_irrelevant=0.3 --audio_swap=0.1
   python scripts/make_demo_data.py --output_dir=/tmp/long --segments=8,8   # 8 captions per video
 
-See data_pipelines/demo.py for the content, the layout and the noise switches.
+See data_pipelines/demo.py for the content, the layout and the noise switches. It never overwrites
+a file: an --output_dir holding any file it would write is refused (one line naming them), unless
+it holds this very dataset (same arguments): finished, it is left as it is; unfinished (an
+interrupted run), the missing files are written.
 """
 
 from __future__ import annotations
@@ -54,8 +57,13 @@ def main(argv):
       workers=_WORKERS.value,
       num_segments=tuple(int(v) for v in _SEGMENTS.value),
     )
+  except cli.UserError:  # the output folder: one line
+    raise
   except ValueError as e:  # bad flag values: a usage message, not a traceback
     raise app.UsageError(str(e)) from e
+  if summary.get('unchanged'):
+    print(f'{summary["output_dir"]} already holds this demo dataset: nothing written')
+    return
   for split, s in summary['splits'].items():
     noisy = {k: v for k, v in s['noise_applied'].items() if v}
     print(

@@ -5,7 +5,10 @@ r"""Converts raw media listed in a manifest into TFRecord shards of schema recor
       --workers=2 --max_duration=SECONDS]
 
 Rerunning with the same arguments after an interruption converts only the missing shards. Files
-that cannot be converted are skipped and listed in OUTPUT_DIR/report.jsonl. See docs/DATA.md.
+that cannot be converted, and rows that repeat an earlier row's media, are skipped and listed in
+OUTPUT_DIR/report.jsonl. Refused before anything is written, with one line: an empty manifest, one
+that is not UTF-8, an --output_dir that cannot be written. A full disk ends the run with one line
+naming the path; the rerun after freeing space converts the rest. See docs/DATA.md.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ def main(argv):
   summary = ingest.convert(
     _MANIFEST.value, _OUTPUT_DIR.value, _NUM_SHARDS.value, options, workers=_WORKERS.value
   )
+  repeats = f', {summary["duplicates"]} of them repeated rows' if summary['duplicates'] else ''
   print(
     f'rows {summary["rows"]}, written {summary["written"]}, skipped {summary["skipped"]} '
-    f'(listed in {summary["report"]})\n'
+    f'(listed in {summary["report"]}{repeats})\n'
     f'duration {summary["duration_s"] / 3600:.2f} h ({summary["duration_s"]:.1f} s): '
     f'{summary["with_video"]} with video, {summary["with_audio"]} with audio, '
     f'{summary["with_captions"]} with captions, {summary["frames"]} frames\n'

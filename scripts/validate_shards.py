@@ -3,8 +3,9 @@ r"""Reads every record of every *.tfrecord in a folder and prints what is in the
   python scripts/validate_shards.py --input_dir=data/shards [--json] [--decode_all]
 
 Exit status: 0 all good; 1 some records are bad (do not parse, JPEG frames that do not decode,
-contradictory fields); 2 a shard cannot be read (corrupt or truncated file) or there are no shards.
-See docs/DATA.md for the figures.
+contradictory fields); 2 a shard cannot be read (corrupt or truncated file), holds records of
+another format version ('format version 1, this code reads 2: convert the media again with
+scripts/prepare_data.py'), or there are no shards. See docs/DATA.md for the figures.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def _print_text(stats: dict) -> None:
       f'expected {m["expected"]}'
     )
   lines.append(f'  unreadable shards: {len(stats["unreadable_shards"])}')
+  lines.append(f'  shards of another format version: {len(stats["old_format_shards"])}')
   for u in stats['unreadable_shards']:
     lines.append(f'    {u["shard"]} after {u["records_read"]} records: {u["error"]}')
   lines.append(f'  bad records: {stats["bad_records"]}')
@@ -76,14 +78,10 @@ def main(argv):
     print(json.dumps(stats))
   else:
     _print_text(stats)
-  for u in stats['unreadable_shards']:
-    print(
-      f'error: shard {u["shard"]} cannot be read after {u["records_read"]} records: {u["error"]}',
-      file=sys.stderr,
-    )
-  if stats['shards'] == 0:
-    print(f'error: no *.tfrecord files in {_INPUT_DIR.value}', file=sys.stderr)
-  if stats['unreadable_shards'] or stats['shards'] == 0:
+  problems = validate.problems(stats)
+  for line in problems:
+    print(f'error: {line}', file=sys.stderr)
+  if problems:
     return 2
   return 1 if stats['bad_records'] else 0
 

@@ -381,7 +381,7 @@ def test_resume_rewrites_only_missing_shards(media, tmp_path):
     sys.executable, str(ROOT / 'scripts' / 'prepare_data.py'), f'--manifest={manifest}',
     f'--output_dir={output_dir}', '--num_shards=3', '--short_side=32', '--workers=1',
   ]  # fmt: skip
-  run = subprocess.run(args, capture_output=True, text=True, timeout=120)
+  run = subprocess.run(args, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr
   assert 'rows 4, written 3, skipped 1' in run.stdout
   shards = sorted(output_dir.glob('shard-*.tfrecord'))
@@ -448,8 +448,8 @@ def test_validator(converted, tmp_path):
   victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
   # Both validators at once: each spends most of its time importing TensorFlow.
   good, bad = _validate(output_dir), _validate(corrupt_dir)
-  good_out, good_err = good.communicate(timeout=120)
-  bad_out, bad_err = bad.communicate(timeout=120)
+  good_out, good_err = good.communicate()
+  bad_out, bad_err = bad.communicate()
 
   assert good.returncode == 0, good_err
   stats = json.loads(good_out)
