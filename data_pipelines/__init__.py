@@ -15,7 +15,11 @@ Every source (every entry of `SOURCES`) speaks one protocol, `Source`:
 A state is the source's own: synthetic {'step': batches}, shards {'position': stream elements},
 tfds {'batches': batches}. Restoring it on a fresh source of the same config (and seed, split,
 batch size and host count) continues the same stream, bit for bit where the source is
-deterministic (synthetic always; shards and tfds with data.deterministic=True).
+deterministic (synthetic always; shards and tfds with data.deterministic=True, the default).
+
+A source that can never yield a batch (no shard or example, no usable record, shards at another
+sample rate or format than the config) raises vatt_jax.cli.UserError, one line naming the split and
+why, when built or at its first next(): it never waits without end.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import tensorflow_datasets as tfds
 from data_pipelines import audio as audio_ops
 from data_pipelines import labels as labels_ops
 from data_pipelines import video as video_ops
+from vatt_jax.cli import UserError
 
 tf.config.set_visible_devices([], 'GPU')
 
@@ -190,7 +191,16 @@ class TfdsSource:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._iterator is None:
       self._iterator = self._dataset().as_numpy_iterator()
-    batch = next(self._iterator)
+    try:
+      batch = next(self._iterator)
+    except StopIteration:
+      if self.train or self._batches == 0:  # training repeats: it ends only when there is nothing
+        self._iterator = None
+        raise UserError(
+          f'split {self.split!r} of TFDS dataset {self.cfg.tfds_name!r} gave no example '
+          f'(config data.tfds_name, tfds_data_dir={self.cfg.get("tfds_data_dir") or None})'
+        ) from None
+      raise
     self._batches += 1
     return batch
 

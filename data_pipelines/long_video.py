@@ -101,6 +101,8 @@ class LongVideoSource(ShardSource):
         f'multiple of data.long_video.clips {self.clips}: a batch holds batch_size / clips whole '
         'videos'
       )
+    # A training record gives a run of C captions; an evaluation record at least one.
+    self.min_captions = self.clips if split == 'train' else 1
     super().__init__(
       cfg,
       split,
@@ -116,9 +118,8 @@ class LongVideoSource(ShardSource):
   # ---- the stream -------------------------------------------------------------------------
   def _select(self, ds: tf.data.Dataset) -> tf.data.Dataset:
     """Drops the records with fewer than C (eval: 1) non-empty captions, noting their indices."""
-    need = self.clips if self.train else 1
     ds = ds.map(
-      lambda index, record: (index, record, num_captions(record) >= need),
+      lambda index, record: (index, record, num_captions(record) >= self.min_captions),
       num_parallel_calls=tf.data.AUTOTUNE,
       deterministic=self.cfg.deterministic,
     )
@@ -128,6 +129,11 @@ class LongVideoSource(ShardSource):
       )
     )
     return ds.map(lambda index, record, enough: (index, record))
+
+  def _captions_needed(self) -> str:
+    if self.train:
+      return f'data.long_video.clips={self.clips} takes a run of {self.clips} captions per video'
+    return 'long-video evaluation anchors its clips on captions'
 
   def _drop(self, index) -> bool:
     """Runs once per record with too few captions, as the filter reaches it; always False."""

@@ -8,6 +8,16 @@ per record, each in `eval_crops` crops (1: the central square; 3: left/centre/ri
 batch holds eval_clips × eval_crops views per record, clip-major. Every random choice is a stateless
 function of (seed, element index), so in deterministic mode the same config gives the same batches,
 and a restored position (`set_state`) replays the stream from exactly where it stopped.
+data.deterministic=False lets the parallel maps emit out of order (the reader's interleave stays
+ordered): the same records and draws, not the same batches, and no exact replay.
+
+Shards this config cannot use fail at construction, one line naming the split (cli.UserError):
+no shard, no record, none with video frames (a video model) or enough captions (long_video), audio
+stored at another rate than data.sample_rate, another format version. It reads the converter's
+`.done.json` counts beside the shards and the first records. Shards without counts can still hold
+nothing usable: the endless training stream then ends after three epochs' worth of records
+without one element out of `_process` and next() raises the same kind of line, with the records
+counted by reason; an evaluation pass that yields nothing does the same.
 
 Fine-tuning options (config.data): `modalities` (default all three) limits what is decoded and
 emitted (a video classifier needs no audio, text or tokenizer); `multi_label` with `num_classes`
@@ -21,8 +31,10 @@ from __future__ import annotations
 import atexit
 import collections
 import glob
+import json
 import os
 import struct
+import threading
 import weakref
 
 import ml_collections
@@ -35,27 +47,47 @@ from data_pipelines import labels as labels_ops
 from data_pipelines import options, schema
 from data_pipelines import text as text_ops
 from data_pipelines import video as video_ops
+from vatt_jax.cli import UserError
 
 tf.config.set_visible_devices([], 'GPU')  # TensorFlow never takes an accelerator from JAX
 
 MODALITIES = ('video', 'audio', 'text')
 
 
+class NoShardsError(UserError, FileNotFoundError):
+  """A split's folder holds no shard file."""
+
+
 def shard_files(path: str, split: str, process_index: int, process_count: int) -> list[str]:
   """This host's shards: every process_count-th file of `{path}/{split}/*.tfrecord`."""
   if not path:
-    raise ValueError(
+    raise UserError(
       'config data.path is empty: set --config.data.path=DIR, a folder of {split}/*.tfrecord '
       'shards made by scripts/prepare_data.py'
     )
-  pattern = os.path.join(path, split, '*.tfrecord')
-  files = sorted(glob.glob(pattern))
+  directory = os.path.join(path, split)
+  files = sorted(glob.glob(os.path.join(directory, '*.tfrecord')))
   if not files:
-    raise FileNotFoundError(f'no shards match {pattern} (config data.path, split {split!r})')
+    raise NoShardsError(
+      f'split {split!r}: no shards in {directory} (no *.tfrecord file; config data.path={path} '
+      f'must hold a {split}/ folder made by scripts/prepare_data.py)'
+    )
   mine = files[process_index::process_count]
   if not mine:
-    raise ValueError(f'{len(files)} shards under {pattern} cannot feed {process_count} hosts')
+    raise UserError(f'{len(files)} shards in {directory} cannot feed {process_count} hosts')
   return mine
+
+
+def done_counts(path: str) -> dict | None:
+  """The converter's counts stored beside a shard (`shard-….done.json`, data_pipelines/ingest.py:
+  written, with_video, with_audio, with_captions, rows, skipped, schema_version, options), or None
+  when there are none (shards made another way)."""
+  try:
+    with open(path[: -len('.tfrecord')] + '.done.json', encoding='utf-8') as f:
+      counts = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return counts if isinstance(counts, dict) else None
 
 
 # Sources still open at exit are closed while Python is alive: TensorFlow cannot finalize an iterator
@@ -96,6 +128,8 @@ class ShardSource:
   `counts` holds what was skipped or masked, by reason.
   """
 
+  min_captions = 0  # records with fewer non-empty captions cannot be used (long_video.py: C)
+
   def __init__(
     self,
     cfg: ml_collections.ConfigDict,
@@ -134,15 +168,23 @@ class ShardSource:
     self.local_batch_size = batch_size // process_count
     folder = dict(cfg.get('split_folders', {})).get(split, split)
     self.files = shard_files(cfg.path, folder, process_index, process_count)
+    self.where = f'split {split!r} in {os.path.join(cfg.path, folder)}'  # for messages
     self.tokenizer = None
     if 'text' in self.modalities:
       self._load_tokenizer()
-    self._check_format()
+    self._check_shards()
     self.counts = collections.Counter()
     self._position = 0  # stream elements consumed (emitted or dropped)
     self._records_read = 0
     self._bad_shards = set()
     self._iterator = None
+    # Whether the stream can still yield anything (see _hopeless): records each shard held when
+    # last read, and the elements that came out of _process in the current stream.
+    self._lock = threading.Lock()
+    self._shard_records = {}
+    self._passed = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self._progress = (0, 0)  # (passed, records read) when `passed` last grew
+    self._stop = None  # an error raised on a tf.data thread, re-raised by __next__ as it is
     _OPEN_SOURCES.add(self)
 
   def _load_tokenizer(self) -> None:
@@ -154,28 +196,119 @@ class ShardSource:
         f'model vocabulary (config model.text.vocab_size={cfg.vocab_size})'
       )
 
-  def _check_format(self) -> None:
-    """Fails now on shards of another format or version: a stream that skipped every record would
-    otherwise wait forever for its first batch. Looks at the first record of a few shards."""
-    errors = []
-    for path in self.files[:4]:
-      try:
-        for record in tf.data.TFRecordDataset(path).take(1):
-          version = int(schema.parse(record)['version'])
-          if version != schema.SCHEMA_VERSION:
-            raise ValueError(
-              f'{path} holds records of format version {version}; this vatt-jax reads version '
-              f'{schema.SCHEMA_VERSION}: convert the media again with scripts/prepare_data.py'
-            )
-          return
-      except tf.errors.OpError as e:  # unreadable or not our records; a damaged shard may follow
-        errors.append(f'{path}: {e.message.strip()[:200]}')
-    if errors:
-      raise ValueError(
-        'no readable vatt-jax record at the start of the first shards (made by another tool, or a '
-        'format older than version ' + str(schema.SCHEMA_VERSION) + '? scripts/prepare_data.py '
-        'makes them): ' + '; '.join(errors)
+  # ---- shards against the config, before anything is read -----------------------------------
+  def _check_shards(self) -> None:
+    """Fails now, naming the split, on shards this config cannot use: a training stream repeats
+    forever and would otherwise wait for its first batch without end (no record, none with what
+    the model reads), or train on masked audio (another sample rate). Reads the converter's
+    counts beside the shards when every shard has them, and the first records of a few shards."""
+    stored = [done_counts(path) for path in self.files]
+    rate_checked = False
+    if all(stored):
+      rate_checked = self._check_counts(stored)
+    if all(os.path.getsize(path) == 0 for path in self.files):
+      raise UserError(f'{self.where}: no record in its {len(self.files)} shards (all empty files)')
+    self._check_first_records(check_rate='audio' in self.modalities and not rate_checked)
+
+  def _check_counts(self, stored: list[dict]) -> bool:
+    """Checks the converter's per-shard counts; True when they told the audio sample rate."""
+
+    def total(key):
+      return sum(int(counts.get(key) or 0) for counts in stored)
+
+    versions = {int(counts.get('schema_version', 1)) for counts in stored}
+    if versions - {schema.SCHEMA_VERSION}:
+      raise UserError(
+        f'{self.where}: shards hold records of format version '
+        f'{min(versions - {schema.SCHEMA_VERSION})}, this code reads version '
+        f'{schema.SCHEMA_VERSION}: convert the media again with scripts/prepare_data.py'
       )
+    records = total('written')
+    if records == 0:
+      raise UserError(
+        f'{self.where}: no record in its {len(self.files)} shards (the converter skipped all '
+        f'{total("rows")} rows of the manifest; its report.jsonl says why)'
+      )
+    missing = []
+    if 'video' in self.modalities and 'with_video' in stored[0] and not total('with_video'):
+      missing.append(('without video frames', 'the model reads video'))
+    if self.min_captions and 'with_captions' in stored[0] and not total('with_captions'):
+      missing.append(('without captions', self._captions_needed()))
+    if missing:
+      raise UserError(
+        f'{self.where}: no usable record in {records} records ('
+        + ', '.join(f'{records} {what}' for what, _ in missing)
+        + '); '
+        + '; '.join(why for _, why in missing)
+      )
+    if 'audio' not in self.modalities:
+      return True
+    rates = [
+      (counts.get('options') or {}).get('sample_rate') if counts.get('with_audio') else 0
+      for counts in stored
+    ]
+    if any(rate is None for rate in rates):
+      return False
+    for rate in rates:
+      self._check_rate(int(rate))
+    return True
+
+  def _check_rate(self, rate: int) -> None:
+    """`rate`: the Hz a shard stores its audio at (0: a record without audio, which is masked)."""
+    cfg = self.cfg
+    if rate in (0, cfg.sample_rate):
+      return
+    also = ''
+    if 'video' in self.modalities:
+      samples = round(self.clip_seconds * rate)
+      also = f' (and num_samples={samples} for the same {self.clip_seconds:g} s clips)'
+    raise UserError(
+      f'shards of {self.where} store audio at {rate} Hz, config data.sample_rate='
+      f'{cfg.sample_rate}: set --config.data.sample_rate={rate}{also} or convert the media again '
+      f'with scripts/prepare_data.py --sample_rate={cfg.sample_rate}'
+    )
+
+  def _check_first_records(self, check_rate: bool) -> None:
+    """The format version of the first record, and (check_rate) the sample rate of the first
+    record with audio among the first 4 records of the first 4 shards."""
+    errors, version_checked = [], False
+    for path in self.files[:4]:
+      record = None
+      try:
+        for record in tf.data.TFRecordDataset(path).take(4 if check_rate else 1):
+          ex = schema.parse(record)
+          if not version_checked:
+            version = int(ex['version'])
+            if version != schema.SCHEMA_VERSION:
+              raise UserError(
+                f'{self.where}: {os.path.basename(path)} holds records of format version '
+                f'{version}, this code reads version {schema.SCHEMA_VERSION}: convert the media '
+                'again with scripts/prepare_data.py'
+              )
+            version_checked = True
+          if check_rate and int(ex['sample_rate']) > 0:
+            self._check_rate(int(ex['sample_rate']))
+            check_rate = False
+          if not check_rate:
+            return
+      except tf.errors.OpError as e:  # unreadable or not our records; a damaged shard may follow
+        stored = None if record is None else schema.record_version(record.numpy())
+        if stored is not None and stored[0] != schema.SCHEMA_VERSION:
+          raise UserError(
+            f'{self.where}: {os.path.basename(path)} holds records of format version '
+            f'{stored[0]}, this code reads version {schema.SCHEMA_VERSION}: convert the media '
+            'again with scripts/prepare_data.py'
+          ) from None
+        errors.append(f'{os.path.basename(path)}: {e.message.strip().splitlines()[0][:200]}')
+    if errors and not version_checked:
+      raise UserError(
+        f'{self.where}: no readable vatt-jax record at the start of the first shards (made by '
+        f'another tool, or a format older than version {schema.SCHEMA_VERSION}? '
+        'scripts/prepare_data.py makes them): ' + '; '.join(errors)
+      )
+
+  def _captions_needed(self) -> str:
+    return ''  # a subclass that needs captions (min_captions > 0) says why
 
   # ---- checkpointable position ------------------------------------------------------------
   def get_state(self) -> dict:
@@ -197,6 +330,8 @@ class ShardSource:
     if self.train:  # a new shard order every epoch, the same for the same seed
       files = files.shuffle(len(self.files), seed=self.seed, reshuffle_each_iteration=True)
       files = files.repeat()
+      # Ends the endless stream when it can yield nothing (asked once per shard opened).
+      files = files.take_while(lambda path: tf.py_function(self._keep_reading, [], tf.bool))
 
     def read(path):
       records = tf.data.TFRecordDataset(path, buffer_size=4 << 20)
@@ -225,7 +360,9 @@ class ShardSource:
   def _end_of_shard(self, path, read) -> bool:
     """Runs once per shard read (the end marker): counts it, checks its framing; always False."""
     path, read = path.numpy().decode(), int(read)
-    self._records_read += read
+    with self._lock:
+      self._records_read += read
+      self._shard_records[path] = read
     complete, cut = framing(path)
     if cut is not None:
       self._bad_shard(path, f'truncated at byte {cut}; the {read} complete records were read')
@@ -235,13 +372,40 @@ class ShardSource:
       )
     return False
 
+  def _keep_reading(self) -> bool:
+    """Whether the endless training stream may open another shard: False once it has read its
+    way past any usable record (_hopeless); the stream then ends and __next__ says why."""
+    with self._lock:
+      return not self._hopeless()
+
+  def _hopeless(self) -> bool:
+    """Whether no record read can come out of _process (lock held).
+
+    Once every shard has been read, an epoch is known to hold R records; if 3·R + shuffle_buffer
+    + 256 records (past the restored position) were read since an element last came out of
+    _process (`_passed`), none will: the stream would spin for ever. A valid stream pays a
+    variable increment per element and a few integer compares per shard opened."""
+    if len(self._shard_records) < len(self.files):
+      return False
+    records = sum(self._shard_records.values())
+    passed = int(self._passed.numpy())
+    if passed != self._progress[0]:
+      self._progress = (passed, self._records_read)
+      return False
+    slack = 3 * records + self.cfg.shuffle_buffer + 256
+    return records == 0 or self._records_read - self._progress[1] >= slack
+
   def _bad_shard(self, path: str, what: str) -> None:
     if path not in self._bad_shards:  # once per shard, not once per epoch
       self._bad_shards.add(path)
       logging.warning('shard %s: %s', path, what)
     self.counts['corrupt_shards'] = len(self._bad_shards)
     if self.cfg.on_bad_input == 'fatal':
-      raise ValueError(f'corrupted shard {path}: {what} (config data.on_bad_input=fatal)')
+      self._stop = UserError(
+        f'{self.where}: corrupted shard {os.path.basename(path)}: {what} '
+        '(config data.on_bad_input=fatal)'
+      )
+      raise self._stop
 
   def _process(self, index, serialized):
     cfg = self.cfg
@@ -371,7 +535,8 @@ class ShardSource:
     if self.train:
       ds = ds.shuffle(cfg.shuffle_buffer, seed=self.seed)
     ds = self._select(ds.enumerate().skip(self._position))
-    ds = ds.map(self._process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
+    process = self._counted if self.train else self._process
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
     if cfg.on_bad_input == 'skip':
       ds = ds.ignore_errors()  # undecodable records/frames: dropped here, counted by index gaps
     ds = self._batch(ds)
@@ -380,6 +545,15 @@ class ShardSource:
         self._tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic
       )
     return ds.prefetch(tf.data.AUTOTUNE)
+
+  def _counted(self, index, serialized):
+    """_process, counting the element in `_passed` once all its fields were made (_hopeless)."""
+    out = self._process(index, serialized)
+    with tf.control_dependencies(tf.nest.flatten(out)):
+      passed = self._passed.assign_add(1)
+    with tf.control_dependencies([passed]):
+      out['_index'] = tf.identity(out['_index'])
+    return out
 
   def _select(self, ds: tf.data.Dataset) -> tf.data.Dataset:
     """The (index, record) elements to process: all of them (a subclass may drop some)."""
@@ -403,14 +577,24 @@ class ShardSource:
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._iterator is None:
-      self._iterator = self._dataset().as_numpy_iterator()
       self._seen, self._start, self._records_read = 0, self._position, 0
+      self._passed.assign(0)
+      self._progress, self._stop = (0, self._position), None
+      self._iterator = self._dataset().as_numpy_iterator()
     try:
       batch = next(self._iterator)
     except StopIteration:
+      if self.train or self._start == self._seen == 0:
+        # The endless training stream gave up (_hopeless), or a whole evaluation pass gave nothing.
+        self._iterator = None
+        raise self._no_usable_record() from None
       # A finite (evaluation) stream is over: whatever was read and not emitted was dropped.
       self.counts['skipped_records'] = self._records_read - self._start - self._seen
       self._position = self._records_read
+      raise
+    except tf.errors.OpError:
+      if self._stop is not None:  # raised on a tf.data thread: the message is ours, one line
+        raise self._stop from None
       raise
     index = batch.pop('_index')
     self._seen += len(index)
@@ -421,3 +605,56 @@ class ShardSource:
     self.counts['audio_rate_mismatch'] += int(batch.pop('_audio_rate_mismatch').sum())
     self.counts['empty_captions'] += int(batch.pop('_empty_captions').sum())
     return batch
+
+  # ---- why a stream gave nothing ------------------------------------------------------------
+  def _no_usable_record(self) -> UserError:
+    """The error of a split none of whose records can be used: the records by reason (one pass
+    over the shards; only a stream that yielded nothing pays it)."""
+    records = sum(self._shard_records.values())
+    if records == 0:
+      damaged = len(self._bad_shards)
+      why = f'{damaged} corrupted or cut off: see the warnings above' if damaged else 'all empty'
+      return UserError(f'{self.where}: no readable record in its {len(self.files)} shards ({why})')
+    parsed, no_video, few_captions = self._survey()
+    other = parsed - no_video - few_captions
+    parts, needs = [], []
+    if records > parsed:
+      parts.append(f'{records - parsed} not vatt-jax records')
+      needs.append('scripts/prepare_data.py makes the records')
+    if no_video:
+      parts.append(f'{no_video} without video frames')
+      needs.append('the model reads video')
+    if few_captions:
+      parts.append(f'{few_captions} with fewer than {self.min_captions} non-empty captions')
+      needs.append(self._captions_needed())
+    if other:
+      parts.append(f'{other} that fail to decode')
+      needs.append(
+        f'scripts/validate_shards.py --input_dir={os.path.dirname(self.files[0])} --decode_all '
+        'names them'
+      )
+    return UserError(
+      f'{self.where}: no usable record in {records} records ({", ".join(parts)}); '
+      + '; '.join(needs)
+    )
+
+  def _survey(self) -> tuple[int, int, int]:
+    """(records that parse, of them without video frames when the model reads video, of the
+    others with fewer than min_captions non-empty captions) over this host's shards."""
+
+    def reasons(serialized):
+      ex = schema.parse(serialized)
+      no_video = tf.size(ex['frames']) == 0 if 'video' in self.modalities else tf.constant(False)
+      nonempty = tf.strings.length(tf.strings.strip(ex['captions'])) > 0
+      few = tf.reduce_sum(tf.cast(nonempty, tf.int32)) < self.min_captions
+      return tf.cast(tf.stack([True, no_video, ~no_video & few]), tf.int64)
+
+    files = tf.data.Dataset.from_tensor_slices(self.files)
+    records = files.interleave(
+      lambda path: tf.data.TFRecordDataset(path).ignore_errors(),
+      cycle_length=4,
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    counts = records.map(reasons, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    parsed, no_video, few_captions = counts.reduce(tf.zeros([3], tf.int64), tf.add).numpy()
+    return int(parsed), int(no_video), int(few_captions)

@@ -18,6 +18,10 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pytest  # noqa: E402
 
+# Test modules that use tfds.testing import its mocking module at collection, never first inside a test: pytest
+# rewrites its asserts on import, and CPython 3.11.7's ast.parse can then fail with 'AST
+# constructor recursion depth mismatch' (CPython gh-106905) when called from a deep stack.
+
 CONFIG_DIR = ROOT / 'configs'
 # Every experiment file in configs/ (helpers like common.py define no get_config).
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob('*.py') if p.stem not in ('__init__', 'common'))

@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import tensorflow_datasets.testing.mocking  # noqa: F401 (at collection; see tests/conftest.py)
 
 import data_pipelines
 

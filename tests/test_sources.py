@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import tensorflow_datasets.testing.mocking  # noqa: F401 (at collection; see tests/conftest.py)
 from etils import epath
 
 import data_pipelines

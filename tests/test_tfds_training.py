@@ -23,7 +23,6 @@ def _config(tfds_set: tuple[str, str], total_steps: int):
   config.data.name = 'tfds'
   config.data.tfds_name, config.data.tfds_data_dir = tfds_set
   config.data.modality = 'image'
-  config.data.deterministic = True
   config.data.shuffle_buffer = 8
   config.model.num_classes = 40  # NumberedImages' labels
   config.evals = {}
