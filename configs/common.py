@@ -8,12 +8,29 @@ audio (or with other sections) uses them too.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
+from vatt_jax import cli
 
-def parse_arg(arg: str | None) -> set[str]:
-  """`--config=configs/x.py:runlocal,foo` → {'runlocal', 'foo'}."""
-  return {a.strip() for a in (arg or '').split(',') if a.strip()}
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_arg(arg: str | None, known=None, path: str | None = None) -> set[str]:
+  """`--config=configs/x.py:runlocal,foo` → {'runlocal', 'foo'}. With `known` (the variants the
+  config file at `path` declares) an unknown or misspelled one is refused in one line that lists
+  the known ones: it would otherwise be ignored without a word."""
+  args = {a.strip() for a in (arg or '').split(',') if a.strip()}
+  unknown = sorted(args - set(known)) if known is not None else []
+  if unknown:
+    name = os.path.relpath(path, _ROOT) if path else 'the config'
+    name = path if name.startswith('..') else name  # a config file outside the repository
+    raise cli.UserError(
+      f'--config={name}:{arg}: unknown variant {", ".join(map(repr, unknown))}; {name} knows '
+      + (', '.join(sorted(known)) or 'none (no :variant)')
+    )
+  return args
 
 
 def model_config(
@@ -90,7 +107,7 @@ def pretraining_config(model: ml_collections.ConfigDict) -> ml_collections.Confi
       sample_rate=48_000,  # must be the rate the shards store (prepare_data --sample_rate)
       shuffle_buffer=2048,
       cycle_length=8,  # shards read round-robin at a time
-      deterministic=True,  # the same seed gives the same batches; False: a little faster, not replayable
+      deterministic=True,  # the same seed gives the same batches; False: not replayable
       on_bad_input='skip',  # 'skip' (and count) or 'fatal'
       eval_clips=4,  # uniformly spaced clips per video in evaluation mode
       # The synthetic source (runlocal, tests): concepts a model can learn.

@@ -26,6 +26,9 @@ chance 6.0 %). Seed 1 on the same shards: 52.3 % and 44.0 %; runs differ by abou
 
 from configs import common
 
+# The :variants this file knows (configs/common.parse_arg refuses any other).
+VARIANTS = ('runlocal', 'ma', 'gr', 'cl', 'monitor')
+
 
 def get_config(arg=None):
   config = common.pretraining_config(common.model_config())
@@ -62,7 +65,7 @@ def get_config(arg=None):
     linear_probe_audio=dict(probe, modality='audio'),
     retrieval=dict(type='retrieval', split='segments_test', num_clips=4, log_steps=500),
   )
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, VARIANTS, __file__)
   if 'ma' in args:  # one shared tiny backbone: VATT-MA, the harmonization paper's model
     m.backbone, m.shared_size = 'modality_agnostic', 'tiny'
   common.harmonization_variants(config, args)

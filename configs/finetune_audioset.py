@@ -28,8 +28,12 @@ from configs import common
 NUM_CLASSES = 527
 
 
+# The :variants this file knows (configs/common.parse_arg refuses any other).
+VARIANTS = ('runlocal', 'scratch')
+
+
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, VARIANTS, __file__)
   config = common.pretraining_config(common.model_config())
   m = common.as_classifier(config, 'audio', NUM_CLASSES)
   m.classifier = dict(

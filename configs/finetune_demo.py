@@ -25,9 +25,12 @@ Variant `runlocal`: a few CPU steps on synthetic data (no demo files needed).
 
 from configs import common, demo_tiny
 
+# The :variants this file knows (configs/common.parse_arg refuses any other).
+VARIANTS = ('runlocal', 'scratch')
+
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, VARIANTS, __file__)
   config = demo_tiny.get_config()  # the pretraining run's model and data, then the changes below
   m = common.as_classifier(config, 'video', 10)
   # No dropout before the head: the tiny tower's AGG output is only 64 wide (the paper's: 0.5).

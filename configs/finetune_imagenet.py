@@ -23,8 +23,12 @@ from configs import common
 TRAIN_IMAGES = 1_281_167
 
 
+# The :variants this file knows (configs/common.parse_arg refuses any other).
+VARIANTS = ('runlocal', 'scratch')
+
+
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, VARIANTS, __file__)
   config = common.pretraining_config(common.model_config())
   m = common.as_classifier(config, 'image', 1000)
   m.classifier = dict(dropout_rate=0.5, kernel_init='glorot_normal', bias_init=0.0)
@@ -51,7 +55,7 @@ def get_config(arg=None):
     eval_clips=1,
     eval_crops=1,
     shuffle_buffer=10_000,
-    deterministic=True,  # False: a little faster, not replayable
+    deterministic=True,  # False: not replayable
     # Fields the other sources read (synthetic at runlocal); unused by TFDS images.
     fps=10.0,
     num_samples=m.audio.get_ref('num_samples'),

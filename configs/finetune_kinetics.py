@@ -23,9 +23,12 @@ Expected result (paper, Table 1): top-1 79.6 / top-5 94.9 (BBS), 81.1 (MBS), 82.
 
 from configs import common
 
+# The :variants this file knows (configs/common.parse_arg refuses any other).
+VARIANTS = ('runlocal', 'scratch', 'medium', 'large')
+
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, VARIANTS, __file__)
   size = 'large' if 'large' in args else 'medium' if 'medium' in args else 'base'
   config = common.pretraining_config(common.model_config(video_size=size))
   m = common.as_classifier(config, 'video', 400)

@@ -38,8 +38,12 @@ def norton_loss() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(name='norton', **dataclasses.asdict(NortonOptions())))
 
 
+# The :variants this file knows (configs/common.parse_arg refuses any other).
+VARIANTS = ('runlocal', 'milnce', 'layernorm')
+
+
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, VARIANTS, __file__)
   config = demo_tiny.get_config()
   config.init_from = 'demo/run'  # the pretraining run of `make demo`
   config.init_from_step = -1

@@ -22,10 +22,13 @@ Expected (paper, HowTo100M pretraining, VATT-MA-Medium): YouCook2 text→video R
 
 from configs import common
 
+# The :variants this file knows (configs/common.parse_arg refuses any other).
+VARIANTS = ('runlocal', 'gr', 'cl', 'monitor')
+
 
 def get_config(arg=None):
   config = common.pretraining_config(common.model_config(shared_size='medium'))
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, VARIANTS, __file__)
   common.harmonization_variants(config, args)
   if 'runlocal' in args:
     common.runlocal(config)

@@ -14,9 +14,12 @@ Variant `runlocal` shrinks it to a few CPU steps.
 
 from configs import common
 
+# The :variants this file knows (configs/common.parse_arg refuses any other).
+VARIANTS = ('runlocal',)
+
 
 def get_config(arg=None):
   config = common.pretraining_config(common.model_config(video_size='medium'))
-  if 'runlocal' in common.parse_arg(arg):
+  if 'runlocal' in common.parse_arg(arg, VARIANTS, __file__):
     common.runlocal(config)
   return config

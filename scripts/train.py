@@ -8,7 +8,9 @@ peers by itself (--distributed); elsewhere name them:
   python scripts/train.py ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0
 
 Writes the resolved config (config.json), metrics.jsonl, TensorBoard event files and checkpoints
-(checkpoints/<step>/) into the workdir. SIGTERM or Ctrl-C saves a checkpoint and exits cleanly.
+(checkpoints/<step>/) into the workdir, and nothing before the run is accepted: a refused or failing
+run leaves the workdir as it was (docs/failures_train.md). SIGTERM or Ctrl-C saves a checkpoint and
+exits cleanly; bad input ends in one line, `error: …`.
 """
 
 from __future__ import annotations

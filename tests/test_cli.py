@@ -66,3 +66,32 @@ def test_tensorflow_errors_are_one_line(monkeypatch, capsys):
   code, err = _run_guarded(main, monkeypatch, capsys)
   assert code == cli.EXIT_ERROR
   assert err.strip().splitlines()[-1] == 'error: corrupted record at 12 in /d/train-00001.tfrecord'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  'arg, line',
+  [
+    ('--config=configs/demo_tiny.py:runloacl',
+     "error: --config=configs/demo_tiny.py:runloacl: unknown variant 'runloacl'; "
+     'configs/demo_tiny.py knows cl, gr, ma, monitor, runlocal'),
+    ('--config.batch_sizee=3',
+     "error: a --config.* override names no field of the config: 'batch_sizee' Did you mean "
+     '"batch_size" instead of "batch_sizee"?'),
+  ],
+)  # fmt: skip
+def test_config_mistakes_on_the_command_line_are_one_line(arg, line, tmp_path):
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = ['--config=configs/demo_tiny.py:runlocal', arg] if arg.startswith('--config.') else [arg]
+  env = {k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}
+  out = subprocess.run(
+    [sys.executable, 'scripts/train.py', *args, f'--workdir={tmp_path / "run"}'],
+    cwd=root, capture_output=True, text=True, env=env,
+  )  # fmt: skip
+  assert out.returncode == cli.EXIT_ERROR, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1] == line and 'Traceback' not in out.stderr
+  assert not (tmp_path / 'run').exists()

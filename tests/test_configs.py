@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 
 from tests.conftest import CONFIG_FILES, load_config
+from vatt_jax import cli
 from vatt_jax.train import trainer
 
 REQUIRED_FIELDS = (
@@ -97,3 +99,25 @@ def test_bad_config_values_name_the_field(tmp_path):
   config.loss.name = 'triplet'
   with pytest.raises(ValueError, match='loss.name'):
     trainer.train(config, str(tmp_path))
+
+
+def _variants(path) -> tuple[str, ...]:
+  spec = importlib.util.spec_from_file_location(f'_variants_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.VARIANTS
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda p: p.stem)
+def test_unknown_variant_is_refused_naming_the_known_ones(path):
+  known = _variants(path)
+  assert 'runlocal' in known  # every config shrinks to a laptop run
+  for arg in ('runloacl', 'runlocal,bogus'):
+    with pytest.raises(cli.UserError) as error:
+      load_config(path, arg)
+    message = str(error.value)
+    bad = 'runloacl' if arg == 'runloacl' else 'bogus'
+    assert message.startswith(f"--config=configs/{path.name}:{arg}: unknown variant '{bad}';")
+    assert message.endswith(f'configs/{path.name} knows {", ".join(sorted(known))}')
+  for variant in known:  # every declared variant is accepted
+    load_config(path, variant)

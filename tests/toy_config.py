@@ -10,9 +10,11 @@ Arguments: `pairs` (the pair-scoring model, evaluated by retrieval through its p
 from configs import common
 from tests import toy_models
 
+VARIANTS = ('pairs',)
+
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, VARIANTS, __file__)
   name = 'pair_scorer' if 'pairs' in args else 'bag_of_patches'
   config = common.pretraining_config(toy_models.model_config(name))
   config.loss = dict(name='toy_nce', temperature=0.1)
@@ -24,7 +26,6 @@ def get_config(arg=None):
   config.optimizer.learning_rate = 1e-3
   config.data.fps = 10.0
   config.data.shuffle_buffer = 8
-  config.data.deterministic = True
   probe = dict(type='linear_probe', modality='video', train_split='segments_train',
                test_split='segments_test', steps=20, num_clips=2, batch_size=4)  # fmt: skip
   config.evals = dict(

@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from absl import app, logging
+from absl import app, flags, logging
 
 TRACEBACK_ENV = 'VATT_TRACEBACK'
 EXIT_ERROR = 1
@@ -79,6 +79,40 @@ def guard(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
   return guarded
 
 
+def _innermost_user_error(e: BaseException) -> UserError | None:
+  """The UserError a flag parser wrapped (absl chains it: IllegalFlagValueError → …)."""
+  found, seen = None, set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, UserError):
+      found = e
+    e = e.__cause__ or e.__context__
+  return found
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that a bad value a config file refused with a UserError (an
+  unknown `--config=x.py:variant`) ends in its one line rather than absl's usage block."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    inner = _innermost_user_error(e)
+    if inner is None or os.environ.get(TRACEBACK_ENV):
+      return app.parse_flags_with_usage(argv)
+    print(f'error: {describe(inner)}', file=sys.stderr, flush=True)
+    sys.exit(EXIT_ERROR)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
+    if os.environ.get(TRACEBACK_ENV) or not any(a.startswith('--config.') for a in argv):
+      raise
+    text = describe(e).strip('"\'').replace("\\'", "'").replace('\\n', ' ')
+    print(
+      f'error: a --config.* override names no field of the config: {text}',
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(EXIT_ERROR)
+
+
 def run(main: Callable[[list[str]], object]) -> None:
   """`absl.app.run(main)` with one-line errors (see the module docstring)."""
-  app.run(guard(main))
+  app.run(guard(main), flags_parser=parse_flags)

@@ -20,14 +20,35 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import optax
+from absl import logging
 
 from vatt_jax.optim import harmonization
 
 _COSINE_EXPONENT = {'quarter_cosine': 0.5, 'cosine': 1.0}
 
 
+def warmup_steps(cfg: ml_collections.ConfigDict, total_steps: int) -> int:
+  """cfg.warmup_steps, or half the run when the warm-up would not end before the run does (a short
+  run of a long recipe, e.g. --config.total_steps=10 on a 30-step warm-up; said in a warning)."""
+  if total_steps < 1:
+    raise ValueError(f'config total_steps={total_steps} must be >= 1')
+  warmup = cfg.warmup_steps
+  if warmup < 0:
+    raise ValueError(f'config optimizer.warmup_steps={warmup} must be >= 0')
+  if warmup < total_steps:
+    return warmup
+  fitted = total_steps // 2
+  logging.warning(
+    'config optimizer.warmup_steps=%d does not end before total_steps=%d: warming up over %d steps '
+    '(half the run) instead; set --config.optimizer.warmup_steps to choose', warmup, total_steps,
+    fitted,
+  )  # fmt: skip
+  return fitted
+
+
 def build_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable:
-  """Linear warm-up from 0 to cfg.learning_rate, then decay to cfg.end_learning_rate at total_steps."""
+  """Linear warm-up from 0 to cfg.learning_rate, then decay to cfg.end_learning_rate at total_steps
+  (a warm-up as long as the run or longer is cut to half the run: `warmup_steps`)."""
   kind = cfg.schedule
   if kind == 'constant':
     return optax.constant_schedule(cfg.learning_rate)
@@ -36,14 +57,10 @@ def build_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable
       f'config optimizer.schedule must be one of {sorted(_COSINE_EXPONENT) + ["constant"]}, '
       f'got {kind!r}'
     )
-  if not 0 <= cfg.warmup_steps < total_steps:
-    raise ValueError(
-      f'config optimizer.warmup_steps={cfg.warmup_steps} must be in [0, total_steps={total_steps})'
-    )
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=cfg.learning_rate,
-    warmup_steps=cfg.warmup_steps,
+    warmup_steps=warmup_steps(cfg, total_steps),
     decay_steps=total_steps,
     end_value=cfg.end_learning_rate,
     exponent=_COSINE_EXPONENT[kind],

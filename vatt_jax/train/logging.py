@@ -6,13 +6,20 @@ its own input wait.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging as std_logging
 import os
+import sys
+import threading
 import time
 
 import jax
 from absl import logging
 from clu import metric_writers
+
+from vatt_jax import cli
 
 METRICS_FILENAME = 'metrics.jsonl'
 # Gradient harmonization's per-step values (vatt_jax.optim.harmonization): every step goes to
@@ -21,17 +28,81 @@ GRADIENTS_FILENAME = 'gradients.jsonl'
 PER_STEP = ('grad_cosine', 'grad_conflict', 'grad_skipped')
 
 
+_ORBAX = f'{os.sep}orbax{os.sep}'
+
+
+def _through_orbax(record: std_logging.LogRecord) -> bool:
+  """Whether the record's traceback passes through orbax's code."""
+  tb = record.exc_info[2] if record.exc_info else None
+  while tb is not None:
+    if _ORBAX in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _keep(record: std_logging.LogRecord) -> bool:
+  """orbax's INFO chatter goes; so do the tracebacks orbax's background threads and asyncio's
+  never-awaited futures log for one failed checkpoint read or write (about a hundred for one full
+  disk): the failure itself reaches the trainer as an exception and ends the run in one line.
+  VATT_TRACEBACK=1 keeps those tracebacks."""
+  if _ORBAX in record.pathname and record.levelno < std_logging.WARNING:
+    return False
+  if record.exc_info and _through_orbax(record) and not os.environ.get(cli.TRACEBACK_ENV):
+    return False
+  return True
+
+
+def _orphaned(exc: BaseException | None, tb) -> bool:
+  """An error nobody awaits any more: a coroutine or callback of an orbax read or write that was
+  abandoned when another part of it failed (the failure itself reached the caller)."""
+  if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+    return True
+  while tb is not None:
+    if _ORBAX in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+@contextlib.contextmanager
+def quiet_orphaned_errors():
+  """While a run lasts: the errors Python prints for orbax's abandoned coroutines and TensorStore's
+  late callbacks (one per array of a damaged checkpoint: "Exception ignored in: <coroutine …>",
+  "RuntimeError: Event loop is closed") are not printed; other errors are, as before.
+  VATT_TRACEBACK=1 prints them all."""
+  if os.environ.get(cli.TRACEBACK_ENV):
+    yield
+    return
+  unraisable, excepthook, thread_hook = sys.unraisablehook, sys.excepthook, threading.excepthook
+
+  def on_unraisable(info):
+    if not _orphaned(info.exc_value, info.exc_traceback):
+      unraisable(info)
+
+  def on_except(kind, value, tb):
+    if not _orphaned(value, tb):
+      excepthook(kind, value, tb)
+
+  def on_thread(args):
+    if not _orphaned(args.exc_value, args.exc_traceback):
+      thread_hook(args)
+
+  sys.unraisablehook, sys.excepthook, threading.excepthook = on_unraisable, on_except, on_thread
+  try:
+    yield
+  finally:
+    gc.collect()  # abandoned coroutines are finalised (and reported) now, while still quiet
+    sys.unraisablehook, sys.excepthook, threading.excepthook = unraisable, excepthook, thread_hook
+
+
 def quiet_libraries() -> None:
-  """Keeps orbax's per-save INFO chatter (a dozen lines per checkpoint) out of the run's log."""
-  import logging as std_logging
-
-  def keep(record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
-
+  """Keeps orbax's per-save INFO chatter (a dozen lines per checkpoint) and the tracebacks of its
+  failed background reads and writes (reported once, by the trainer) out of the run's log."""
   handler = logging.get_absl_handler()
-  if keep not in handler.filters:
-    handler.addFilter(keep)
-  std_logging.getLogger('absl').addFilter(keep)
+  for target in (handler, std_logging.getLogger('absl'), std_logging.getLogger('asyncio')):
+    if _keep not in target.filters:
+      target.addFilter(_keep)
 
 
 def _duration(seconds: float) -> str:

@@ -109,12 +109,21 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+def check_batch_size(batch_size: int, mesh: Mesh | None = None) -> None:
+  """The global batch is a positive integer that the mesh's data-parallel devices divide (without
+  a mesh: only the first)."""
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(
+      f'config batch_size={batch_size!r} must be a positive integer (the global batch: clips per '
+      'step over all devices)'
+    )
+  if mesh is None:
+    return
   devices = data_parallel_size(mesh)
   if batch_size % devices:
     raise ValueError(
       f'config batch_size={batch_size} (global) does not divide over the {devices} devices of the '
-      f'mesh axes {BATCH_AXES} ({dict(mesh.shape)})'
+      f'mesh axes {BATCH_AXES} ({dict(mesh.shape)}): use a multiple of {devices}'
     )
 
 
