@@ -30,6 +30,7 @@ import optax
 from absl import logging
 
 import data_pipelines
+from vatt_jax import cli, provenance
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.evaluation import build_evaluator
 from vatt_jax.losses import loss_components
@@ -39,7 +40,7 @@ from vatt_jax.optim import build_optimizer, harmonized
 from vatt_jax.train import checkpoint as ckpt
 from vatt_jax.train import sharding
 from vatt_jax.train.augment import build_augment
-from vatt_jax.train.logging import PER_STEP, MetricLogger, quiet_libraries
+from vatt_jax.train.logging import PER_STEP, MetricLogger, quiet_libraries, quiet_orphaned_errors
 from vatt_jax.train.state import init_train_state
 from vatt_jax.train.step import make_train_step
 
@@ -173,90 +174,107 @@ def train(
   config: ml_collections.ConfigDict, workdir: str, *, profile_steps: str | None = None
 ) -> list[dict]:
   """Trains until config.total_steps (resuming from the workdir's latest checkpoint); returns the
-  records logged by this call (also appended to metrics.jsonl)."""
+  records logged by this call (also appended to metrics.jsonl).
+
+  Nothing is written into the workdir before the run is accepted (`_accept`): the config is
+  checked, a resumed run's model compared with the stored one, the first batch read, the program
+  built, the state restored (or initialised) and the train step compiled first. A run refused or
+  failing before that leaves the workdir as it was, and does not create a new one.
+  """
   profile = _parse_profile_steps(profile_steps)
   quiet_libraries()
-  os.makedirs(workdir, exist_ok=True)
+  check_config(config)
+  check_workdir(workdir)
+  with quiet_orphaned_errors():
+    return _train(config, workdir, profile)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, profile) -> list[dict]:
   config_path = os.path.join(workdir, workdir_lib.CONFIG_FILENAME)
-  checkpointer = ckpt.Checkpointer(
+  checkpointer = ckpt.Checkpointer(  # reads only, until the run is accepted
     workdir,
     save_steps=config.checkpoint_steps,
     keep=config.keep_checkpoints,
     keep_period=config.get('keep_checkpoint_period', 0),
   )
-  resume_step = checkpointer.latest_step()
-  if resume_step is not None and os.path.exists(config_path):
-    ckpt.check_resume_config(config, config_path)  # before anything is built or compiled
-  if jax.process_index() == 0:
-    workdir_lib.save_config(config, workdir)
-
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.batch_size, mesh)
-  logging.info('%s', sharding.describe(mesh))
-  data = data_pipelines.build(
-    config.data,
-    'train',
-    batch_size=config.batch_size,
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  start_position = data.get_state()
-  first = next(data)  # shapes only; the stream is rewound (or moved to the checkpoint) below
-  local_batch = _batch_size(first)
-  program = build_program(config, mesh, first)
-  num_classes = program.model.num_classes
-  if num_classes and 'label' in first:
-    check_labels(first['label'], num_classes, 'the train input')
-  abstract, shardings = program.abstract, program.shardings
-
-  if resume_step is not None:
-    state, data_state = checkpointer.restore(resume_step, abstract)
-    data.set_state(start_position if data_state is None else data_state)
-    logging.info('resumed from %s/%d', checkpointer.directory, resume_step)
-  else:
-    state = program.init(jax.random.key(config.seed))
-    if config.get('init_from'):
-      state = init_from_pretrained(
-        state, program, config.init_from, config.get('init_from_step', -1)
-      )
-    data.set_state(start_position)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  evaluators = {
-    name: (build_evaluator(eval_cfg, config, program.model), _eval_every(name, eval_cfg))
-    for name, eval_cfg in config.get('evals', {}).items()
-  }
-
-  global_batch = {
-    k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=program.batch)
-    for k, v in first.items()
-  }
-  compile_start = time.perf_counter()
-  with jax.set_mesh(mesh):
-    train_step = program.step.lower(abstract, global_batch).compile()
-  compile_seconds = time.perf_counter() - compile_start
-  temp_bytes = getattr(train_step.memory_analysis(), 'temp_size_in_bytes', 0)
-  per_device_state = sum(
-    math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
-    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
-  )
-  logging.info(
-    'model: %s parameters (%.1f MB); per device: state %.1f MB, activations and temporaries '
-    '%.1f MB (XLA estimate); train step compiled in %.1f s',
-    f'{num_params:,}', _bytes(state.params) / 1e6, per_device_state / 1e6,
-    temp_bytes / 1e6, compile_seconds,
-  )  # fmt: skip
-
-  first_step = int(state.step)
-  logger = MetricLogger(workdir, total_steps=config.total_steps, batch_size=config.batch_size)
-  logger.write_summary(
-    first_step,
-    {'compile_seconds': compile_seconds, 'state_mb_per_device': per_device_state / 1e6,
-     'temp_mb_per_device': temp_bytes / 1e6},
-  )  # fmt: skip
-  max_nonfinite = config.get('max_nonfinite_steps', 0)
-  step, pending = first_step, None
+  data = logger = error = None
   try:
+    resume_step = checkpointer.latest_step()
+    if resume_step is not None and os.path.exists(config_path):
+      ckpt.check_resume_config(config, config_path)  # before anything is built or compiled
+    # What the results depend on (the tokenizer, the shards): recorded at acceptance; a resumed
+    # run must read the tokenizer it started with.
+    described = provenance.describe(config) if jax.process_index() == 0 else None
+    if resume_step is not None and described is not None:
+      provenance.check_resume(config, workdir, described)
+
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    logging.info('%s', sharding.describe(mesh))
+    data = data_pipelines.build(
+      config.data,
+      'train',
+      batch_size=config.batch_size,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    start_position = data.get_state()
+    first = next(data)  # shapes only; the stream is rewound (or moved to the checkpoint) below
+    local_batch = _batch_size(first)
+    program = build_program(config, mesh, first)
+    num_classes = program.model.num_classes
+    if num_classes and 'label' in first:
+      check_labels(first['label'], num_classes, 'the train input')
+    abstract, shardings = program.abstract, program.shardings
+
+    if resume_step is not None:
+      state, data_state, resume_step = checkpointer.restore_latest(abstract)
+      data.set_state(start_position if data_state is None else data_state)
+      logging.info('resumed from %s/%d', checkpointer.directory, resume_step)
+    else:
+      state = program.init(jax.random.key(config.seed))
+      if config.get('init_from'):
+        state = init_from_pretrained(
+          state, program, config.init_from, config.get('init_from_step', -1)
+        )
+      data.set_state(start_position)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    evaluators = {
+      name: (build_evaluator(eval_cfg, config, program.model), _eval_every(name, eval_cfg))
+      for name, eval_cfg in config.get('evals', {}).items()
+    }
+
+    global_batch = {
+      k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=program.batch)
+      for k, v in first.items()
+    }
+    compile_start = time.perf_counter()
+    with jax.set_mesh(mesh):
+      train_step = program.step.lower(abstract, global_batch).compile()
+    compile_seconds = time.perf_counter() - compile_start
+    temp_bytes = getattr(train_step.memory_analysis(), 'temp_size_in_bytes', 0)
+    per_device_state = sum(
+      math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+      for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
+    )
+    logging.info(
+      'model: %s parameters (%.1f MB); per device: state %.1f MB, activations and temporaries '
+      '%.1f MB (XLA estimate); train step compiled in %.1f s',
+      f'{num_params:,}', _bytes(state.params) / 1e6, per_device_state / 1e6,
+      temp_bytes / 1e6, compile_seconds,
+    )  # fmt: skip
+
+    _accept(config, workdir, checkpointer, described)
+    first_step = int(state.step)
+    logger = MetricLogger(workdir, total_steps=config.total_steps, batch_size=config.batch_size)
+    logger.write_summary(
+      first_step,
+      {'compile_seconds': compile_seconds, 'state_mb_per_device': per_device_state / 1e6,
+       'temp_mb_per_device': temp_bytes / 1e6},
+    )  # fmt: skip
+    max_nonfinite = config.get('max_nonfinite_steps', 0)
+    step, pending = first_step, None
     with _StopSignal() as stop:
       while step < config.total_steps:
         if stop.agreed(step):
@@ -298,14 +316,86 @@ def train(
         checkpointer.save(step, state, data.get_state(), force=step == config.total_steps)
       if pending is not None:
         _check_nonfinite(*pending, max_nonfinite, checkpointer)
+  except BaseException as e:
+    error = e
+    raise
   finally:
-    checkpointer.close()
-    logger.close()
+    _shut_down(error, checkpointer, logger, data)
+  return logger.history
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The fields the loop itself reads, checked before any work (one line naming the field)."""
+  sharding.check_batch_size(config.batch_size)
+  for field in ('total_steps', 'log_steps'):
+    value = config.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise cli.UserError(f'config {field}={value!r} must be a positive integer')
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails at once, naming it, when the workdir cannot be written: a file, or a directory (or for a
+  new one, its nearest existing parent) this process may not write into. Creates nothing."""
+  if not workdir:
+    raise cli.UserError('--workdir is empty: name the directory for the run')
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = 'is a file' if existing == path else f'cannot be created: {existing} is a file'
+    raise cli.UserError(f'--workdir {workdir} {where}; choose a directory')
+  for directory in (existing, workdir_lib.checkpoint_dir(path)):
+    if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK):
+      if existing != path:
+        what = f'cannot be created: {directory} is not writable'
+      elif directory == path:
+        what = 'is not writable'
+      else:
+        what = f'holds a checkpoint directory that is not writable ({directory})'
+      raise cli.UserError(
+        f'--workdir {workdir} {what} (permission denied); choose a directory you can write to'
+      )
+
+
+def _accept(
+  config: ml_collections.ConfigDict, workdir: str, checkpointer, described: dict | None
+) -> None:
+  """The run is accepted: everything that can refuse it has run (the config, a resumed run's model
+  against the stored one, the first batch, the program, the restored or initialised state, the
+  compiled step). Only from here on is anything written: the workdir (a new run's), config.json and
+  the checkpoint directory (damaged steps moved aside, an interrupted save's leftovers removed),
+  and what the results depend on (provenance.json and the tokenizer's copy, from `described`);
+  metrics, TensorBoard events and checkpoints follow."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.save_config(config, workdir)
+    provenance.record(config, workdir, described)
+  checkpointer.open()
+
+
+def _shut_down(error: BaseException | None, checkpointer, logger, data) -> None:
+  """Closes what the run opened, all of it. While an error is on its way out, a failure here (an
+  asynchronous save that failed too) is only logged: the first error is the one that ends the run."""
+  closers = [('the checkpoints', checkpointer.close)]
+  if logger is not None:
+    closers.append(('the metric writers', logger.close))
+  if data is not None:
     counts = getattr(data, 'counts', None)
     if counts:
       logging.info('input: %s', dict(counts))
-    data.close()
-  return logger.history
+    closers.append(('the input', data.close))
+  first = None
+  for name, close in closers:
+    try:
+      close()
+    except Exception as e:
+      if error is None and first is None:
+        first = e
+      elif type(e) is not type(error):
+        logging.warning('closing %s failed too: %s', name, cli.describe(e))
+  if first is not None:
+    raise first
 
 
 def _batch_size(batch: dict) -> int:
