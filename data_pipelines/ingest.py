@@ -23,7 +23,6 @@ import ctypes
 import dataclasses
 import errno
 import glob
-import hashlib
 import json
 import multiprocessing
 import os
@@ -44,6 +43,7 @@ from data_pipelines import schema
 from data_pipelines.decode import MediaError, Options, _hide_gpus_from_tensorflow, convert_row
 from data_pipelines.manifest import ManifestRow, check_output_dir, duplicates, read_manifest
 from vatt_jax import cli
+from vatt_jax.provenance import file_sha256
 
 _hide_gpus_from_tensorflow()
 
@@ -322,14 +322,6 @@ def _culprit(index: int | None, rows: list[ManifestRow]) -> str:
   return f'; it was converting row {index} ({media})'
 
 
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _finished_shard(
   output_dir: str, shard: int, num_shards: int, options: Options, manifest_sha256: str
 ) -> dict | None:
@@ -399,7 +391,7 @@ def convert(
       _as_duplicate(r, repeated[r.index], manifest) if r.index in repeated else r for r in rows
     ]
     _warn_duplicates(manifest, rows, repeated)
-  manifest_sha256 = _file_sha256(manifest)
+  manifest_sha256 = file_sha256(manifest)
   for existing in sorted(glob.glob(os.path.join(output_dir, 'shard-*.tfrecord'))):
     match = _SHARD_RE.match(os.path.basename(existing))
     if match and int(match.group(2)) != num_shards:

@@ -25,7 +25,6 @@ edited file fails with an error naming the culprit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from flax import serialization, traverse_util
 from data_pipelines.options import TOKENIZER_FILENAME, tokenizer_path
 from vatt_jax.models import Model, build_model
 from vatt_jax.models.contract import abstract_variables, check_variables, flat_paths
+from vatt_jax.provenance import file_sha256
 
 FORMAT = 'vatt-jax-bundle'
 FORMAT_VERSION = 1
@@ -70,14 +70,6 @@ def run_tokenizer_path(config: ml_collections.ConfigDict) -> str | None:
   had none (synthetic data)."""
   path = tokenizer_path(config.get('data', ml_collections.ConfigDict()))
   return path if path and os.path.isfile(path) else None
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _flatten(variables: dict) -> dict[str, np.ndarray]:
@@ -169,7 +161,7 @@ def write_bundle(
     'step': step,
     'files': files,
     # config.json is left editable (e.g. dtype='bfloat16' for inference): the shape check guards it
-    'sha256': {n: _sha256(os.path.join(path, f)) for n, f in files.items() if n != 'config'},
+    'sha256': {n: file_sha256(os.path.join(path, f)) for n, f in files.items() if n != 'config'},
     'model': model.name,
     'inputs': input_spec(model),
     'outputs': {m: {k: int(v.shape[-1]) for k, v in w.items()} for m, w in widths.items()},
@@ -356,7 +348,7 @@ def load_bundle(path: str) -> Encoders:
     full = os.path.join(path, file)
     if not os.path.isfile(full):
       raise FileNotFoundError(f'{full} is missing: the bundle is incomplete')
-    if info.get('sha256', {}).get(name) not in (None, _sha256(full)):
+    if info.get('sha256', {}).get(name) not in (None, file_sha256(full)):
       raise ValueError(f'{full} is corrupt: its sha256 differs from the one in bundle.json')
   config = ml_collections.ConfigDict(
     _read_json(os.path.join(path, files['config']), 'the run config')
