@@ -42,8 +42,8 @@ from tqdm import tqdm
 from data_pipelines import schema
 from data_pipelines.decode import MediaError, Options, _hide_gpus_from_tensorflow, convert_row
 from data_pipelines.manifest import ManifestRow, check_output_dir, duplicates, read_manifest
+from data_pipelines.options import file_sha256
 from vatt_jax import cli
-from vatt_jax.provenance import file_sha256
 
 _hide_gpus_from_tensorflow()
 

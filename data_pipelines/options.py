@@ -1,12 +1,16 @@
 """Facts about config.data that more than one place reads: the frame size as (height, width) and
-where a run's sentencepiece model is. Nothing here imports TensorFlow."""
+where a run's tokenizer is (a sentencepiece model or a word vocabulary: data_pipelines.text).
+Nothing here imports TensorFlow."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 
-TOKENIZER_FILENAME = 'tokenizer.model'  # what scripts/train_tokenizer.py writes beside the shards
+# What scripts/train_tokenizer.py writes beside the shards, and the name of a workdir's and a
+# bundle's copy of the run's tokenizer whatever its kind (data_pipelines.text tells them by content).
+TOKENIZER_FILENAME = 'tokenizer.model'
 
 
 def frame_hw(frame_size: int | Sequence[int]) -> tuple[int, int]:
@@ -18,9 +22,18 @@ def frame_hw(frame_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def tokenizer_path(data) -> str:
-  """The sentencepiece model of a data config: data.tokenizer, else {data.path}/tokenizer.model;
-  '' when the config names neither (synthetic data). Existence is not checked."""
+  """The tokenizer of a data config (a sentencepiece model or a word vocabulary): data.tokenizer,
+  else {data.path}/tokenizer.model; '' when the config names neither (synthetic data). Existence is not checked."""
   path = data.get('tokenizer') or ''
   if not path and data.get('path'):
     path = os.path.join(data.path, TOKENIZER_FILENAME)
   return path
+
+
+def file_sha256(path: str) -> str:
+  """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()

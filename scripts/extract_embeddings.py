@@ -11,7 +11,7 @@ audio resampled to data.sample_rate, --short_side) and the pipeline's evaluation
 (--num_clips uniformly spaced clips, central crops, averaged). Video files without audio give
 video embeddings only; audio-only files are skipped (the pipeline reads clips of frames with their
 audio). --text: one caption per line, tokenized with
-the run's sentencepiece model.
+the run's tokenizer (a sentencepiece model or a word vocabulary).
 
 Writes OUT/{modality}_{output}.npy ([N, D] float32; outputs: input, agg and the common-space va
 and/or vt, see vatt_jax/evaluation/embeddings.py) and OUT/index.jsonl, one line per row of each

@@ -38,7 +38,7 @@ from collections.abc import Iterable
 import ml_collections
 from absl import logging
 
-from data_pipelines.options import TOKENIZER_FILENAME, tokenizer_path
+from data_pipelines.options import TOKENIZER_FILENAME, file_sha256, tokenizer_path
 from vatt_jax.cli import UserError
 
 PROVENANCE_FILENAME = 'provenance.json'
@@ -53,14 +53,6 @@ _PACKAGES = (
   'tensorflow-cpu',
   'sentencepiece',
 )
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def split_files(data: ml_collections.ConfigDict, split: str) -> list[str]:

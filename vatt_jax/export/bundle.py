@@ -14,7 +14,8 @@ Layout of `bundle/` (no pickle: JSON and safetensors / msgpack are read without 
   params.safetensors   every variable, key '<collection>/<module>/…/<name>' ('params/…' and
                        'batch_stats/…'); or params.msgpack (flax.serialization) with the same tree
   config.json          the run's resolved config (model section rebuilds the model)
-  tokenizer.model      the run's sentencepiece model, when it had one (synthetic-data runs do not)
+  tokenizer.model      the run's tokenizer, when it had one (synthetic-data runs do not): a
+                       sentencepiece model or a DMVR word vocabulary, whatever its original name
   bundle.json          format version, input shapes / dtypes / ranges, output names and widths, the
                        preprocessing spec, every tensor's shape and dtype, sha256 of the
                        parameter and tokenizer files
@@ -36,10 +37,9 @@ import ml_collections
 import numpy as np
 from flax import serialization, traverse_util
 
-from data_pipelines.options import TOKENIZER_FILENAME, tokenizer_path
+from data_pipelines.options import TOKENIZER_FILENAME, file_sha256, tokenizer_path
 from vatt_jax.models import Model, build_model
 from vatt_jax.models.contract import abstract_variables, check_variables, flat_paths
-from vatt_jax.provenance import file_sha256
 
 FORMAT = 'vatt-jax-bundle'
 FORMAT_VERSION = 1
@@ -66,8 +66,8 @@ def input_spec(model: Model) -> dict[str, dict[str, Any]]:
 
 
 def run_tokenizer_path(config: ml_collections.ConfigDict) -> str | None:
-  """The run's sentencepiece model (data_pipelines.options.tokenizer_path), or None when the run
-  had none (synthetic data)."""
+  """The run's tokenizer, a sentencepiece model or a word vocabulary
+  (data_pipelines.options.tokenizer_path), or None when the run had none (synthetic data)."""
   path = tokenizer_path(config.get('data', ml_collections.ConfigDict()))
   return path if path and os.path.isfile(path) else None
 
@@ -80,13 +80,12 @@ def _flatten(variables: dict) -> dict[str, np.ndarray]:
   return {'/'.join(k): np.ascontiguousarray(jax.device_get(v)) for k, v in flat.items()}
 
 
-def _tokenizer_size(path: str) -> int:
-  import sentencepiece as spm
+def _read_tokenizer(path: str):
+  """data_pipelines.text.Tokenizer of `path` (either kind; it refuses a padding id other than 0)."""
+  # (imports TensorFlow: only when a tokenizer is bundled)
+  from data_pipelines.text import Tokenizer
 
-  processor = spm.SentencePieceProcessor(model_file=path)
-  if processor.pad_id() != 0:
-    raise ValueError(f'tokenizer {path}: pad_id is {processor.pad_id()}, the models expect 0')
-  return processor.get_piece_size()
+  return Tokenizer(path)
 
 
 def write_bundle(
@@ -104,7 +103,8 @@ def write_bundle(
     config: the run's config (load_model's); its model section must describe `variables`.
     variables: {'params': …, 'batch_stats': …} of arrays.
     output_dir: the bundle goes into its `bundle/` subdirectory, which must not hold files yet.
-    tokenizer_path: the run's sentencepiece model (run_tokenizer_path(config)), or None.
+    tokenizer_path: the run's tokenizer, a sentencepiece model or a word vocabulary
+      (run_tokenizer_path(config)), or None.
     fmt: 'safetensors' or 'msgpack' for the parameters.
     step: the checkpoint step, recorded in bundle.json.
   """
@@ -118,16 +118,18 @@ def write_bundle(
   flat = _flatten(variables)
   abstract = flat_paths(abstract_variables(model))
   check_variables(flat, abstract, 'the variables to export', dtypes=True)
+  tokenizer_kind = None
   if tokenizer_path is not None:
     if not os.path.isfile(tokenizer_path):
       raise FileNotFoundError(f'tokenizer {tokenizer_path} does not exist')
     if 'text' not in outputs(model):
       raise ValueError(f'model {model.name!r} embeds no text: a tokenizer has nothing to do')
-    pieces, vocab_size = _tokenizer_size(tokenizer_path), int(model.inputs['text'].high) + 1
-    if pieces > vocab_size:
+    tokenizer = _read_tokenizer(tokenizer_path)
+    tokenizer_kind, vocab_size = tokenizer.kind, int(model.inputs['text'].high) + 1
+    if tokenizer.vocab_size > vocab_size:
       raise ValueError(
-        f'tokenizer {tokenizer_path} has {pieces} pieces, more than the {vocab_size} ids the '
-        "model's text input takes: it is not the tokenizer of this model"
+        f'tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids, more than the {vocab_size} '
+        "the model's text input takes: it is not the tokenizer of this model"
       )
 
   os.makedirs(path, exist_ok=True)
@@ -165,7 +167,7 @@ def write_bundle(
     'model': model.name,
     'inputs': input_spec(model),
     'outputs': {m: {k: int(v.shape[-1]) for k, v in w.items()} for m, w in widths.items()},
-    'preprocessing': preprocessing(model, data),
+    'preprocessing': preprocessing(model, data, tokenizer_kind),
     'tensors': {k: {'shape': list(v.shape), 'dtype': str(v.dtype)} for k, v in flat.items()},
     'num_parameters': int(sum(v.size for k, v in flat.items() if k.startswith('params/'))),
   }
@@ -174,8 +176,11 @@ def write_bundle(
   return path
 
 
-def preprocessing(model: Model, data: ml_collections.ConfigDict) -> dict[str, Any]:
-  """How raw media become the encoders' inputs (bundle.json), as the training pipeline makes them."""
+def preprocessing(
+  model: Model, data: ml_collections.ConfigDict, tokenizer_kind: str | None = None
+) -> dict[str, Any]:
+  """How raw media become the encoders' inputs (bundle.json), as the training pipeline makes them.
+  tokenizer_kind: data_pipelines.text.Tokenizer.kind of the bundled tokenizer, or None."""
   out = {}
   inputs = input_spec(model)
   if 'video' in inputs:
@@ -188,6 +193,12 @@ def preprocessing(model: Model, data: ml_collections.ConfigDict) -> dict[str, An
   if 'text' in inputs:
     out.update(max_words=inputs['text']['shape'][1],
                text='sentencepiece ids (tokenizer.model), truncated or padded with 0 to max_words')  # fmt: skip
+    if tokenizer_kind == 'words':
+      out['text'] = ('word ids (tokenizer.model, a DMVR word vocabulary: ASCII punctuation removed, '
+                     'ASCII letters lower-cased, split on whitespace, unknown words <unk>), '
+                     "truncated or padded with <pad> (id 0) to max_words")  # fmt: skip
+    if tokenizer_kind is not None:
+      out['tokenizer'] = tokenizer_kind
   return out
 
 
@@ -212,7 +223,8 @@ class Encoders:
   Attributes:
     config: the run's config; model: the model (contract); variables: {'params', 'batch_stats'}
     on the default device; info: bundle.json (or None when built from memory); tokenizer_path:
-    the sentencepiece model, or None (then `text` takes ids only).
+    the run's tokenizer (a sentencepiece model or a word vocabulary, data_pipelines.text.Tokenizer
+    tells them apart), or None (then `text` takes ids only).
   """
 
   def __init__(

@@ -16,9 +16,10 @@ serialized as StableHLO inside one `XlaCallModule` op per signature (the only ja
 0.9), lowered for `platforms` (CPU and CUDA by default: one module holds both, TF picks at run
 time). Parameters are non-trainable tf.Variables (in `variables/`, the standard TF checkpoint
 format): the serialized modules stay small and the weights can be read or swapped from TF. No
-gradient is exported (inference only). The run's tokenizer.model, when given, is attached as an
-asset (`assets/tokenizer.model`, also `loaded.tokenizer_model.asset_path`); tokenization itself is
-not in the graph: feed ids.
+gradient is exported (inference only). The run's tokenizer (a sentencepiece model or a word
+vocabulary, data_pipelines.text.Tokenizer reads either), when given, is attached as an asset
+(`assets/tokenizer.model`, also `loaded.tokenizer_model.asset_path`); tokenization itself is not in
+the graph: feed ids.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def export_saved_model(
   Args:
     model, variables: the run's model and {'params', 'batch_stats'} (workdir.load_model).
     output_dir: the SavedModel goes into its `saved_model/` subdirectory, which must be empty.
-    tokenizer_path: attached as an asset when given.
+    tokenizer_path: the run's tokenizer (either kind), attached as an asset when given.
     platforms: jax2tf native_serialization_platforms, a subset of cpu, cuda, rocm, tpu.
   """
   import tensorflow as tf
