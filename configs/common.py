@@ -70,12 +70,32 @@ def model_config(
         relative_buckets=32,
         relative_max_distance=64,
         bias_all_layers=False,  # paper: first layer only; official code/T5: all layers
-        norm_type='layernorm',  # official code: 'rmsnorm'
+        # The norm before each attention and at the end; before each MLP ('' = the same).
+        norm_type='layernorm',  # official code (T5): 'rmsnorm'
+        mlp_norm_type='',  # official code (T5): 'layernorm' (mean-centred, with offset)
+        use_bias=True,  # biases in the attention and MLP projections; official code (T5): False
         scale_logits=True,  # official code (T5): False
+        # The word table: 0 = the tower's width, trained (ours); official code: 300 (word2vec),
+        # frozen, its AGG token in that space, then a bias-free Dense + GELU to the width.
+        embedding_dim=0,
+        trainable_embedding=True,  # official code: False
+        positions='relative',  # T5 bias; official modality-agnostic model: 'absolute' (+ LN)
         attention='dense',
       ),
-      head=dict(va_dim=512, vt_dim=256, relu_before_vt=False, bn_momentum=0.9, bn_epsilon=1e-5),
+      head=dict(
+        va_dim=512,
+        vt_dim=256,
+        relu_before_vt=False,  # official code: True
+        audio_text_bn=True,  # audio→va / text→vt Dense + BN (paper); official: Dense+bias, no BN
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
+      ),
       position_layernorm=False,  # official code: True
+      # Per-modality Dense + GELU after the patch / word embedding, and Dense(post_projection) +
+      # GELU after the encoder (its AGG row the representation): the official modality-agnostic
+      # model (uvatt.py) has both (1024).
+      pre_projection=False,
+      post_projection=0,
       dropout_rate=0.1,
       attention_dropout_rate=0.1,
       dtype='float32',  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
@@ -83,6 +103,36 @@ def model_config(
       token_outputs=False,  # also per-frame / per-word vt embeddings (Norton's losses need them)
     )
   )
+
+
+def official(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The architecture of the official VATT code and its released checkpoints (google-research
+  `vatt/`), where it differs from the paper (docs/OFFICIAL.md lists every difference):
+
+  - T5 text tower: RMSNorm before attention and at the end, a LayerNorm with offset before the
+    MLP, no biases, no 1/√d scaling, the relative bias in every layer; a frozen 300-d word table
+    (the word2vec vocabulary, read with a word-level tokenizer: data.tokenizer=<vocabulary.txt>)
+    whose AGG token lives in that space, then a bias-free Dense + GELU to the width;
+  - position tables summed, then a LayerNorm, before being added;
+  - head: ReLU before the video→vt layer; audio→va and text→vt are Dense with bias, no BN;
+  - modality-agnostic backbone (uvatt.py): per-modality Dense + GELU pre-projection, absolute text
+    positions (no relative bias), per-modality Dense(1024) + GELU post-projection;
+  - warm-up 5k steps (the paper: 10k).
+  """
+  m = config.model
+  m.position_layernorm = True
+  m.head.relu_before_vt = True
+  m.head.audio_text_bn = False
+  t = m.text
+  t.norm_type, t.mlp_norm_type = 'rmsnorm', 'layernorm'
+  t.use_bias = t.scale_logits = False
+  t.bias_all_layers = True
+  t.embedding_dim, t.trainable_embedding = 300, False
+  if m.backbone == 'modality_agnostic':
+    m.pre_projection, m.post_projection = True, 1024
+    t.positions = 'absolute'
+  config.optimizer.warmup_steps = 5000
+  return config
 
 
 def pretraining_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -219,6 +269,8 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         m[section][field] = value
   if m.get('backbone') == 'modality_agnostic':
     m.shared_size = 'tiny'
+  if m.get('post_projection'):
+    m.post_projection = 48
   config.batch_size = 8
   config.total_steps = 3
   config.log_steps = 1

@@ -9,6 +9,16 @@ Hardware and time: as the paper's MBS run (256 TPU v3 cores, < 3 days).
 Expected result (paper, after fine-tuning): Kinetics-400 top-1 79.9. Not yet reproduced here.
 Variant `runlocal` shrinks it to a few CPU steps.
 
+Variant `official`: the official code's modality-agnostic model (uvatt.py) and its released
+VATT-MA-Medium checkpoint (common.official; docs/OFFICIAL.md): per-modality Dense + GELU
+pre-projections, absolute text positions with a LayerNorm (no relative bias), a frozen 300-d word
+table, per-modality Dense(1024) + GELU post-projections whose AGG row is the representation.
+Without it, the modality-agnostic model is vatt-jax's (the paper's description: the towers' own
+tokenizers and the text's relative bias around one shared encoder).
+
+  python scripts/convert_official.py --checkpoint=DIR/ckpt-500000 \
+    --config=configs/vatt_ma_medium.py:official --vocab=howto100m_en.txt --output_dir=/tmp/vatt_ma
+
 Cross-modality gradient harmonization (Wu et al., NeurIPS 2022; docs/HARMONIZATION.md), the
 paper's setting: `:gr` realigns conflicting video–audio / video–text gradients, `:cl` adds the
 gradient-based curriculum (γ linear −0.2 → 0.1, calibrated on the demo: measure at scale with
@@ -23,13 +33,15 @@ Expected (paper, HowTo100M pretraining, VATT-MA-Medium): YouCook2 text→video R
 from configs import common
 
 # The :variants this file knows (configs/common.parse_arg refuses any other).
-VARIANTS = ('runlocal', 'gr', 'cl', 'monitor')
+VARIANTS = ('runlocal', 'official', 'gr', 'cl', 'monitor')
 
 
 def get_config(arg=None):
   config = common.pretraining_config(common.model_config(shared_size='medium'))
   args = common.parse_arg(arg, VARIANTS, __file__)
   common.harmonization_variants(config, args)
+  if 'official' in args:
+    common.official(config)
   if 'runlocal' in args:
     common.runlocal(config)
   return config

@@ -10,16 +10,25 @@ Hardware and time: the paper trained on 256 TPU v3 cores (MBS: < 3 days at batch
 Expected result (paper, after fine-tuning): Kinetics-400 top-1 81.1. Not yet reproduced here.
 Backbones: 259.3 M parameters without the text vocabulary (paper: 264 M); see model_summary.py.
 Variant `runlocal` shrinks it to a few CPU steps.
+
+Variant `official`: the architecture of the official code and its released checkpoint
+(common.official; docs/OFFICIAL.md): what scripts/convert_official.py converts into, e.g.
+
+  python scripts/convert_official.py --checkpoint=DIR/ckpt-500000 \
+    --config=configs/vatt_mbs.py:official --vocab=howto100m_en.txt --output_dir=/tmp/vatt_mbs
 """
 
 from configs import common
 
 # The :variants this file knows (configs/common.parse_arg refuses any other).
-VARIANTS = ('runlocal',)
+VARIANTS = ('runlocal', 'official')
 
 
 def get_config(arg=None):
   config = common.pretraining_config(common.model_config(video_size='medium'))
-  if 'runlocal' in common.parse_arg(arg, VARIANTS, __file__):
+  args = common.parse_arg(arg, VARIANTS, __file__)
+  if 'official' in args:
+    common.official(config)
+  if 'runlocal' in args:
     common.runlocal(config)
   return config

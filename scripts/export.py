@@ -37,7 +37,9 @@ _CHECK_PARITY = flags.DEFINE_bool(
 _TOLERANCE = flags.DEFINE_float('tolerance', 1e-4, 'Largest accepted relative error.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an earlier export in --output_dir.')
 _TOKENIZER = flags.DEFINE_string(
-  'tokenizer', None, "sentencepiece model to bundle (default: the run's data.tokenizer, if found)."
+  'tokenizer',
+  None,
+  "Tokenizer to bundle: a sentencepiece model or a word vocabulary (default: the run's).",
 )
 _PLATFORMS = flags.DEFINE_list(
   'platforms', ['cpu', 'cuda'], 'Platforms the SavedModel is lowered for (cpu, cuda, rocm, tpu).'

@@ -57,6 +57,7 @@ class ZeroAttention(nn.Module):
   num_heads: int
   attention_dropout_rate: float = 0.0
   scale_logits: bool = True
+  use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact

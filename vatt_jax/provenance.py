@@ -2,7 +2,8 @@
 
 When a run is accepted, `record(config, workdir)` writes
 
-  WORKDIR/tokenizer.model   a copy of the sentencepiece model the run reads (its bytes)
+  WORKDIR/tokenizer.model   a copy of the tokenizer the run reads (sentencepiece model or word
+                            vocabulary; its bytes)
   WORKDIR/provenance.json   the tokenizer's sha256 and origin, a fingerprint of every shard split the
                             run reads (training and config.evals), the package versions
 

@@ -33,12 +33,14 @@ class MultiHeadSelfAttention(nn.Module):
     num_heads: number of heads; the width must divide by it.
     attention_dropout_rate: dropout on the attention probabilities (training only).
     scale_logits: divide logits by sqrt(d_head) (the T5 text tower does not).
+    use_bias: biases on the q/k/v and output projections (the official T5 text tower has none).
     dtype: compute dtype of the projections; softmax is always float32.
   """
 
   num_heads: int
   attention_dropout_rate: float = 0.0
   scale_logits: bool = True
+  use_bias: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -69,6 +71,7 @@ class MultiHeadSelfAttention(nn.Module):
       features=(self.num_heads, head_dim),
       kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('embed', 'heads', 'kv')),
       bias_init=partitioned_general(nn.initializers.zeros_init(), ('heads', 'kv')),
+      use_bias=self.use_bias,
       dtype=self.dtype,
       name=name,
     )
@@ -101,6 +104,7 @@ class MultiHeadSelfAttention(nn.Module):
       axis=(-2, -1),
       kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('heads', 'kv', 'embed')),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
+      use_bias=self.use_bias,
       dtype=self.dtype,
       name='out',
     )(out)
@@ -108,7 +112,7 @@ class MultiHeadSelfAttention(nn.Module):
 
 # config model.<tower>.attention → the self-attention module of that encoder's blocks. Each takes
 # (x [B, N, D], *, mask [B, N] | None, bias [1|B, H, N, N] | None, deterministic) and returns
-# [B, N, D] with the attributes num_heads, attention_dropout_rate, scale_logits, dtype.
+# [B, N, D] with the attributes num_heads, attention_dropout_rate, scale_logits, use_bias, dtype.
 # (SViTT's local + random block-sparse attention enters here.)
 ATTENTION: dict[str, type[nn.Module]] = {'dense': MultiHeadSelfAttention}
 

@@ -32,12 +32,15 @@ class CommonSpace(nn.Module):
     va_dim: width of the video–audio space (512).
     vt_dim: width of the video–text space (256).
     relu_before_vt: apply ReLU to z_v,va before g_v→vt (the official code does; the paper does not).
+    audio_text_bn: audio→va and text→vt as Dense (no bias) + batch norm (the paper's "linear
+      projection + BN"); False: a Dense with bias and no batch norm (the official code, bridge.py).
     bn_momentum, bn_epsilon: batch norm settings (0.9 and 1e-5 as the official code).
   """
 
   va_dim: int = 512
   vt_dim: int = 256
   relu_before_vt: bool = False
+  audio_text_bn: bool = True
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
 
@@ -77,6 +80,27 @@ class CommonSpace(nn.Module):
       projected = flat.reshape(*tokens.shape[:-1], features)
     return norm(dense(x.astype(jnp.float32)), use_running_average=not train), projected
 
+  def _linear(
+    self, x: jax.Array, features: int, name: str, *, tokens: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array | None]:
+    """(dense(x), dense(tokens)) with a Dense that has a bias and no batch norm (the official
+    code's audio→va and text→vt)."""
+    dense = nn.Dense(
+      features,
+      kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, ('embed', 'common')),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('common',)),
+      dtype=jnp.float32,
+      name=f'{name}_dense',
+    )
+    projected = None if tokens is None else dense(tokens.astype(jnp.float32))
+    return dense(x.astype(jnp.float32)), projected
+
+  def _modality(self, x, features, name, train, *, tokens=None):
+    """audio→va / text→vt: Dense + BN, or (audio_text_bn False) a Dense with bias."""
+    if self.audio_text_bn:
+      return self._linear_bn(x, features, name, train, tokens=tokens)
+    return self._linear(x, features, name, tokens=tokens)
+
   @nn.compact
   def __call__(
     self,
@@ -112,10 +136,10 @@ class CommonSpace(nn.Module):
       if frames is not None:
         out['video_frames_vt'] = frames
     if audio is not None:
-      out['audio_va'], _ = self._linear_bn(audio, self.va_dim, 'audio_va', train)
+      out['audio_va'], _ = self._modality(audio, self.va_dim, 'audio_va', train)
     if text is not None:
       flat = text.reshape(-1, text.shape[-1])
-      text_vt, words = self._linear_bn(flat, self.vt_dim, 'text_vt', train, tokens=text_words)
+      text_vt, words = self._modality(flat, self.vt_dim, 'text_vt', train, tokens=text_words)
       out['text_vt'] = text_vt.reshape(*text.shape[:-1], self.vt_dim)
       if words is not None:
         out['text_words_vt'] = words

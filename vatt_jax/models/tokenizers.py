@@ -37,6 +37,24 @@ def _patch_projection(width: int, dtype: Dtype) -> nn.Dense:
   )
 
 
+def _pre_projection(width: int, dtype: Dtype) -> nn.Dense:
+  """Dense(width) with bias, then exact GELU: the official modality-agnostic model's per-modality
+  pre-projection between the patch (or word) embedding and the positions (uvatt.py)."""
+  return nn.Dense(
+    width,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, 'embed')),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
+    dtype=dtype,
+    name='pre_projection',
+  )
+
+
+def _project(tokens: jax.Array, width: int, pre_projection: bool, dtype: Dtype) -> jax.Array:
+  if not pre_projection:
+    return tokens
+  return nn.gelu(_pre_projection(width, dtype)(tokens), approximate=False)
+
+
 def _position_norm() -> nn.LayerNorm:
   return nn.LayerNorm(
     epsilon=1e-6,
@@ -127,6 +145,8 @@ class VoxelTokenizer(nn.Module):
     patch_size: (t, h, w).
     grid: (⌈T/t⌉, ⌈H/h⌉, ⌈W/w⌉) the position tables are sized for.
     position_layernorm: LayerNorm on the summed position table (official-code option).
+    pre_projection: Dense + GELU between the patches and the positions (the official
+      modality-agnostic model).
     flatten: return [B, nt·nh·nw, D] in (t, h, w) order; False keeps the temporal layout,
       [B, nt, nh·nw, D] (per-frame operations: temporal token rolling, frame pooling).
   """
@@ -135,6 +155,7 @@ class VoxelTokenizer(nn.Module):
   patch_size: Sequence[int]
   grid: Sequence[int]
   position_layernorm: bool = False
+  pre_projection: bool = False
   flatten: bool = True
   dtype: Dtype = jnp.float32
 
@@ -163,6 +184,7 @@ class VoxelTokenizer(nn.Module):
     patches = video.reshape(batch, nt, pt, nh, ph, nw, pw, channels)
     patches = patches.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(batch, nt, nh, nw, -1)
     tokens = _patch_projection(self.width, self.dtype)(patches.astype(self.dtype))
+    tokens = _project(tokens, self.width, self.pre_projection, self.dtype)
 
     init = _position_init(self.width)
     temporal = self.param('temporal_position', init, (nt, self.width))
@@ -184,6 +206,7 @@ class WaveformTokenizer(nn.Module):
   patch_size: int
   num_patches: int
   position_layernorm: bool = False
+  pre_projection: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -203,6 +226,7 @@ class WaveformTokenizer(nn.Module):
     audio = jnp.pad(audio, ((0, 0), (0, num_patches * self.patch_size - samples)))
     patches = audio.reshape(batch, num_patches, self.patch_size)
     tokens = _patch_projection(self.width, self.dtype)(patches.astype(self.dtype))
+    tokens = _project(tokens, self.width, self.pre_projection, self.dtype)
     positions = self.param('position', _position_init(self.width), (num_patches, self.width))
     if self.position_layernorm:
       positions = _position_norm()(positions)
@@ -210,25 +234,56 @@ class WaveformTokenizer(nn.Module):
 
 
 class WordTokenizer(nn.Module):
-  """Token ids → a learnable embedding table (one-hot × W_tp). No absolute positions.
+  """Token ids → an embedding table (one-hot × W_tp); id 0 is padding (mask False there).
 
-  Id 0 is padding; the returned mask is False there.
+  Attributes:
+    width: the encoder's width d.
+    vocab_size: rows of the table.
+    embedding_dim: the table's width; 0 = d (vatt-jax's default: a trainable d-wide table). The
+      official code's table is 300-d word2vec (frozen), brought to d by the tower (BBS: a
+      bias-free Dense + GELU after the AGG token, `Tower.agg_projection`) or here by
+      `pre_projection` (the modality-agnostic model).
+    trainable: False freezes the table (no gradient reaches it: the official frozen word2vec).
+    pre_projection: Dense(d) + GELU with bias after the table (the official modality-agnostic).
+    num_positions: learned absolute positions (0 = none: the text tower's relative bias instead);
+      the official modality-agnostic model's text has one row per word, with position_layernorm.
   """
 
   width: int
   vocab_size: int
+  embedding_dim: int = 0
+  trainable: bool = True
+  pre_projection: bool = False
+  num_positions: int = 0
+  position_layernorm: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """ids: [B, W] int. Returns tokens [B, W, width] and mask [B, W] bool."""
+    """ids: [B, W] int. Returns tokens [B, W, embedding_dim or width] and mask [B, W] bool."""
     if ids.ndim != 2:
       raise ValueError(f'text ids must be [B, W], got shape {ids.shape}')
     embed = nn.Embed(
       self.vocab_size,
-      self.width,
+      self.embedding_dim or self.width,
       dtype=self.dtype,
       embedding_init=nn.with_logical_partitioning(nn.linear.default_embed_init, ('vocab', 'embed')),
       name='vocabulary',
     )
-    return embed(ids), ids != 0
+    tokens = embed(ids)
+    if not self.trainable:  # no gradient reaches the table (the official frozen word2vec)
+      tokens = jax.lax.stop_gradient(tokens)
+    tokens = _project(tokens, self.width, self.pre_projection, self.dtype)
+    if self.num_positions:
+      if ids.shape[1] != self.num_positions:
+        raise ValueError(
+          f'text of {ids.shape[1]} words, but the position table has {self.num_positions} '
+          '(config model.text.max_words)'
+        )
+      positions = self.param(
+        'position', _position_init(self.width), (self.num_positions, self.width)
+      )
+      if self.position_layernorm:
+        positions = _position_norm()(positions)
+      tokens = tokens + positions[None].astype(tokens.dtype)
+    return tokens, ids != 0

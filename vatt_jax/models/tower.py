@@ -2,10 +2,17 @@
 the classifier's one):
 
   raw input → tokenizer (patches or words + positions) → dropout → DropToken (training) →
-  AGG token prepended → encoder;  the encoder's output at the AGG slot is the representation.
+  AGG token prepended → [input projection] → encoder → [output projection];
+  the output at the AGG slot is the representation.
 
-Parameters: `agg` [D], and those of the `tokenizer`, the `encoder` (unless the tower is given its
-parent's shared encoder: the modality-agnostic backbone) and the text tower's `relative_bias`.
+The two optional projections are the official code's: the T5 text tower's bias-free Dense + GELU
+from the 300-d word space (where its AGG token lives) to the width (`agg_projection`), and the
+official modality-agnostic model's per-modality Dense(1024) + GELU after the shared encoder
+(`post_projection`).
+
+Parameters: `agg` [D] (or [agg_dim]), and those of the `tokenizer`, the `encoder` (unless the tower
+is given its parent's shared encoder: the modality-agnostic backbone), the text tower's
+`relative_bias`, `input_projection` and `output_projection`.
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ class Tower(nn.Module):
   encoder: an Encoder, this tower's own, or the parent's shared one (bound to the parent).
   relative_bias: a RelativePositionBias (text) whose [1, H, N+1, N+1] bias enters the encoder.
   width: D; drop_token_rate: DropToken's rate in training; dropout_rate: dropout on the tokens.
+  agg_dim: the AGG token's width when the tokenizer's tokens are not D wide (0: D); they are then
+    brought to D after the AGG token is prepended, by a bias-free Dense + GELU (agg_projection).
+  post_projection: width of a Dense + GELU on the encoder's outputs (0: none); its AGG row is the
+    representation.
   """
 
   tokenizer: nn.Module
@@ -42,15 +53,31 @@ class Tower(nn.Module):
   relative_bias: nn.Module | None = None
   drop_token_rate: float = 0.0
   dropout_rate: float = 0.0
+  agg_dim: int = 0
+  post_projection: int = 0
   dtype: Dtype = jnp.float32
 
   def setup(self):
     self.agg = self.param(
       'agg',
       nn.with_logical_partitioning(nn.initializers.truncated_normal(stddev=0.02), ('embed',)),
-      (self.width,),
+      (self.agg_dim or self.width,),
     )
     self.token_dropout = nn.Dropout(self.dropout_rate)
+    if self.agg_dim:
+      self.input_projection = nn.Dense(
+        self.width,
+        use_bias=False,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, 'embed')),
+        dtype=self.dtype,
+      )
+    if self.post_projection:
+      self.output_projection = nn.Dense(
+        self.post_projection,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ('embed', None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+        dtype=self.dtype,
+      )
 
   def _tokens(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """The tokenizer's tokens [B, N, D] (a temporal layout [B, T, N/T, D] flattened) and mask."""
@@ -72,8 +99,12 @@ class Tower(nn.Module):
     batch = tokens.shape[0]
     agg = jnp.broadcast_to(self.agg.astype(tokens.dtype), (batch, 1, tokens.shape[-1]))
     tokens = jnp.concatenate([agg, tokens], axis=1)
+    if self.agg_dim:
+      tokens = nn.gelu(self.input_projection(tokens), approximate=False)
     attend = None if mask is None else jnp.concatenate([jnp.ones((batch, 1), bool), mask], axis=1)
     out = self.encoder(tokens, mask=attend, bias=bias, deterministic=not train)
+    if self.post_projection:
+      out = nn.gelu(self.output_projection(out), approximate=False)
     agg = nn.with_logical_constraint(out[:, 0].astype(jnp.float32), ('batch', 'embed_act'))
     return TowerOutput(agg, out[:, 1:], kept, mask)
 

@@ -85,6 +85,7 @@ def _norm(norm_type: str, name: str) -> nn.Module:
 class MlpBlock(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
+  use_bias: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -96,6 +97,7 @@ class MlpBlock(nn.Module):
         features,
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=1e-6), axes[-1:]),
+        use_bias=self.use_bias,
         dtype=self.dtype,
         name=name,
       )
@@ -109,7 +111,10 @@ class MlpBlock(nn.Module):
 class EncoderBlock(nn.Module):
   """x + MHA(LN(x)); then x + MLP(LN(x)).
 
-  The norms run in float32 and their outputs are cast to the compute dtype for the matmuls; the
+  `norm_type` is the norm before the attention, `mlp_norm_type` the one before the MLP ('' = the
+  same): the official T5 text tower has an RMSNorm before the attention but a mean-centred
+  LayerNorm with offset before the MLP. `use_bias`: biases in the attention and MLP projections
+  (the official T5 tower has none). The norms run in float32 and their outputs are cast to the compute dtype for the matmuls; the
   residual stream keeps the dtype of the block's input. `mask`, `bias` and `deterministic` may be
   passed positionally (nn.remat marks `deterministic`, argument 4 counting self, static).
   """
@@ -119,7 +124,9 @@ class EncoderBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   norm_type: str = 'layernorm'
+  mlp_norm_type: str = ''
   scale_logits: bool = True
+  use_bias: bool = True
   attention: str = 'dense'
   dtype: Dtype = jnp.float32
 
@@ -130,19 +137,21 @@ class EncoderBlock(nn.Module):
       num_heads=self.num_heads,
       attention_dropout_rate=self.attention_dropout_rate,
       scale_logits=self.scale_logits,
+      use_bias=self.use_bias,
       dtype=self.dtype,
       name='attention',
     )(y, mask=mask, bias=bias, deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = _norm(self.norm_type, 'norm_mlp')(x).astype(self.dtype)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='mlp')(
+    y = _norm(self.mlp_norm_type or self.norm_type, 'norm_mlp')(x).astype(self.dtype)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.use_bias, self.dtype, name='mlp')(
       y, deterministic=deterministic
     )
     return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
 # config model.<tower>.block → the encoder's block class (see the module docstring). A block takes
-# (x, mask, bias, deterministic) positionally and the attributes of EncoderBlock.
+# (x, mask, bias, deterministic) positionally and the attributes of EncoderBlock (norm_type,
+# mlp_norm_type, scale_logits, use_bias, …).
 BLOCKS: dict[str, type[nn.Module]] = {'pre_ln': EncoderBlock}
 
 
@@ -164,6 +173,9 @@ class Encoder(nn.Module):
 
   Attributes:
     size: layers, width, MLP width and heads.
+    norm_type: the norm before each attention and at the end of the stack; mlp_norm_type: the
+      norm before each MLP ('' = norm_type). The official T5 text tower: 'rmsnorm' / 'layernorm'.
+    use_bias: biases in the attention and MLP projections (the official T5 tower: none).
     bias_all_layers: add the attention bias to every layer (T5 / official VATT text tower) rather
       than only to the first (the paper's wording).
     remat: rematerialisation of each block in the backward pass, a key of REMAT_POLICIES: 'none'
@@ -176,7 +188,9 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   norm_type: str = 'layernorm'
+  mlp_norm_type: str = ''
   scale_logits: bool = True
+  use_bias: bool = True
   bias_all_layers: bool = False
   remat: str = 'none'
   attention: str = 'dense'
@@ -218,7 +232,9 @@ class Encoder(nn.Module):
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         norm_type=self.norm_type,
+        mlp_norm_type=self.mlp_norm_type,
         scale_logits=self.scale_logits,
+        use_bias=self.use_bias,
         attention=self.attention,
         dtype=self.dtype,
         name=f'block_{i:02d}',

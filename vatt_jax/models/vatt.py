@@ -45,6 +45,11 @@ Dtype = Any
 MODALITIES = ('video', 'audio', 'text')
 
 
+# Every spec's pre_projection / post_projection: the official modality-agnostic model's
+# per-modality Dense + GELU after the patch (word) embedding, and Dense(post_projection) + GELU
+# after the encoder whose AGG row is the representation (0: none). See configs/common.py.
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoSpec:
   size: EncoderSize
@@ -53,6 +58,8 @@ class VideoSpec:
   drop_token_rate: float = 0.5
   position_layernorm: bool = False
   attention: str = 'dense'
+  pre_projection: bool = False
+  post_projection: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,18 +70,35 @@ class AudioSpec:
   drop_token_rate: float = 0.5
   position_layernorm: bool = False
   attention: str = 'dense'
+  pre_projection: bool = False
+  post_projection: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class TextSpec:
+  """The text tower. positions: 'relative' (T5 bias, every tower's default) or 'absolute' (a
+  learned table of max_words rows, with position_layernorm: the official modality-agnostic
+  model). embedding_dim / trainable_embedding: the word table (0 = the width, trainable; official:
+  300-d frozen word2vec). norm_type / mlp_norm_type / use_bias / scale_logits: the encoder's
+  (official T5: 'rmsnorm' / 'layernorm' / no biases / no scaling)."""
+
   size: EncoderSize
   vocab_size: int = 2**16
   num_buckets: int = 32
   max_distance: int = 64
   bias_all_layers: bool = False
   norm_type: str = 'layernorm'
+  mlp_norm_type: str = ''
+  use_bias: bool = True
   scale_logits: bool = True
   attention: str = 'dense'
+  embedding_dim: int = 0
+  trainable_embedding: bool = True
+  positions: str = 'relative'
+  max_words: int = 16
+  position_layernorm: bool = False
+  pre_projection: bool = False
+  post_projection: int = 0
 
 
 def frame_means(
@@ -222,7 +246,9 @@ def make_encoder(owner, size: EncoderSize, attention: str, text: TextSpec | None
     dropout_rate=owner.dropout_rate,
     attention_dropout_rate=owner.attention_dropout_rate,
     norm_type=text.norm_type if text else 'layernorm',
+    mlp_norm_type=text.mlp_norm_type if text else '',
     scale_logits=text.scale_logits if text else True,
+    use_bias=text.use_bias if text else True,
     bias_all_layers=text.bias_all_layers if text else False,
     remat=owner.remat,
     attention=attention,
@@ -235,12 +261,14 @@ def make_tower(owner, modality: str, spec) -> Tower:
   dropout, remat, dtype), built in owner's setup."""
   shared = getattr(owner, 'shared', None)
   width = (shared or spec.size).width
+  agg_dim = 0
   if modality == 'video':
     tokenizer = VoxelTokenizer(
       width=width,
       patch_size=tuple(spec.patch_size),
       grid=tuple(spec.grid),
       position_layernorm=spec.position_layernorm,
+      pre_projection=spec.pre_projection,
       dtype=owner.dtype,
     )
   elif modality == 'audio':
@@ -249,17 +277,29 @@ def make_tower(owner, modality: str, spec) -> Tower:
       patch_size=spec.patch_size,
       num_patches=spec.num_patches,
       position_layernorm=spec.position_layernorm,
+      pre_projection=spec.pre_projection,
       dtype=owner.dtype,
     )
   else:
-    tokenizer = WordTokenizer(width=width, vocab_size=spec.vocab_size, dtype=owner.dtype)
+    tokenizer = WordTokenizer(
+      width=width,
+      vocab_size=spec.vocab_size,
+      embedding_dim=spec.embedding_dim,
+      trainable=spec.trainable_embedding,
+      pre_projection=spec.pre_projection,
+      num_positions=spec.max_words if spec.positions == 'absolute' else 0,
+      position_layernorm=spec.position_layernorm,
+      dtype=owner.dtype,
+    )
+    if spec.embedding_dim and not spec.pre_projection:  # official T5: AGG in the word space
+      agg_dim = spec.embedding_dim
   text = spec if modality == 'text' else None
   if shared is not None:
     encoder = owner.shared_encoder
   else:
     encoder = make_encoder(owner, spec.size, spec.attention, text)
   bias = None
-  if text is not None:
+  if text is not None and text.positions == 'relative':
     bias = RelativePositionBias(
       num_heads=(shared or spec.size).num_heads,
       num_buckets=spec.num_buckets,
@@ -272,6 +312,8 @@ def make_tower(owner, modality: str, spec) -> Tower:
     width=width,
     drop_token_rate=getattr(spec, 'drop_token_rate', 0.0),
     dropout_rate=owner.dropout_rate,
+    agg_dim=agg_dim,
+    post_projection=spec.post_projection,
     dtype=owner.dtype,
   )
 
@@ -280,6 +322,29 @@ def make_tower(owner, modality: str, spec) -> Tower:
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 BACKBONES = ('modality_specific', 'modality_agnostic')
+NORMS = ('layernorm', 'rmsnorm')
+
+# config.model fields added after runs were first written, with the value a config without them
+# means (what those runs trained with): read with these defaults, and not a difference of model
+# when an older run is resumed (vatt_jax/train/checkpoint.py check_resume_config).
+ADDED_FIELDS = {
+  'pre_projection': False,
+  'post_projection': 0,
+  'text.mlp_norm_type': '',
+  'text.use_bias': True,
+  'text.embedding_dim': 0,
+  'text.trainable_embedding': True,
+  'text.positions': 'relative',
+  'head.audio_text_bn': True,
+}
+
+
+def _added(cfg: ml_collections.ConfigDict, name: str):
+  """config.model.<name> (dotted), or ADDED_FIELDS[name] when the config predates it."""
+  *sections, field = name.split('.')
+  for section in sections:
+    cfg = cfg.get(section, ml_collections.ConfigDict())
+  return cfg.get(field, ADDED_FIELDS[name])
 
 
 def _check(cfg: ml_collections.ConfigDict) -> None:
@@ -297,6 +362,30 @@ def _check(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(
         f'config model.{tower}.attention must be one of {sorted(ATTENTION)}, got {attention!r}'
       )
+  text = cfg.get('text', ml_collections.ConfigDict())
+  checks = {
+    'text.positions': (_added(cfg, 'text.positions'), ('relative', 'absolute')),
+    'text.norm_type': (text.get('norm_type', 'layernorm'), NORMS),
+    'text.mlp_norm_type': (_added(cfg, 'text.mlp_norm_type'), ('', *NORMS)),
+  }
+  for name, (value, allowed) in checks.items():
+    if value not in allowed:
+      raise ValueError(f'config model.{name} must be one of {allowed}, got {value!r}')
+  for name, value in (
+    ('text.embedding_dim', _added(cfg, 'text.embedding_dim')),
+    ('post_projection', _added(cfg, 'post_projection')),
+  ):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValueError(f'config model.{name} must be an integer >= 0 (0: none), got {value!r}')
+
+
+def _projections(cfg: ml_collections.ConfigDict) -> dict:
+  """Every tower's pre_projection / post_projection (config model.pre_projection and
+  model.post_projection; absent in configs written before they existed: off)."""
+  return dict(
+    pre_projection=bool(_added(cfg, 'pre_projection')),
+    post_projection=int(_added(cfg, 'post_projection')),
+  )
 
 
 def video_spec(cfg: ml_collections.ConfigDict) -> VideoSpec:
@@ -309,6 +398,7 @@ def video_spec(cfg: ml_collections.ConfigDict) -> VideoSpec:
     drop_token_rate=v.drop_token_rate,
     position_layernorm=cfg.position_layernorm,
     attention=v.get('attention', 'dense'),
+    **_projections(cfg),
   )
 
 
@@ -321,6 +411,7 @@ def audio_spec(cfg: ml_collections.ConfigDict) -> AudioSpec:
     drop_token_rate=a.drop_token_rate,
     position_layernorm=cfg.position_layernorm,
     attention=a.get('attention', 'dense'),
+    **_projections(cfg),
   )
 
 
@@ -333,8 +424,16 @@ def text_spec(cfg: ml_collections.ConfigDict) -> TextSpec:
     max_distance=t.relative_max_distance,
     bias_all_layers=t.bias_all_layers,
     norm_type=t.norm_type,
+    mlp_norm_type=_added(cfg, 'text.mlp_norm_type'),
+    use_bias=_added(cfg, 'text.use_bias'),
     scale_logits=t.scale_logits,
     attention=t.get('attention', 'dense'),
+    embedding_dim=int(_added(cfg, 'text.embedding_dim')),
+    trainable_embedding=bool(_added(cfg, 'text.trainable_embedding')),
+    positions=_added(cfg, 'text.positions'),
+    max_words=t.max_words,
+    position_layernorm=cfg.position_layernorm,
+    **_projections(cfg),
   )
 
 
@@ -354,6 +453,7 @@ def build_module(cfg: ml_collections.ConfigDict, *, token_outputs: bool | None =
       va_dim=cfg.head.va_dim,
       vt_dim=cfg.head.vt_dim,
       relu_before_vt=cfg.head.relu_before_vt,
+      audio_text_bn=_added(cfg, 'head.audio_text_bn'),
       bn_momentum=cfg.head.bn_momentum,
       bn_epsilon=cfg.head.bn_epsilon,
     ),

@@ -34,6 +34,7 @@ from absl import logging
 from vatt_jax import cli
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.models.contract import check_variables, flat_paths
+from vatt_jax.models.vatt import ADDED_FIELDS
 from vatt_jax.train.state import TrainState
 
 _TRAIN_FIELDS = ('step', 'opt_state', 'rng', 'nonfinite_steps', 'nonfinite_run')
@@ -202,7 +203,9 @@ class Checkpointer:
     state = abstract_state.replace(**restored['params'], **train)
     positions = dict(restored['data'] or {})
     mine = positions.get(f'process_{jax.process_index()}')
-    if mine is None:
+    if not positions or positions == {'process_0': {}}:  # written by scripts/convert_official.py
+      logging.info('checkpoint %d has no input position (converted): the input starts anew', step)
+    elif mine is None:
       logging.warning(
         'checkpoint %d has no input position for process %d (written by %d processes): this '
         "process's input starts from the beginning", step, jax.process_index(), len(positions),
@@ -370,11 +373,14 @@ def check_resume_config(config: ml_collections.ConfigDict, config_path: str) -> 
   """Refuses to resume a run whose stored config describes another model (names the fields).
 
   Other sections (steps, optimizer, data, logging) may change between a run and its resumption.
+  A field the stored run predates (vatt_jax.models.vatt.ADDED_FIELDS) counts as its default.
   """
   with open(config_path) as f:
     stored = json.load(f).get('model', {})
   current = json.loads(config.model.to_json_best_effort())
   old, new = _flatten(stored, 'model.'), _flatten(current, 'model.')
+  for name, default in ADDED_FIELDS.items():
+    old.setdefault(f'model.{name}', default)
   differ = [
     f'{k}: {old.get(k, "<absent>")!r} in the stored run, {new.get(k, "<absent>")!r} now'
     for k in sorted(old.keys() | new.keys())

@@ -230,7 +230,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile) -> list[dic
 
     if resume_step is not None:
       state, data_state, resume_step = checkpointer.restore_latest(abstract)
-      data.set_state(start_position if data_state is None else data_state)
+      data.set_state(data_state or start_position)  # none stored: a converted checkpoint
       logging.info('resumed from %s/%d', checkpointer.directory, resume_step)
     else:
       state = program.init(jax.random.key(config.seed))
