@@ -340,3 +340,25 @@ def test_runs_written_before_the_new_model_fields_still_resume(tmp_path):
   official_config_ = vatt_bbs.get_config('runlocal,official')
   with pytest.raises(ValueError, match=r'model.text.use_bias: True in the stored run, False now'):
     ckpt.check_resume_config(official_config_, str(path))
+
+
+# Measured by building the official code's models (docs/OFFICIAL.md): every model variable's
+# elements (the frozen word table and the head's batch-norm statistics included), and the trainable.
+OFFICIAL_COUNTS = {
+  'vatt_bbs': (213_540_652, 193_877_292),
+  'vatt_mbs': (280_569_132, 260_905_772),
+  'vatt_lbs': (431_723_820, 412_060_460),
+  'vatt_ma_medium': (182_653_696, 162_990_336),
+}
+
+
+@pytest.mark.parametrize('name', sorted(OFFICIAL_COUNTS))
+def test_presets_have_the_official_parameter_counts(config_loader, name):
+  config = config_loader(os.path.join(ROOT, 'configs', f'{name}.py'), 'official')
+  model = build_model(config.model)
+  shapes = abstract_variables(model)
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+  every = count(shapes)
+  table = int(np.prod(shapes['params']['text_tower']['tokenizer']['vocabulary']['embedding'].shape))
+  trainable = count(shapes['params']) - table  # the frozen word2vec table
+  assert (every, trainable) == OFFICIAL_COUNTS[name]
