@@ -105,6 +105,16 @@ def model_config(
   )
 
 
+def agnostic_structure(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The official modality-agnostic model's structure around the shared encoder (uvatt.py): a
+  Dense + GELU pre-projection per modality after its patch / word embedding, learned absolute text
+  positions (no relative bias: the shared encoder's attention is the ordinary one), and a
+  Dense(1024) + GELU post-projection per modality whose AGG row is the representation."""
+  model.pre_projection, model.post_projection = True, 1024
+  model.text.positions = 'absolute'
+  return model
+
+
 def official(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The architecture of the official VATT code and its released checkpoints (google-research
   `vatt/`), where it differs from the paper (docs/OFFICIAL.md lists every difference):
@@ -129,8 +139,7 @@ def official(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   t.bias_all_layers = True
   t.embedding_dim, t.trainable_embedding = 300, False
   if m.backbone == 'modality_agnostic':
-    m.pre_projection, m.post_projection = True, 1024
-    t.positions = 'absolute'
+    agnostic_structure(m)
   config.optimizer.warmup_steps = 5000
   return config
 
