@@ -38,6 +38,7 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 import numpy as np
+import optax
 from flax import traverse_util
 
 from data_pipelines.manifest import check_output_dir
@@ -417,11 +418,18 @@ def write_workdir(
   staging = f'{output_dir}.converting-{os.getpid()}'
   tx, _ = build_optimizer(config.optimizer, config.total_steps)
   params = jax.tree.map(np.asarray, variables['params'])
+  # The learning rate follows optax's count of applied updates (optim.learning_rate): the schedule
+  # goes on at `step`, while Adam's moments (and their bias correction) start afresh.
+  opt_state = optax.tree_utils.tree_set(
+    tx.init(params),
+    lambda path, _: getattr(path[-1], 'tuple_name', '') == 'ScaleByScheduleState',
+    count=np.asarray(step, np.int32),
+  )
   state = TrainState(
     step=np.asarray(step, np.int32),
     params=params,
     batch_stats=jax.tree.map(np.asarray, variables.get('batch_stats', {})),
-    opt_state=tx.init(params),
+    opt_state=opt_state,
     rng=jax.random.split(jax.random.key(config.seed))[1],  # as init_train_state's state key
     nonfinite_steps=np.zeros((), np.int32),
     nonfinite_run=np.zeros((), np.int32),

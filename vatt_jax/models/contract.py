@@ -227,7 +227,8 @@ def load_by_name(
   Returns (params — numpy arrays where loaded, the given leaves elsewhere; report {'loaded':
   [path], 'resized': {path: (old, new)}, 'kept_init': [path], 'unused': [top-level names of
   `pretrained` nothing was loaded from]}). Raises ValueError naming every parameter that is
-  missing from `pretrained` or has another shape there (a checkpoint of another model).
+  missing from `pretrained` or has another shape there (a checkpoint of another model), and every
+  leaf of a module the model loads that the model lacks (another architecture of that module).
   """
   resized = {}
   if adapt is not None:
@@ -252,9 +253,16 @@ def load_by_name(
     report['loaded'].append(name)
     if name in resized:
       report['resized'][name] = resized[name]
+  # A module the model takes from the checkpoint must be taken whole: a leaf of it the model lacks
+  # means another architecture of that module (e.g. the official towers' position LayerNorm
+  # pretrained, a fine-tuning config without it), which loading the rest would hide.
+  used = {p.split('/')[0] for p in report['loaded']}
+  taken = {tuple(n.split('/')) for n in report['loaded']}
+  for path in source:
+    if path[0] in used and path not in taken:
+      problems.append(f'{"/".join(path)}: in the checkpoint, not in this model')
   if problems:
     raise ValueError(f'the checkpoint does not hold this model: {describe_problems(problems)}')
-  used = {p.split('/')[0] for p in report['loaded']}
   report['unused'] = sorted(set(pretrained) - used)
   return traverse_util.unflatten_dict(out), report
 
