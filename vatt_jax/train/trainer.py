@@ -267,6 +267,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile) -> list[dic
 
     _accept(config, workdir, checkpointer, described)
     first_step = int(state.step)
+    if first_step >= config.total_steps:
+      logging.warning(
+        'the workdir is at step %d, config total_steps=%d: nothing to train (raise '
+        '--config.total_steps to go on)', first_step, config.total_steps,
+      )  # fmt: skip
     logger = MetricLogger(workdir, total_steps=config.total_steps, batch_size=config.batch_size)
     logger.write_summary(
       first_step,
