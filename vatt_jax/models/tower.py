@@ -74,7 +74,9 @@ class Tower(nn.Module):
     if self.post_projection:
       self.output_projection = nn.Dense(
         self.post_projection,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ('embed', 'mlp')),
+        kernel_init=nn.with_logical_partitioning(
+          nn.initializers.xavier_uniform(), ('embed', 'mlp')
+        ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('mlp',)),
         dtype=self.dtype,
       )
