@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vatt_jax.models.partitioning import partitioned_general
+from vatt_jax.models.sparse_attention import SparseSelfAttention
 
 Dtype = Any
 
@@ -114,7 +115,10 @@ class MultiHeadSelfAttention(nn.Module):
 # (x [B, N, D], *, mask [B, N] | None, bias [1|B, H, N, N] | None, deterministic) and returns
 # [B, N, D] with the attributes num_heads, attention_dropout_rate, scale_logits, use_bias, dtype.
 # (SViTT's local + random block-sparse attention enters here.)
-ATTENTION: dict[str, type[nn.Module]] = {'dense': MultiHeadSelfAttention}
+ATTENTION: dict[str, type[nn.Module]] = {
+  'dense': MultiHeadSelfAttention,
+  'block_sparse': SparseSelfAttention,  # sparse_attention.py: SViTT's local + random blocks
+}
 
 
 def get_attention(name: str) -> type[nn.Module]:
