@@ -82,7 +82,11 @@ def relative_errors(got: dict, want: dict) -> dict[str, float]:
   }
 
 
-@pytest.mark.parametrize('kind, seed', [('bbs', 0), ('bbs', 1), ('ma', 2), ('ma', 3)])
+@pytest.mark.parametrize(
+  'kind, seed',
+  [('bbs', 0), pytest.param('bbs', 1, marks=pytest.mark.slow), ('ma', 2),
+   pytest.param('ma', 3, marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_converted_model_matches_the_official_reference(tmp_path, kind, seed):
   ocfg = official_config(kind)
   weights, path = write_official(tmp_path, kind, ocfg, seed)
@@ -302,6 +306,7 @@ def test_the_command_writes_outputs_and_a_workdir_and_refuses_before_writing(tmp
 # ---- the options the official presets set -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_frozen_word_table_gets_no_gradient():
   """text.trainable_embedding=False: the official word2vec table takes no gradient (so Adam leaves
   it as it is), while the AGG token and the projection after it do."""
@@ -352,7 +357,14 @@ OFFICIAL_COUNTS = {
 }
 
 
-@pytest.mark.parametrize('name', sorted(OFFICIAL_COUNTS))
+@pytest.mark.parametrize(
+  'name',
+  [
+    'vatt_bbs',
+    'vatt_ma_medium',
+    *(pytest.param(n, marks=pytest.mark.slow) for n in ('vatt_lbs', 'vatt_mbs')),
+  ],
+)
 def test_presets_have_the_official_parameter_counts(config_loader, name):
   config = config_loader(os.path.join(ROOT, 'configs', f'{name}.py'), 'official')
   model = build_model(config.model)

@@ -408,6 +408,7 @@ def test_parameters_match_dense_attention():
     assert flat[MultiHeadSelfAttention] == flat[SmallSparse]
 
 
+@pytest.mark.slow
 def test_module_eval_and_train(module_inputs):
   x, mask, bias = module_inputs
   module = SmallSparse(num_heads=H)
@@ -442,6 +443,7 @@ def test_module_eval_and_train(module_inputs):
   assert dropped.shape == x.shape and np.all(np.isfinite(dropped))
 
 
+@pytest.mark.slow
 def test_module_is_dense_with_few_blocks(module_inputs):
   """With the default G = 56, 22 patches are one block: the dense module's output, same params."""
   x, mask, bias = module_inputs
@@ -459,6 +461,7 @@ def test_module_is_dense_with_few_blocks(module_inputs):
     np.testing.assert_allclose(got, dense, rtol=1e-4, atol=TOL)
 
 
+@pytest.mark.slow
 def test_encoder_with_block_sparse_attention(module_inputs, monkeypatch):
   x, mask, bias = module_inputs
   size = EncoderSize(num_layers=2, width=D, mlp_dim=32, num_heads=H)

@@ -179,6 +179,7 @@ def ref_encoder(params, frames, *, keep_rate=1.0, drop_loc=(), depth=4, grid=GRI
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_relative_bias_by_original_positions():
   rng = np.random.default_rng(0)
   heads = 3
@@ -273,6 +274,7 @@ def test_dense_encoder_matches_reference(keep_rate, shared):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_block_sparse_with_one_block_equals_dense():
   frames = clip(2)
   dense = tiny(keep_rate=0.7)
@@ -289,6 +291,7 @@ def test_block_sparse_with_one_block_equals_dense():
   )
 
 
+@pytest.mark.slow
 def test_block_sparse_train_and_eval_under_jit():
   """Really sparse (16 blocks of 4, w = 1, R = 3): eval is reproducible and differs from dense;
   training draws a new pattern per 'sparse' key, with dropout and stochastic depth."""
@@ -399,6 +402,7 @@ def test_temporal_offset_source():
     temporal_offset_source(4, 8, 'cubic')
 
 
+@pytest.mark.slow
 def test_expand_temporal_4_to_8_frames():
   frames4 = clip(4)
   model4 = tiny(keep_rate=0.7)
@@ -450,6 +454,7 @@ def test_expand_temporal_4_to_8_frames():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_block_fits_the_shared_encoder_hook(monkeypatch):
   """SvittBlock in transformer.BLOCKS: the Encoder composes the positions of a pruning block and
   gathers the (one, shared) bias for the next blocks."""

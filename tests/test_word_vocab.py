@@ -188,6 +188,7 @@ def test_tf_encode_in_a_tf_data_map_equals_encode(plain):
   np.testing.assert_array_equal(got, tokenizer.encode(TEXTS, 6))
 
 
+@pytest.mark.slow
 def test_export_bundle_round_trip_with_a_word_vocabulary(tmp_path, plain):
   path, vocab = plain
   config = load_config(ROOT / 'configs' / 'demo_tiny.py', 'runlocal')
@@ -208,6 +209,7 @@ def test_export_bundle_round_trip_with_a_word_vocabulary(tmp_path, plain):
   )
 
 
+@pytest.mark.slow
 def test_export_refuses_a_vocabulary_larger_than_the_model(tmp_path):
   path = write(tmp_path / 'big.txt', BASIC + ['5000 cat'])
   config = load_config(ROOT / 'configs' / 'demo_tiny.py', 'runlocal')
