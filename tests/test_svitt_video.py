@@ -31,7 +31,6 @@ from vatt_jax.models.sparse_attention import block_sparse_attention, random_bloc
 from vatt_jax.models.svitt_video import (
   SvittBlock,
   SvittRelativePositionBias,
-  block_sparse_attention_fn,
   expand_temporal,
   relative_bias_fn,
   relative_position_bias,
@@ -373,7 +372,9 @@ def test_bias_fn_kernel_equals_block_sparse_attention(
       q, k, v, index, bias=full, key_mask=key_mask, return_global_probs=True, **static, **drop
     )
     fn = relative_bias_fn(offset, glob, positions, num_global)
-    got = block_sparse_attention_fn(q, k, v, index, bias_fn=fn, key_mask=key_mask, **static, **drop)
+    got = block_sparse_attention(
+      q, k, v, index, bias_fn=fn, key_mask=key_mask, return_global_probs=True, **static, **drop
+    )
     return want, got
 
   for index, dropout in zip(patterns, (False, True), strict=False):

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -123,6 +124,25 @@ def random_block_index(
   return jnp.sort(index, axis=-1).astype(jnp.int32)
 
 
+BiasFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def array_bias_fn(bias: jax.Array) -> BiasFn:
+  """bias_fn reading a full [B|1, H, L, L] bias at the asked pairs."""
+  bias = jnp.asarray(bias, jnp.float32)
+  return lambda qi, ki: bias[:, :, jnp.asarray(qi), jnp.asarray(ki)]
+
+
+def sum_bias_fn(*fns: BiasFn | None) -> BiasFn | None:
+  """The sum of the given bias functions (None when none is given)."""
+  fns = [f for f in fns if f is not None]
+  if not fns:
+    return None
+  if len(fns) == 1:
+    return fns[0]
+  return lambda qi, ki: sum(f(qi, ki) for f in fns)
+
+
 def _dropout(probs: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
   keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
   return jnp.where(keep, probs / (1.0 - rate), 0.0)
@@ -138,6 +158,7 @@ def block_sparse_attention(
   local_blocks: int,
   num_global: int = 1,
   bias: jax.Array | None = None,
+  bias_fn: BiasFn | None = None,
   key_mask: jax.Array | None = None,
   scale: float | None = None,
   dropout_rate: float = 0.0,
@@ -156,6 +177,9 @@ def block_sparse_attention(
     local_blocks: w (0 or odd), local key blocks per query block.
     num_global: the leading tokens whose queries and keys are dense (the CLS).
     bias: [B|1, H, L, L] additive logit bias (e.g. relative positions), or None.
+    bias_fn: bias_fn(query_index, key_index) → [B|1, H, *S] float32, the bias at those token
+      indices only (int arrays broadcastable to S): a bias read from a table then costs
+      O(N·(w+R)·G) memory, not O(L²). Added to `bias` when both are given.
     key_mask: [B, L] bool, True where a token may be attended to, or None.
     scale: logit scale; default 1/sqrt(d).
     dropout_rate, dropout_rng: dropout on the attention probabilities (off without a key).
@@ -185,7 +209,7 @@ def block_sparse_attention(
       f'({num_patches} patch tokens in blocks of {group})'
     )
   f32 = jnp.float32
-  bias32 = None if bias is None else jnp.asarray(bias, f32)
+  bias_at = sum_bias_fn(None if bias is None else array_bias_fn(bias), bias_fn)
   key_mask = None if key_mask is None else jnp.asarray(key_mask, bool)
   if dropout_rate > 0.0 and dropout_rng is not None:
     rng_global, rng_patch = jax.random.split(dropout_rng)
@@ -200,8 +224,8 @@ def block_sparse_attention(
   if num_global:
     logits = jnp.einsum('bhqd,bhkd->bhqk', q[:, :, :num_global], k, preferred_element_type=f32)
     logits = logits * scale
-    if bias32 is not None:
-      logits = logits + bias32[:, :, :num_global, :]
+    if bias_at is not None:
+      logits = logits + bias_at(np.arange(num_global)[:, None], np.arange(length)[None, :])
     if key_mask is not None:
       logits = jnp.where(key_mask[:, None, None, :], logits, _NEG)
     global_probs = jax.nn.softmax(logits, axis=-1)
@@ -240,10 +264,9 @@ def block_sparse_attention(
   logits_local = (
     jnp.einsum('bhmid,bhmsjd->bhmisj', q_blocks, k_gathered, preferred_element_type=f32) * scale
   )  # [B, H, nb, G, S, G]
-  if bias32 is not None:
-    patch_bias = bias32[:, :, num_global:, num_global:]
-    logits_local = (
-      logits_local + patch_bias[:, :, q_pos_c[:, :, None, None], k_pos_c[:, None, :, :]]
+  if bias_at is not None:
+    logits_local = logits_local + bias_at(
+      num_global + q_pos_c[:, :, None, None], num_global + k_pos_c[:, None, :, :]
     )
   mask = jnp.broadcast_to(k_ok, (1,) + k_ok.shape)  # [1|B, nb, S, G]
   if key_mask is not None:
@@ -256,8 +279,10 @@ def block_sparse_attention(
       jnp.einsum('bhmid,bhjd->bhmij', q_blocks, k[:, :, :num_global], preferred_element_type=f32)
       * scale
     )  # [B, H, nb, G, num_global]
-    if bias32 is not None:
-      logits_global = logits_global + bias32[:, :, num_global:, :num_global][:, :, q_pos_c]
+    if bias_at is not None:
+      logits_global = logits_global + bias_at(
+        num_global + q_pos_c[:, :, None], np.arange(num_global)[None, None, :]
+      )
     if key_mask is not None:
       logits_global = jnp.where(key_mask[:, None, None, None, :num_global], logits_global, _NEG)
     logits = jnp.concatenate([logits_global, logits_local], axis=-1)

@@ -44,9 +44,8 @@ models/utils.py, models/model_retrieval_base.py):
   block-sparse The block-sparse path is sparse_attention.block_sparse_attention's: non-wrapping
                local windows, masked padding, exactly dense when num_blocks ≤ w + R, a fixed
                per-layer pattern in evaluation (see that module for each difference from
-               SViTT's BeitSelfAttention.sparse_attention). It runs as `block_sparse_attention_fn`
-               here, the same computation with the bias given as a function of the attended
-               (query, key) pairs: handing the shared function a full [B, H, L, L] relative bias
+               SViTT's BeitSelfAttention.sparse_attention), given the bias as a `bias_fn` of the
+               attended (query, key) pairs: a full [B, H, L, L] relative bias
                (and getting its gradient back) costs O(L²) memory per layer and undoes most of
                the edge sparsity's saving (one training block at 8 × 14 × 14 tokens, width 96,
                12 heads, batch 2, XLA CPU temporaries: dense 938 MiB, block-sparse without bias
@@ -81,7 +80,7 @@ Per-layer tables read at the original positions need the positions in the block,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -92,10 +91,12 @@ from flax import traverse_util
 
 from vatt_jax.models.partitioning import partitioned_general
 from vatt_jax.models.sparse_attention import (
+  BiasFn,
+  block_sparse_attention,
   eval_key,
-  local_block_index,
   num_blocks_for,
   random_block_index,
+  sum_bias_fn,
 )
 from vatt_jax.models.token_pruning import cls_attention_scores, kept_count, prune_tokens
 from vatt_jax.models.transformer import REMAT_POLICIES, RESIDUAL_AXES, MlpBlock
@@ -163,9 +164,6 @@ def _flat_table(offset_table: jax.Array, global_table: jax.Array):
   return flat.astype(jnp.float32), grid
 
 
-BiasFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
 def relative_bias_fn(
   offset_table: jax.Array,
   global_table: jax.Array,
@@ -204,21 +202,6 @@ def relative_position_bias(
   fn = relative_bias_fn(offset_table, global_table, positions, num_global)
   index = jnp.arange(length)
   return fn(index[:, None], index[None, :])
-
-
-def _array_bias_fn(bias: jax.Array) -> BiasFn:
-  """bias_fn reading a full [B|1, H, L, L] bias at the asked pairs."""
-  bias = jnp.asarray(bias, jnp.float32)
-  return lambda qi, ki: bias[:, :, jnp.asarray(qi), jnp.asarray(ki)]
-
-
-def _sum_bias_fn(*fns: BiasFn | None) -> BiasFn | None:
-  fns = [f for f in fns if f is not None]
-  if not fns:
-    return None
-  if len(fns) == 1:
-    return fns[0]
-  return lambda qi, ki: sum(f(qi, ki) for f in fns)
 
 
 class SvittRelativePositionBias(nn.Module):
@@ -268,135 +251,6 @@ class SvittRelativePositionBias(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Block-sparse attention with the bias as a function of the attended pairs
 # ------------------------------------------------------------------------------------------------
-
-
-def block_sparse_attention_fn(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  random_index: jax.Array,
-  *,
-  block_size: int,
-  local_blocks: int,
-  num_global: int = 1,
-  bias_fn: BiasFn | None = None,
-  key_mask: jax.Array | None = None,
-  scale: float | None = None,
-  dropout_rate: float = 0.0,
-  dropout_rng: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """sparse_attention.block_sparse_attention (same pattern, padding, dropout, float32 softmax)
-  with the bias given as bias_fn(query_index, key_index) → [B|1, H, *S] instead of a full
-  [B|1, H, L, L] array, so that only the attended pairs' bias exists (a relative position
-  bias read from a table costs O(N·(w+R)·G) memory, forward and backward, not O(L²)).
-
-  A local copy until sparse_attention.block_sparse_attention takes a bias_fn itself (the
-  change proposed with this module); tests check it equals that function given the full bias.
-  Returns (out [B, H, L, d], global_probs [B, H, num_global, L] float32 before dropout).
-  """
-  batch, heads, length, depth = q.shape
-  if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f'q {q.shape}, k {k.shape}, v {v.shape}: self-attention shapes differ')
-  if not 0 <= num_global <= length:
-    raise ValueError(f'num_global {num_global} outside [0, {length}]')
-  if key_mask is not None and key_mask.shape != (batch, length):
-    raise ValueError(f'key_mask {key_mask.shape} is not [{batch}, {length}]')
-  scale = 1.0 / math.sqrt(depth) if scale is None else scale
-  num_patches = length - num_global
-  group = block_size
-  num_blocks = num_blocks_for(num_patches, group)
-  random_index = jnp.asarray(random_index, jnp.int32)
-  if random_index.ndim != 2 or random_index.shape[0] != num_blocks:
-    raise ValueError(
-      f'random_index {random_index.shape} is not [num_blocks={num_blocks}, R] '
-      f'({num_patches} patch tokens in blocks of {group})'
-    )
-  f32 = jnp.float32
-  key_mask = None if key_mask is None else jnp.asarray(key_mask, bool)
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    rng_global, rng_patch = jax.random.split(dropout_rng)
-
-    def drop(p, r):
-      keep = jax.random.bernoulli(r, 1.0 - dropout_rate, p.shape)
-      return jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
-  else:
-    rng_global = rng_patch = None
-    drop = lambda p, r: p  # noqa: E731
-
-  # Global queries: dense over all L keys.
-  outputs = []
-  global_probs = jnp.zeros((batch, heads, 0, length), f32)
-  if num_global:
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q[:, :, :num_global], k, preferred_element_type=f32)
-    logits = logits * scale
-    if bias_fn is not None:
-      logits = logits + bias_fn(jnp.arange(num_global)[:, None], jnp.arange(length)[None, :])
-    if key_mask is not None:
-      logits = jnp.where(key_mask[:, None, None, :], logits, _NEG)
-    global_probs = jax.nn.softmax(logits, axis=-1)
-    probs = drop(global_probs, rng_global)
-    outputs.append(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v))
-  if num_patches == 0:
-    return jnp.concatenate(outputs, axis=2), global_probs
-
-  # The key blocks of every query block: w_eff local, then the random ones; a slot is live when
-  # its block is in range and differs from every earlier slot's (each block attended once).
-  local = jnp.asarray(local_block_index(num_blocks, local_blocks))
-  index = jnp.concatenate([local, random_index], axis=1)  # [nb, S]
-  slots = index.shape[1]
-  live = (index >= 0) & (index < num_blocks)
-  earlier = np.tril(np.ones((slots, slots), bool), k=-1)
-  live &= ~jnp.any((index[:, :, None] == index[:, None, :]) & earlier, axis=-1)
-  index = jnp.clip(index, 0, num_blocks - 1)
-  pad = num_blocks * group - num_patches
-
-  def blocks(x):  # [B, H, L, d] → the patches [B, H, nb, G, d], zero-padded
-    x = jnp.pad(x[:, :, num_global:], ((0, 0), (0, 0), (0, pad), (0, 0)))
-    return x.reshape(x.shape[:2] + (num_blocks, group, x.shape[-1]))
-
-  q_blocks = blocks(q)
-  k_gathered = blocks(k)[:, :, index]  # [B, H, nb, S, G, d]
-  v_gathered = blocks(v)[:, :, index]
-  q_pos = np.arange(num_blocks * group).reshape(num_blocks, group)
-  k_pos = index[:, :, None] * group + jnp.arange(group)[None, None, :]  # [nb, S, G]
-  k_ok = live[:, :, None] & (k_pos < num_patches)
-  q_pos_c = np.minimum(q_pos, num_patches - 1)  # padded rows read the last real row (dropped)
-  k_pos_c = jnp.minimum(k_pos, num_patches - 1)
-
-  logits_local = (
-    jnp.einsum('bhmid,bhmsjd->bhmisj', q_blocks, k_gathered, preferred_element_type=f32) * scale
-  )  # [B, H, nb, G, S, G]
-  if bias_fn is not None:
-    logits_local = logits_local + bias_fn(
-      num_global + q_pos_c[:, :, None, None], num_global + k_pos_c[:, None, :, :]
-    )
-  mask = jnp.broadcast_to(k_ok, (1,) + k_ok.shape)  # [1|B, nb, S, G]
-  if key_mask is not None:
-    mask = mask & key_mask[:, num_global:][:, k_pos_c]
-  logits_local = jnp.where(mask[:, None, :, None], logits_local, _NEG)
-  logits_local = logits_local.reshape(logits_local.shape[:4] + (slots * group,))
-  if num_global:
-    logits_global = (
-      jnp.einsum('bhmid,bhjd->bhmij', q_blocks, k[:, :, :num_global], preferred_element_type=f32)
-      * scale
-    )  # [B, H, nb, G, num_global]
-    if bias_fn is not None:
-      logits_global = logits_global + bias_fn(
-        num_global + q_pos_c[:, :, None], jnp.arange(num_global)[None, None, :]
-      )
-    if key_mask is not None:
-      logits_global = jnp.where(key_mask[:, None, None, None, :num_global], logits_global, _NEG)
-    logits = jnp.concatenate([logits_global, logits_local], axis=-1)
-  else:
-    logits = logits_local
-  probs = drop(jax.nn.softmax(logits, axis=-1), rng_patch).astype(v.dtype)
-  probs_local = probs[..., num_global:].reshape(probs.shape[:4] + (slots, group))
-  out = jnp.einsum('bhmisj,bhmsjd->bhmid', probs_local, v_gathered)
-  if num_global:
-    out = out + jnp.einsum('bhmij,bhjd->bhmid', probs[..., :num_global], v[:, :, :num_global])
-  out = out.reshape(batch, heads, num_blocks * group, -1)[:, :, :num_patches]
-  outputs.append(out.astype(v.dtype))
-  return jnp.concatenate(outputs, axis=2), global_probs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -484,7 +338,7 @@ class SvittSelfAttention(nn.Module):
       else:
         rng = self.make_rng('sparse' if self.has_rng('sparse') else 'dropout')
       random_index = random_block_index(rng, num_blocks, self.local_blocks, self.random_blocks)
-      out, global_probs = block_sparse_attention_fn(
+      out, global_probs = block_sparse_attention(
         q,
         k,
         v,
@@ -492,11 +346,13 @@ class SvittSelfAttention(nn.Module):
         block_size=self.block_size,
         local_blocks=self.local_blocks,
         num_global=self.num_global,
-        bias_fn=_sum_bias_fn(None if bias is None else _array_bias_fn(bias), bias_fn),
+        bias=bias,
+        bias_fn=bias_fn,
         key_mask=mask,
         scale=scale,
         dropout_rate=self.attention_dropout_rate if use_dropout else 0.0,
         dropout_rng=self.make_rng('dropout') if use_dropout else None,
+        return_global_probs=True,
       )
     out = nn.DenseGeneral(
       features=width,
@@ -586,7 +442,7 @@ class SvittBlock(nn.Module):
       ).bias_fn(positions)
     if tables is not None:
       shared = relative_bias_fn(*tables, positions, self.num_global)
-    bias_fn = _sum_bias_fn(own, shared)
+    bias_fn = sum_bias_fn(own, shared)
 
     def branch(y, name):
       y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
