@@ -99,7 +99,7 @@ from vatt_jax.models.sparse_attention import (
   sum_bias_fn,
 )
 from vatt_jax.models.token_pruning import cls_attention_scores, kept_count, prune_tokens
-from vatt_jax.models.transformer import REMAT_POLICIES, RESIDUAL_AXES, MlpBlock
+from vatt_jax.models.transformer import REMAT_POLICIES, RESIDUAL_AXES, MlpBlock, norm
 
 Dtype = Any
 
@@ -366,19 +366,6 @@ class SvittSelfAttention(nn.Module):
     return out, global_probs
 
 
-def _norm(norm_type: str, epsilon: float, name: str) -> nn.Module:
-  """A norm of width d computed in float32 (transformer._norm with a configurable epsilon)."""
-  scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',))
-  if norm_type == 'layernorm':
-    bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',))
-    return nn.LayerNorm(
-      epsilon=epsilon, dtype=jnp.float32, scale_init=scale_init, bias_init=bias_init, name=name
-    )
-  if norm_type == 'rmsnorm':
-    return nn.RMSNorm(epsilon=epsilon, dtype=jnp.float32, scale_init=scale_init, name=name)
-  raise ValueError(f"norm_type must be 'layernorm' or 'rmsnorm', got {norm_type!r}")
-
-
 class SvittBlock(nn.Module):
   """A BEiT block with SViTT's sparsity: x + γ₁·Attn(LN(x)); x + γ₂·MLP(LN(x)); then prune.
 
@@ -460,7 +447,7 @@ class SvittBlock(nn.Module):
       )
       return y.astype(x.dtype)
 
-    y = _norm(self.norm_type, self.layer_norm_epsilon, 'norm_attention')(x).astype(self.dtype)
+    y = norm(self.norm_type, 'norm_attention', self.layer_norm_epsilon)(x).astype(self.dtype)
     y, global_probs = SvittSelfAttention(
       num_heads=self.num_heads,
       attention_dropout_rate=self.attention_dropout_rate,
@@ -476,7 +463,7 @@ class SvittBlock(nn.Module):
     )(y, mask=mask, bias=bias, bias_fn=bias_fn, deterministic=deterministic)
     x = x + branch(y, 'attention')
     norm_mlp = self.mlp_norm_type or self.norm_type
-    y = _norm(norm_mlp, self.layer_norm_epsilon, 'norm_mlp')(x).astype(self.dtype)
+    y = norm(norm_mlp, 'norm_mlp', self.layer_norm_epsilon)(x).astype(self.dtype)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.use_bias, self.dtype, name='mlp')(
       y, deterministic=deterministic
     )
@@ -659,8 +646,8 @@ class SvittVideoEncoder(nn.Module):
       x = nn.with_logical_constraint(x, RESIDUAL_AXES)
 
     pooled = jnp.mean(x[:, 1:].astype(jnp.float32), axis=1)
-    representation = _norm('layernorm', self.layer_norm_epsilon, 'pool_norm')(pooled)
-    tokens = _norm('layernorm', self.layer_norm_epsilon, 'final_norm')(x)
+    representation = norm('layernorm', 'pool_norm', self.layer_norm_epsilon)(pooled)
+    tokens = norm('layernorm', 'final_norm', self.layer_norm_epsilon)(x)
     return SvittVideoOutput(tokens, representation, positions)
 
 

@@ -63,22 +63,16 @@ REMAT_POLICIES = {
 RESIDUAL_AXES = ('batch', 'length', 'embed_act')
 
 
-def _norm(norm_type: str, name: str) -> nn.Module:
-  """Pre-LN norm of width d, computed (and returned) in float32."""
+def norm(norm_type: str, name: str, epsilon: float = LAYER_NORM_EPSILON) -> nn.Module:
+  """Pre-LN norm of width d ('layernorm' or 'rmsnorm'), computed (and returned) in float32."""
   scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',))
   if norm_type == 'layernorm':
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',))
     return nn.LayerNorm(
-      epsilon=LAYER_NORM_EPSILON,
-      dtype=jnp.float32,
-      scale_init=scale_init,
-      bias_init=bias_init,
-      name=name,
+      epsilon=epsilon, dtype=jnp.float32, scale_init=scale_init, bias_init=bias_init, name=name
     )
   if norm_type == 'rmsnorm':
-    return nn.RMSNorm(
-      epsilon=LAYER_NORM_EPSILON, dtype=jnp.float32, scale_init=scale_init, name=name
-    )
+    return nn.RMSNorm(epsilon=epsilon, dtype=jnp.float32, scale_init=scale_init, name=name)
   raise ValueError(f"norm_type must be 'layernorm' or 'rmsnorm', got {norm_type!r}")
 
 
@@ -132,7 +126,7 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, bias=None, deterministic: bool = True):
-    y = _norm(self.norm_type, 'norm_attention')(x).astype(self.dtype)
+    y = norm(self.norm_type, 'norm_attention')(x).astype(self.dtype)
     y = get_attention(self.attention)(
       num_heads=self.num_heads,
       attention_dropout_rate=self.attention_dropout_rate,
@@ -142,7 +136,7 @@ class EncoderBlock(nn.Module):
       name='attention',
     )(y, mask=mask, bias=bias, deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = _norm(self.mlp_norm_type or self.norm_type, 'norm_mlp')(x).astype(self.dtype)
+    y = norm(self.mlp_norm_type or self.norm_type, 'norm_mlp')(x).astype(self.dtype)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.use_bias, self.dtype, name='mlp')(
       y, deterministic=deterministic
     )
@@ -247,5 +241,5 @@ class Encoder(nn.Module):
       else:
         x = out
       x = nn.with_logical_constraint(x, RESIDUAL_AXES)
-    x = _norm(self.norm_type, 'final_norm')(x)
+    x = norm(self.norm_type, 'final_norm')(x)
     return (x, positions) if return_positions else x
