@@ -74,8 +74,24 @@ class Tower:
   num_layers: int = 2
 
 
+class _Grids:
+  """The token grids of a tiny official model's inputs."""
+
+  @property
+  def video_grid(self) -> tuple[int, int, int]:
+    return (
+      self.frames // self.temporal_patch,
+      self.height // self.spatial_patch,
+      self.width // self.spatial_patch,
+    )
+
+  @property
+  def audio_buckets(self) -> int:
+    return self.audio_samples // self.audio_patch
+
+
 @dataclasses.dataclass(frozen=True)
-class TinyOfficial:
+class TinyOfficial(_Grids):
   """A tiny modality-specific ('bbs') official model. The position tables are exactly as large as
   the token grid of inputs of these sizes: the official ExpandableEmbedding spline-interpolates a
   table whose size differs from the grid, which this reference does not implement (it refuses)."""
@@ -101,21 +117,9 @@ class TinyOfficial:
   layer_norm_epsilon: float = 1e-6
   bn_epsilon: float = 1e-5
 
-  @property
-  def video_grid(self) -> tuple[int, int, int]:
-    return (
-      self.frames // self.temporal_patch,
-      self.height // self.spatial_patch,
-      self.width // self.spatial_patch,
-    )
-
-  @property
-  def audio_buckets(self) -> int:
-    return self.audio_samples // self.audio_patch
-
 
 @dataclasses.dataclass(frozen=True)
-class TinyOfficialMA:
+class TinyOfficialMA(_Grids):
   """A tiny UniversalVATT ('ma'). The official model has ONE max_vid_spatial_buckets for both the
   vertical and the horizontal table (uvatt.py), so frames are square here (grid (2, 2, 2)); a grid
   with H != W would make the official code interpolate one table, which this reference refuses."""
@@ -137,18 +141,6 @@ class TinyOfficialMA:
   d_vt: int = 16
   layer_norm_epsilon: float = 1e-6
   bn_epsilon: float = 1e-5
-
-  @property
-  def video_grid(self) -> tuple[int, int, int]:
-    return (
-      self.frames // self.temporal_patch,
-      self.height // self.spatial_patch,
-      self.width // self.spatial_patch,
-    )
-
-  @property
-  def audio_buckets(self) -> int:
-    return self.audio_samples // self.audio_patch
 
   @property
   def max_vid_spatial_buckets(self) -> int:
