@@ -21,7 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vatt_jax.models.partitioning import partitioned_general
+from vatt_jax.models.partitioning import (
+  attention_output,
+  attention_projections,
+)
 from vatt_jax.models.sparse_attention import SparseSelfAttention
 
 Dtype = Any
@@ -65,18 +68,8 @@ class MultiHeadSelfAttention(nn.Module):
       [B, N, D].
     """
     width = x.shape[-1]
-    if width % self.num_heads:
-      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
-    dense = lambda name: nn.DenseGeneral(  # noqa: E731
-      features=(self.num_heads, head_dim),
-      kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('embed', 'heads', 'kv')),
-      bias_init=partitioned_general(nn.initializers.zeros_init(), ('heads', 'kv')),
-      use_bias=self.use_bias,
-      dtype=self.dtype,
-      name=name,
-    )
-    q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)  # [B, N, H, Dh]
+    q, k, v = attention_projections(x, self.num_heads, use_bias=self.use_bias, dtype=self.dtype)
     scale = 1.0 / math.sqrt(head_dim) if self.scale_logits else 1.0
     key_mask = None if mask is None else mask[:, None, None, :].astype(bool)  # [B, 1, 1, N]
 
@@ -100,15 +93,7 @@ class MultiHeadSelfAttention(nn.Module):
       probs = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=False)
       out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
 
-    return nn.DenseGeneral(
-      features=width,
-      axis=(-2, -1),
-      kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('heads', 'kv', 'embed')),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
-      use_bias=self.use_bias,
-      dtype=self.dtype,
-      name='out',
-    )(out)
+    return attention_output(out, width, use_bias=self.use_bias, dtype=self.dtype)
 
 
 # config model.<tower>.attention → the self-attention module of that encoder's blocks. Each takes

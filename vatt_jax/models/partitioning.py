@@ -56,3 +56,37 @@ def partitioned_general(
     return _FlatInitPartitioned(init(*args, **kwargs), names)
 
   return wrapper
+
+
+def attention_projections(x, num_heads: int, *, use_bias: bool = True, dtype=None):
+  """q, k, v [B, N, H, D/H] of x [B, N, D]: the `query`, `key`, `value` DenseGenerals every
+  self-attention of the project declares (so dense and sparse checkpoints interchange). Call from
+  a compact module: the layers are its children."""
+  width = x.shape[-1]
+  if width % num_heads:
+    raise ValueError(f'width {width} is not divisible by num_heads {num_heads}')
+
+  def dense(name):
+    return nn.DenseGeneral(
+      features=(num_heads, width // num_heads),
+      kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('embed', 'heads', 'kv')),
+      bias_init=partitioned_general(nn.initializers.zeros_init(), ('heads', 'kv')),
+      use_bias=use_bias,
+      dtype=dtype,
+      name=name,
+    )
+
+  return dense('query')(x), dense('key')(x), dense('value')(x)
+
+
+def attention_output(out, width: int, *, use_bias: bool = True, dtype=None):
+  """[B, N, H, D/H] → [B, N, width]: the `out` DenseGeneral after the heads."""
+  return nn.DenseGeneral(
+    features=width,
+    axis=(-2, -1),
+    kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('heads', 'kv', 'embed')),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
+    use_bias=use_bias,
+    dtype=dtype,
+    name='out',
+  )(out)

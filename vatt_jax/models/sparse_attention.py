@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vatt_jax.models.partitioning import partitioned_general
+from vatt_jax.models.partitioning import attention_output, attention_projections
 
 Dtype = Any
 
@@ -340,19 +340,12 @@ class SparseSelfAttention(nn.Module):
   ) -> jax.Array:
     """x [B, L, D]; mask [B, L] bool (True = may be attended to); bias [1|B, H, L, L]."""
     width = x.shape[-1]
-    if width % self.num_heads:
-      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
-    dense = lambda name: nn.DenseGeneral(  # noqa: E731
-      features=(self.num_heads, head_dim),
-      kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('embed', 'heads', 'kv')),
-      bias_init=partitioned_general(nn.initializers.zeros_init(), ('heads', 'kv')),
-      use_bias=self.use_bias,
-      dtype=self.dtype,
-      name=name,
-    )
     # [B, L, H, Dh] → [B, H, L, Dh]
-    q, k, v = (jnp.swapaxes(dense(name)(x), 1, 2) for name in ('query', 'key', 'value'))
+    q, k, v = (
+      jnp.swapaxes(t, 1, 2)
+      for t in attention_projections(x, self.num_heads, use_bias=self.use_bias, dtype=self.dtype)
+    )
 
     num_blocks = num_blocks_for(x.shape[1] - self.num_global, self.block_size)
     if deterministic:
@@ -375,12 +368,6 @@ class SparseSelfAttention(nn.Module):
       dropout_rate=self.attention_dropout_rate if use_dropout else 0.0,
       dropout_rng=self.make_rng('dropout') if use_dropout else None,
     )
-    return nn.DenseGeneral(
-      features=width,
-      axis=(-2, -1),
-      kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('heads', 'kv', 'embed')),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
-      use_bias=self.use_bias,
-      dtype=self.dtype,
-      name='out',
-    )(jnp.swapaxes(out, 1, 2))
+    return attention_output(
+      jnp.swapaxes(out, 1, 2), width, use_bias=self.use_bias, dtype=self.dtype
+    )

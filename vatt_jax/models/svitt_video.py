@@ -89,7 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vatt_jax.models.partitioning import partitioned_general
+from vatt_jax.models.partitioning import attention_output, attention_projections
 from vatt_jax.models.sparse_attention import (
   BiasFn,
   block_sparse_attention,
@@ -300,19 +300,12 @@ class SvittSelfAttention(nn.Module):
     if self.attention not in ('dense', 'block_sparse'):
       raise ValueError(f"attention must be 'dense' or 'block_sparse', got {self.attention!r}")
     width = x.shape[-1]
-    if width % self.num_heads:
-      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
-    dense = lambda name: nn.DenseGeneral(  # noqa: E731
-      features=(self.num_heads, head_dim),
-      kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('embed', 'heads', 'kv')),
-      bias_init=partitioned_general(nn.initializers.zeros_init(), ('heads', 'kv')),
-      use_bias=self.use_bias,
-      dtype=self.dtype,
-      name=name,
-    )
     # [B, L, H, Dh] → [B, H, L, Dh]
-    q, k, v = (jnp.swapaxes(dense(name)(x), 1, 2) for name in ('query', 'key', 'value'))
+    q, k, v = (
+      jnp.swapaxes(t, 1, 2)
+      for t in attention_projections(x, self.num_heads, use_bias=self.use_bias, dtype=self.dtype)
+    )
     scale = 1.0 / math.sqrt(head_dim) if self.scale_logits else 1.0
     use_dropout = not deterministic and self.attention_dropout_rate > 0.0
     f32 = jnp.float32
@@ -354,15 +347,7 @@ class SvittSelfAttention(nn.Module):
         dropout_rng=self.make_rng('dropout') if use_dropout else None,
         return_global_probs=True,
       )
-    out = nn.DenseGeneral(
-      features=width,
-      axis=(-2, -1),
-      kernel_init=partitioned_general(nn.initializers.xavier_uniform(), ('heads', 'kv', 'embed')),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
-      use_bias=self.use_bias,
-      dtype=self.dtype,
-      name='out',
-    )(jnp.swapaxes(out, 1, 2))
+    out = attention_output(jnp.swapaxes(out, 1, 2), width, use_bias=self.use_bias, dtype=self.dtype)
     return out, global_probs
 
 
