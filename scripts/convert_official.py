@@ -119,7 +119,7 @@ def main(argv):
       'index_sha256': file_sha256(checkpoint.path + '.index'),
       'vocab': config.data.get('tokenizer') or None,
     }
-    official.write_workdir(config, model, variables, output_dir, step=step, source=source)
+    official.write_workdir(config, variables, output_dir, step=step, source=source)
     print(f'wrote the workdir {output_dir} (step {step})')
   return 0
 

@@ -70,9 +70,10 @@ class Checkpoint:
   variables: dict[tuple[str, str], str]  # (module, local name) → full key
   step: int | None
   reader: object
+  shapes: dict[str, list[int]]  # full key → shape
 
   def shape(self, key: tuple[str, str]) -> tuple[int, ...]:
-    return tuple(self._shapes[self.variables[key]])
+    return tuple(self.shapes[self.variables[key]])
 
   def get(self, key: tuple[str, str]) -> np.ndarray:
     name = self.variables[key]
@@ -145,9 +146,9 @@ def read_checkpoint(path: str) -> Checkpoint:
     )
   if not variables:
     raise UserError(f'--checkpoint={prefix}: no VATT model variable in it')
-  out = Checkpoint(prefix, variables, step, reader)
-  out._shapes = {name: shapes[name + SUFFIX] for name in variables.values()}
-  return out
+  return Checkpoint(
+    prefix, variables, step, reader, {name: shapes[name + SUFFIX] for name in variables.values()}
+  )
 
 
 def _some(names: list[str], limit: int = 6) -> str:
@@ -402,7 +403,6 @@ def check_new_workdir(path: str) -> None:
 
 def write_workdir(
   config: ml_collections.ConfigDict,
-  model,
   variables: dict,
   output_dir: str,
   *,
