@@ -9,6 +9,9 @@ measured in one run, one machine.
       [--batch_size B] [--dtype float32|bfloat16] [--steps N] [--repeats R] [--json]
   python scripts/benchmark.py --what sinkhorn [--sinkhorn_bucket 4096x9] [--sinkhorn_dense 1024]
       [--sinkhorn_tol 1e-3] [--repeats R] [--json]
+  python scripts/benchmark.py --what sparsity [--sparsity_preset base|tiny] [--sparsity_frames 8]
+      [--sparsity_image 224] [--sparsity_batch 2] [--dtype float32|bfloat16]
+      [--sparsity_remat none|dots|full] [--json]
 
 Every train step is the trainer's own (build_program on a one-device mesh and a synthetic batch).
 
@@ -42,6 +45,13 @@ problem (ε = 0.01); ott-jax runs with threshold --sinkhorn_tol and its achieved
 tolerance. ratio = the larger of the two time ratios ours ÷ ott-jax (goal ≤ 0.5); also the
 gradient's temporary memory, unrolled vs implicit. Details: vatt_jax/benchmarks/sinkhorn.py.
 
+sparsity: SViTT's video encoder (issue 17), one training step (value_and_grad of the encoder's
+outputs w.r.t. its parameters) compiled from abstract inputs, never run: XLA's temporary memory
+and FLOPs of dense, edge only (block-sparse attention), node only (keep 0.6 after blocks 3, 6, 9)
+and edge + node, as ratios to dense. Default: the Base preset at 8 frames × 224² (1568 patch
+tokens), batch 2; ratio = edge + node ÷ dense temporary memory (goal ≤ 0.40). --sparsity_preset
+tiny: the encoder's test preset at 8 × 64² (seconds). Details: vatt_jax/benchmarks/sparsity.py.
+
 Run it without XLA_FLAGS (tests set --xla_backend_optimization_level=0, which would understate
 the step); a warning is printed when XLA_FLAGS is set.
 """
@@ -55,11 +65,11 @@ import sys
 from absl import app, flags
 
 from vatt_jax import cli
-from vatt_jax.benchmarks import gradsurgery, sinkhorn, train
+from vatt_jax.benchmarks import gradsurgery, sinkhorn, sparsity, train
 from vatt_jax.benchmarks import input as input_bench
 
 _WHAT = flags.DEFINE_enum(
-  'what', 'input', ['input', 'train', 'gradsurgery', 'sinkhorn'], 'Which benchmark.'
+  'what', 'input', ['input', 'train', 'gradsurgery', 'sinkhorn', 'sparsity'], 'Which benchmark.'
 )
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
 _SHARDS = flags.DEFINE_string('shards', 'demo/shards', 'Shards of the demo (make demo makes them).')
@@ -78,7 +88,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
   'batch_size', 0, 'train, gradsurgery: clips per step; 0 picks by model and device.'
 )
 _DTYPE = flags.DEFINE_enum(
-  'dtype', 'float32', ['float32', 'bfloat16'], 'train, gradsurgery: compute dtype.'
+  'dtype', 'float32', ['float32', 'bfloat16'], 'train, gradsurgery, sparsity: compute dtype.'
 )
 _STEPS = flags.DEFINE_integer(
   'steps', 0, 'train, gradsurgery: steps per timed window; 0 picks by model and device.'
@@ -90,8 +100,29 @@ _SINKHORN_DENSE = flags.DEFINE_integer(
   'sinkhorn_dense', 1024, 'sinkhorn: side of the dense problem.'
 )
 _SINKHORN_TOL = flags.DEFINE_float('sinkhorn_tol', 1e-3, "sinkhorn: ott-jax's threshold τ.")
+_SPARSITY_PRESET = flags.DEFINE_enum(
+  'sparsity_preset', 'base', list(sparsity.PRESETS), 'sparsity: SViTT video encoder preset.'
+)
+_SPARSITY_FRAMES = flags.DEFINE_integer(
+  'sparsity_frames', 0, "sparsity: frames per clip; 0: the preset's (8)."
+)
+_SPARSITY_IMAGE = flags.DEFINE_integer(
+  'sparsity_image', 0, "sparsity: frame side in pixels; 0: the preset's (base 224, tiny 64)."
+)
+_SPARSITY_BATCH = flags.DEFINE_integer(
+  'sparsity_batch', 0, f'sparsity: clips per step; 0: {sparsity.DEFAULT_BATCH_SIZE}.'
+)
+_SPARSITY_REMAT = flags.DEFINE_enum(
+  'sparsity_remat', 'none', list(sparsity.REMATS), 'sparsity: rematerialisation of each block.'
+)
 
-_MODULES = {'input': input_bench, 'train': train, 'gradsurgery': gradsurgery, 'sinkhorn': sinkhorn}
+_MODULES = {
+  'input': input_bench,
+  'train': train,
+  'gradsurgery': gradsurgery,
+  'sinkhorn': sinkhorn,
+  'sparsity': sparsity,
+}
 
 
 def _run(what: str) -> dict:
@@ -109,6 +140,15 @@ def _run(what: str) -> dict:
     return train.run(_MODEL.value or 'video_base', **step_args)
   if what == 'gradsurgery':
     return gradsurgery.run(_MODEL.value, **step_args)
+  if what == 'sparsity':
+    return sparsity.run(
+      _SPARSITY_PRESET.value,
+      num_frames=_SPARSITY_FRAMES.value or None,
+      image_size=_SPARSITY_IMAGE.value or None,
+      batch_size=_SPARSITY_BATCH.value or None,
+      dtype=_DTYPE.value,
+      remat=_SPARSITY_REMAT.value,
+    )
   return sinkhorn.run(
     bucket=_SINKHORN_BUCKET.value,
     dense=_SINKHORN_DENSE.value,

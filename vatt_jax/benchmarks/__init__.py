@@ -7,8 +7,10 @@ figure its issue sets a goal on, raw numbers beside it) and `table(result) -> st
   train        a training step's achieved FLOP/s against a large matmul on the same device
   gradsurgery  the cost of cross-modal gradient realignment over the plain step
   sinkhorn     vatt_jax.ot.sinkhorn against ott-jax at equal marginal error
+  sparsity     SViTT's edge and node sparsity: XLA memory and FLOPs of a video-encoder step
 
 Every train step is the trainer's (`vatt_jax.train.trainer.build_program`, see train.py
-`compile_step`); timing.py holds the shared timing and XLA cost helpers. The modules import
+`compile_step`), except sparsity's (the SViTT video encoder's gradient alone, compiled from abstract
+inputs, never run); timing.py holds the shared timing and XLA cost helpers. The modules import
 nothing heavy at import time (TensorFlow, the trainer, ott-jax load when a benchmark runs).
 """
