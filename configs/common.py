@@ -169,6 +169,13 @@ def pretraining_config(model: ml_collections.ConfigDict) -> ml_collections.Confi
       deterministic=True,  # the same seed gives the same batches; False: not replayable
       on_bad_input='skip',  # 'skip' (and count) or 'fatal'
       eval_clips=4,  # uniformly spaced clips per video in evaluation mode
+      # EgoNCE / SViTT-Ego (docs/DATA.md): noun / verb multi-hots of the chosen caption (0: none;
+      # must match the taxonomy.json beside the shards), clips anchored on one caption's span,
+      # and scene negatives within ±window seconds of it (0: off; EgoVLP: 60; needs caption_clips).
+      num_nouns=0,
+      num_verbs=0,
+      caption_clips=False,
+      scene_negative_window=0.0,
       # The synthetic source (runlocal, tests): concepts a model can learn.
       synthetic=dict(num_classes=16, noise=0.3, missing_text_rate=0.1, missing_audio_rate=0.0),
     )

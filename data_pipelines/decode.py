@@ -355,9 +355,7 @@ def decode_media(path: str, options: Options) -> tuple[schema.Record, float]:
 def _clip_captions(captions: Sequence[schema.Caption], duration: float) -> list[schema.Caption]:
   # Captions past the end of the stored media (max_duration, or ASR running long) describe nothing
   # that is in the record.
-  return [
-    schema.Caption(c.start, min(c.end, duration), c.text) for c in captions if c.start < duration
-  ]
+  return [dataclasses.replace(c, end=min(c.end, duration)) for c in captions if c.start < duration]
 
 
 def convert_row(row: ManifestRow, options: Options) -> schema.Record:
@@ -374,9 +372,12 @@ def convert_row(row: ManifestRow, options: Options) -> schema.Record:
     limit = row.end if options.max_duration is None else min(row.end, options.max_duration)
     record, duration = decode_media(row.path, dataclasses.replace(options, max_duration=limit))
     record, duration = _cut(record, row.start, duration, row.media)
-    captions = [schema.Caption(c.start - row.start, c.end - row.start, c.text)
-                for c in row.captions if c.end > row.start]  # fmt: skip
-    captions = [schema.Caption(max(c.start, 0.0), c.end, c.text) for c in captions]
+    # Tags travel with their caption.
+    captions = [
+      dataclasses.replace(c, start=max(c.start - row.start, 0.0), end=c.end - row.start)
+      for c in row.captions
+      if c.end > row.start
+    ]
   record.media_id = row.media_id
   record.captions = _clip_captions(captions, duration)
   record.labels = list(row.labels)

@@ -1,8 +1,10 @@
 """Manifest → TFRecord shards of `schema` records: sharded, parallel and resumable.
 
-`convert` reads a manifest (JSONL or CSV, see docs/DATA.md; parsed by `manifest`), decodes every
-media file with `decode` and writes `output_dir/shard-SSSSS-of-NNNNN.tfrecord`; row i goes to shard
-i % N.
+`convert` reads a manifest (JSONL, CSV or EgoClip metadata, see docs/DATA.md; parsed by
+`manifest`), decodes every media file with `decode` and writes
+`output_dir/shard-SSSSS-of-NNNNN.tfrecord`; row i goes to shard i % N. With a taxonomy
+(`data_pipelines.taxonomy`) the captions without noun / verb tags are tagged from their text, and
+the taxonomy is copied to `output_dir/taxonomy.json` for the training pipeline's size check.
 
 Bad input never stops the run: a row that cannot be converted is skipped, counted and listed in
 `output_dir/report.jsonl`; so is a row that repeats an earlier row's media (and window), after a
@@ -23,6 +25,7 @@ import ctypes
 import dataclasses
 import errno
 import glob
+import hashlib
 import json
 import multiprocessing
 import os
@@ -41,8 +44,16 @@ from tqdm import tqdm
 
 from data_pipelines import schema
 from data_pipelines.decode import MediaError, Options, _hide_gpus_from_tensorflow, convert_row
-from data_pipelines.manifest import ManifestRow, check_output_dir, duplicates, read_manifest
+from data_pipelines.manifest import (
+  EGOCLIP_CHUNK_SECONDS,
+  ManifestRow,
+  check_output_dir,
+  duplicates,
+  is_egoclip,
+  read_manifest,
+)
 from data_pipelines.options import file_sha256
+from data_pipelines.taxonomy import TAXONOMY_FILENAME, Taxonomy
 from vatt_jax import cli
 
 _hide_gpus_from_tensorflow()
@@ -162,8 +173,12 @@ def convert_shard(
   manifest_sha256: str,
   on_row: Callable[[], None] | None = None,
   in_pool: bool = False,
+  manifest_options: dict | None = None,
 ) -> dict:
   """Converts `rows` into one shard file; returns (and stores as .done.json) its counts.
+
+  manifest_options: how the manifest was read into rows beyond its bytes (EgoClip chunk length,
+  the taxonomy's sha256), stored so that a resume cannot mix rows read another way.
 
   Bad rows are skipped and counted. A write error (full disk) raises OSError naming the path, after
   removing the partial shard; nothing of it marks a media file as bad.
@@ -178,6 +193,7 @@ def convert_shard(
   stats = {
     'shard': shard, 'num_shards': num_shards, 'rows': len(rows), 'written': 0, 'skipped': 0,
     'duration_s': 0.0, 'frames': 0, 'with_video': 0, 'with_audio': 0, 'with_captions': 0,
+    'with_tags': 0,
   }  # fmt: skip
   errors = []
   global _active_marker
@@ -219,6 +235,7 @@ def convert_shard(
           stats['with_video'] += int(len(record.frames) > 0)
           stats['with_audio'] += int(record.waveform is not None)
           stats['with_captions'] += int(len(record.captions) > 0)
+          stats['with_tags'] += int(any(c.nouns or c.verbs for c in record.captions))
         if on_row is not None:
           on_row()
     except BaseException:
@@ -234,6 +251,7 @@ def convert_shard(
       errors=errors,
       options=dataclasses.asdict(options),
       manifest_sha256=manifest_sha256,
+      manifest_options=dict(manifest_options or {}),
       seconds=round(time.time() - start, 3),
     )
     # The .done.json goes first: a final .tfrecord therefore always has its counts next to it.
@@ -296,8 +314,8 @@ def _init_worker(progress_queue, parent_pid: int) -> None:
   _hide_gpus_from_tensorflow()
 
 
-def _convert_shard_in_worker(*args) -> dict:
-  return convert_shard(*args, on_row=lambda: _progress_queue.put(1), in_pool=True)
+def _convert_shard_in_worker(*args, **kwargs) -> dict:
+  return convert_shard(*args, on_row=lambda: _progress_queue.put(1), in_pool=True, **kwargs)
 
 
 def _confirm_death(output_dir: str, shard: int, num_shards: int) -> int | None:
@@ -323,7 +341,12 @@ def _culprit(index: int | None, rows: list[ManifestRow]) -> str:
 
 
 def _finished_shard(
-  output_dir: str, shard: int, num_shards: int, options: Options, manifest_sha256: str
+  output_dir: str,
+  shard: int,
+  num_shards: int,
+  options: Options,
+  manifest_sha256: str,
+  manifest_options: dict | None = None,
 ) -> dict | None:
   """The stored counts of a finished shard, None if it must be (re)done; raises on a mismatch."""
   final = os.path.join(output_dir, shard_name(shard, num_shards))
@@ -345,6 +368,15 @@ def _finished_shard(
       f'{final} holds records of format version {stats.get("schema_version", 1)}, this code '
       f'writes and reads {schema.SCHEMA_VERSION}: use a new --output_dir or delete the old shards'
     )
+  # Shards from before manifest options existed were read the one way there was: {}.
+  stored_manifest = stats.get('manifest_options') or {}
+  for key in sorted(set(stored_manifest) | set(manifest_options or {})):
+    then, now = stored_manifest.get(key), (manifest_options or {}).get(key)
+    if then != now:
+      raise ValueError(
+        f'{final} was written with the manifest read with {key}={then!r}, this run asks for '
+        f'{now!r}; use a new --output_dir or delete the old shards'
+      )
   stored = stats.get('options', {})
   for key, value in dataclasses.asdict(options).items():
     if stored.get(key) != value:
@@ -362,8 +394,16 @@ def convert(
   options: Options | None = None,
   workers: int = 2,
   progress: bool = True,
+  *,
+  media_root: str | None = None,
+  taxonomy: Taxonomy | None = None,
+  egoclip_chunk_seconds: float = EGOCLIP_CHUNK_SECONDS,
 ) -> dict:
   """Converts a manifest into `num_shards` shards in `output_dir`, resuming an earlier run.
+
+  media_root: where relative media paths (EgoClip: `{video_uid}.mp4`) are opened; None: the
+  manifest's folder. taxonomy: tags the captions that carry no tags, and is copied to
+  `output_dir/taxonomy.json`. egoclip_chunk_seconds: the window length of an EgoClip manifest.
 
   workers <= 1 converts in this process; more start that many processes (spawn: TensorFlow does
   not survive fork), one shard per task. Returns the run's summary. Refused before anything is
@@ -378,7 +418,17 @@ def convert(
     raise ValueError(f'num_shards must be >= 1, got {num_shards}')
   start = time.time()
   check_output_dir(output_dir)
-  rows = read_manifest(manifest)
+  rows = read_manifest(manifest, media_root, egoclip_chunk_seconds)
+  manifest_options = {}
+  if is_egoclip(manifest):
+    manifest_options['egoclip_chunk_seconds'] = float(egoclip_chunk_seconds)
+  if taxonomy is not None:
+    rows = [
+      r if r.error else dataclasses.replace(r, captions=taxonomy.tag_captions(r.captions))
+      for r in rows
+    ]
+    canonical = json.dumps(taxonomy.to_json(), ensure_ascii=False).encode()
+    manifest_options['taxonomy_sha256'] = hashlib.sha256(canonical).hexdigest()
   if not rows:
     raise cli.UserError(f'{manifest} lists no media (no data rows): nothing to convert')
   if all(r.error for r in rows):
@@ -405,10 +455,17 @@ def convert(
     by_shard[row.index % num_shards].append(row)
   results: dict[int, dict] = {}
   for shard in range(num_shards):
-    stats = _finished_shard(output_dir, shard, num_shards, options, manifest_sha256)
+    stats = _finished_shard(
+      output_dir, shard, num_shards, options, manifest_sha256, manifest_options
+    )
     if stats is not None:
       results[shard] = stats
   os.makedirs(output_dir, exist_ok=True)  # accepted: from here on things are written
+  taxonomy_copy = os.path.join(output_dir, TAXONOMY_FILENAME)
+  if taxonomy is not None:
+    _write_json_atomic(taxonomy_copy, taxonomy.to_json())
+  else:  # one left by an earlier run would tell training of classes these shards do not have
+    _remove(taxonomy_copy)
   reused = sorted(results)
   todo = [s for s in range(num_shards) if s not in results]
   failures: dict[int, str] = {}
@@ -426,10 +483,12 @@ def convert(
     def args(s: int) -> tuple:
       return s, num_shards, by_shard[s], output_dir, options, manifest_sha256
 
+    more = {'manifest_options': manifest_options}
+
     if workers <= 1:
       for shard in todo:
         try:
-          results[shard] = convert_shard(*args(shard), on_row=lambda: bar.update(1))
+          results[shard] = convert_shard(*args(shard), on_row=lambda: bar.update(1), **more)
         except OSError as e:  # a write error (the input's are reported, not raised)
           raised[shard] = e
           failures[shard] = _error_text(e).rstrip('.')
@@ -465,7 +524,7 @@ def convert(
           while waiting or running:
             while waiting and len(running) < max_workers and not failures:
               shard = waiting.pop(0)
-              running[pool.submit(_convert_shard_in_worker, *args(shard))] = shard
+              running[pool.submit(_convert_shard_in_worker, *args(shard), **more)] = shard
             finished, _ = concurrent.futures.wait(
               running, timeout=0.25, return_when=concurrent.futures.FIRST_COMPLETED
             )
@@ -508,7 +567,7 @@ def convert(
       raise  # else: the shard's error below tells the cause
 
   def total(key: str) -> float:
-    return sum(s[key] for s in results.values())
+    return sum(s.get(key, 0) for s in results.values())  # with_tags: absent in older shards
 
   summary = {
     'rows': len(rows),
@@ -520,6 +579,12 @@ def convert(
     'with_video': int(total('with_video')),
     'with_audio': int(total('with_audio')),
     'with_captions': int(total('with_captions')),
+    'with_tags': int(total('with_tags')),
+    'taxonomy': (
+      {'path': taxonomy_copy, 'nouns': taxonomy.num_nouns, 'verbs': taxonomy.num_verbs}
+      if taxonomy is not None
+      else None
+    ),
     'shards': num_shards,
     'shards_converted': len(todo) - len(failures),
     'shards_reused': len(reused),

@@ -1,7 +1,10 @@
 """Manifests: the JSONL / CSV files that list the media to convert (format in docs/DATA.md).
 
 `read_manifest` turns each data row into a `ManifestRow`: the media path as written and where to
-open it, its captions and labels. A malformed row is returned with `error` set, never raised, so the
+open it, its captions (with their noun / verb class tags) and labels. EgoClip's released metadata
+(a TAB-separated `.csv` whose header names `video_uid` and `clip_text`) is read as a manifest too:
+its narrations are grouped per video into chunks of `egoclip_chunk_seconds`, one window row each
+(`read_egoclip`). A malformed row is returned with `error` set, never raised, so the
 converter can report it and carry on; a file that is not UTF-8 text is refused as a whole, naming
 the line. `duplicates` finds rows that would make records with the same id. `check_output_dir`
 vets the folder a data tool is about to write to, before it writes anything.
@@ -22,6 +25,9 @@ from vatt_jax import cli
 
 JSONL_SUFFIXES = ('.jsonl', '.ndjson')
 CSV_SUFFIXES = ('.csv',)
+# EgoVLP cuts Ego4D's hours-long videos into 600 s chunks; one record per chunk here.
+EGOCLIP_CHUNK_SECONDS = 600.0
+EGOCLIP_COLUMNS = ('video_uid', 'clip_start', 'clip_end', 'clip_text')  # required; tags optional
 _BOM = b'\xef\xbb\xbf'  # the UTF-8 byte-order mark
 
 
@@ -60,6 +66,18 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _parse_tags(value: Any, where: str) -> tuple[int, ...]:
+  """A caption's "nouns" / "verbs": a list of non-negative integer class indices (None: none)."""
+  if value is None:
+    return ()
+  if not isinstance(value, list):
+    raise ValueError(f'{where}: expected a list of class indices, got {type(value).__name__}')
+  for v in value:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+      raise ValueError(f'{where}: {v!r} is not a non-negative integer class index')
+  return tuple(value)
+
+
 def _parse_captions(value: Any) -> tuple[schema.Caption, ...]:
   if value is None:
     return ()
@@ -85,7 +103,9 @@ def _parse_captions(value: Any) -> tuple[schema.Caption, ...]:
       raise ValueError(f'{where}: end {end} < start {start}')
     if not isinstance(text, str):
       raise ValueError(f'{where}.text: expected a string, got {type(text).__name__}')
-    captions.append(schema.Caption(float(start), float(end), text))
+    nouns = _parse_tags(item.get('nouns'), f'{where}.nouns')
+    verbs = _parse_tags(item.get('verbs'), f'{where}.verbs')
+    captions.append(schema.Caption(float(start), float(end), text, nouns, verbs))
   return tuple(captions)
 
 
@@ -180,20 +200,41 @@ def read_utf8(path: str) -> str:
     ) from None
 
 
-def read_manifest(path: str) -> list[ManifestRow]:
-  """Reads a JSONL or CSV manifest; malformed rows come back with `error` set (never raised).
+def is_egoclip(path: str, text: str | None = None) -> bool:
+  """Whether `path` is EgoClip metadata: a `.csv` whose first line, split at TABs, names the
+  columns video_uid and clip_text (the other CSV format has media,label)."""
+  if os.path.splitext(path)[1].lower() not in CSV_SUFFIXES:
+    return False
+  if text is None:
+    text = read_utf8(path)
+  header = text.split('\n', 1)[0].rstrip('\r')
+  columns = {c.strip() for c in header.split('\t')}
+  return {'video_uid', 'clip_text'} <= columns
 
+
+def read_manifest(
+  path: str,
+  media_root: str | None = None,
+  egoclip_chunk_seconds: float = EGOCLIP_CHUNK_SECONDS,
+) -> list[ManifestRow]:
+  """Reads a JSONL, CSV or EgoClip manifest; malformed rows come back with `error` set (never
+  raised).
+
+  media_root: the folder relative media paths (EgoClip: `{video_uid}.mp4`) are opened from; None:
+  the manifest's folder. egoclip_chunk_seconds: the length of an EgoClip window (`read_egoclip`).
   Raises ValueError only when the manifest as a whole is unusable (unknown suffix, no `media`
-  column, not UTF-8: `cli.UserError` naming the line) and OSError when it cannot be read. An empty
-  manifest gives no rows.
+  column, an EgoClip header without the columns it needs, not UTF-8: `cli.UserError` naming the
+  line) and OSError when it cannot be read. An empty manifest gives no rows.
   """
-  base_dir = os.path.dirname(os.path.abspath(path))
+  base_dir = os.path.abspath(media_root) if media_root else os.path.dirname(os.path.abspath(path))
   suffix = os.path.splitext(path)[1].lower()
   if suffix not in JSONL_SUFFIXES + CSV_SUFFIXES:
     raise ValueError(
       f'{path}: unknown manifest type {suffix!r}; use {JSONL_SUFFIXES + CSV_SUFFIXES} files'
     )
   text = read_utf8(path)
+  if is_egoclip(path, text):
+    return read_egoclip(path, text, base_dir, egoclip_chunk_seconds)
   rows: list[ManifestRow] = []
 
   def bad(index: int, line: int, media: Any, error: str) -> ManifestRow:
@@ -234,6 +275,94 @@ def read_manifest(path: str) -> list[ManifestRow]:
       except ValueError as e:
         rows.append(bad(index, reader.line_num, fields.get('media'), str(e)))
   return rows
+
+
+def _egoclip_tags(cell: str | None, column: str) -> tuple[int, ...]:
+  # Released as Python list literals, "[192, 115]": the same text is a JSON list.
+  if cell is None or not cell.strip():
+    return ()
+  try:
+    value = json.loads(cell)
+  except json.JSONDecodeError:
+    raise ValueError(f'{column}: {cell!r} is not a list like [192, 115]') from None
+  return _parse_tags(value, column)
+
+
+def _egoclip_time(cell: str | None, column: str) -> float:
+  try:
+    value = float(cell)  # type: ignore[arg-type]
+  except (TypeError, ValueError):
+    raise ValueError(f'{column}: {cell!r} is not a number') from None
+  if not math.isfinite(value):
+    raise ValueError(f'{column}: {cell!r} is not a finite number')
+  return value
+
+
+def read_egoclip(
+  path: str, text: str, media_root: str, chunk_seconds: float = EGOCLIP_CHUNK_SECONDS
+) -> list[ManifestRow]:
+  """EgoClip metadata (TAB-separated, a header row) → one window row per (video, chunk).
+
+  Each line is one narration: `video_uid`, `clip_start`, `clip_end` (seconds in the video),
+  `clip_text` (kept exactly as released, "#C C picks up a knife" included: the tokenizer sees it),
+  and optionally `tag_noun` / `tag_verb` (class indices of Ego4D's taxonomy, "[192, 115]"); other
+  columns (narration_time, video_dur, narration_source, …) are ignored. A negative clip_start is
+  read as 0, as EgoVLP reads it. A narration belongs to chunk k = ⌊clip_start / chunk_seconds⌋
+  of its video; chunk k becomes the window row over `{media_root}/{video_uid}.mp4` from
+  k · chunk_seconds to the latest end of its narrations (so a narration that starts before the
+  chunk's end keeps its whole span), with its narrations, in start order, as captions (in the
+  video's time: the converter moves them to the window's clock, as for any window row). Rows come
+  in the order of their first line; a malformed line is a row of its own with `error` set.
+  """
+  if not (math.isfinite(chunk_seconds) and chunk_seconds > 0):
+    raise ValueError(f'egoclip_chunk_seconds must be > 0, got {chunk_seconds}')
+  reader = csv.DictReader(io.StringIO(text, newline=''), delimiter='\t')
+  columns = [c.strip() for c in reader.fieldnames or []]
+  missing = [c for c in EGOCLIP_COLUMNS if c not in columns]
+  if missing:
+    raise ValueError(f'{path}: the EgoClip header lacks the column(s) {missing}, found {columns}')
+  reader.fieldnames = columns
+  # Rows with index -1 until all are made: index = the order of their (first) lines.
+  rows: list[ManifestRow] = []
+  chunks: dict[tuple[str, int], list[tuple[int, schema.Caption]]] = {}
+  for fields in reader:
+    line = reader.line_num  # where the row ends, as for the other CSV format
+    try:
+      if None in fields or any(fields.get(c) is None for c in EGOCLIP_COLUMNS):
+        raise ValueError(f'expected {len(columns)} TAB-separated cells')
+      video_uid = (fields['video_uid'] or '').strip()
+      if not video_uid:
+        raise ValueError('video_uid: empty')
+      start = max(_egoclip_time(fields['clip_start'], 'clip_start'), 0.0)
+      end = _egoclip_time(fields['clip_end'], 'clip_end')
+      if end < start:
+        raise ValueError(f'clip_end {end:g} < clip_start {start:g}')
+      caption = schema.Caption(
+        start,
+        end,
+        fields['clip_text'],
+        _egoclip_tags(fields.get('tag_noun'), 'tag_noun'),
+        _egoclip_tags(fields.get('tag_verb'), 'tag_verb'),
+      )
+    except ValueError as e:
+      rows.append(ManifestRow(-1, line, '', '', error=f'{path} line {line}: {e}'))
+      continue
+    chunks.setdefault((video_uid, int(start // chunk_seconds)), []).append((line, caption))
+  for (video_uid, chunk), items in chunks.items():
+    line = items[0][0]
+    captions = tuple(c for _, c in sorted(items, key=lambda item: (item[1].start, item[0])))
+    start, end = chunk * chunk_seconds, max(c.end for c in captions)
+    media = f'{video_uid}.mp4'
+    if end > start:
+      opened = _resolve(media, media_root)
+      rows.append(ManifestRow(-1, line, media, opened, captions, (), None, start, end))
+    else:  # every narration of the chunk is an instant at its very start
+      rows.append(ManifestRow(-1, line, media, '', error=(
+        f'{path} line {line}: video {video_uid} chunk {chunk}: its narrations end at {end:g} s, '
+        'where the chunk starts (an empty window)'
+      )))  # fmt: skip
+  rows.sort(key=lambda row: row.line)
+  return [dataclasses.replace(row, index=index) for index, row in enumerate(rows)]
 
 
 def duplicates(rows: list[ManifestRow]) -> dict[int, ManifestRow]:

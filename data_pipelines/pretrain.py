@@ -24,6 +24,28 @@ emitted (a video classifier needs no audio, text or tokenizer); `multi_label` wi
 turns each record's label list into a multi-hot float32 [num_classes] "label" (otherwise the first
 label, or −1); `split_folders` maps a split name to its folder under `path` (e.g. train →
 segments_train).
+
+EgoVLP / SViTT-Ego options (config.data; docs/DATA.md):
+  num_nouns, num_verbs (0: off): the batch carries `noun` [B, num_nouns] and `verb` [B, num_verbs]
+    float32 multi-hots of the chosen caption's class tags (the first narration when K > 1). A
+    record with a class index >= num_* is data that disagrees with the config: skipped and
+    counted (noun_out_of_range / verb_out_of_range), or fatal with on_bad_input='fatal'. When the
+    shards' folder holds the converter's taxonomy.json, a config whose sizes differ is refused.
+  caption_clips (False): a clip is anchored on ONE caption, drawn uniformly among the record's
+    non-empty captions (records without one: skipped, counted as no_captions): T frames spread over
+    the caption's [start, end], one at a random point of each of T equal segments in training, at
+    the segment centres in evaluation (EgoVLP's 'rand' / 'uniform'), whatever data.fps says; then
+    the usual crop, flip and jitter. Text: that caption first, then (K > 1) the captions nearest
+    it in time order. Evaluation gives one such clip per record (data.eval_clips is not used) in
+    data.eval_crops crops. Audio is not cut over caption spans: refused with 'audio' in
+    data.modalities.
+  scene_negative_window (0: off; EgoVLP: 60 s; needs caption_clips; training only): the batch also
+    carries the clip of another caption j of the same record whose time ((start + end) / 2, close to
+    EgoClip's narration_time) lies within ±window of the chosen caption's, j drawn uniformly among
+    those: neg_video [B, T, S, S, 3], neg_text [B, K, W], neg_noun / neg_verb, neg_mask [B] float32
+    (0, with zeros in the other neg_ fields, where the record has no such caption). As in
+    vatt_jax.losses.egonce.scene_negative_index.
+Every draw is a stateless function of (seed, element index), like the rest of this pipeline.
 """
 
 from __future__ import annotations
@@ -44,7 +66,7 @@ from absl import logging
 
 from data_pipelines import audio as audio_ops
 from data_pipelines import labels as labels_ops
-from data_pipelines import options, schema
+from data_pipelines import options, schema, taxonomy
 from data_pipelines import text as text_ops
 from data_pipelines import video as video_ops
 from vatt_jax.cli import UserError
@@ -52,6 +74,9 @@ from vatt_jax.cli import UserError
 tf.config.set_visible_devices([], 'GPU')  # TensorFlow never takes an accelerator from JAX
 
 MODALITIES = ('video', 'audio', 'text')
+# Why _process rejects an element (its '_reject' code), as named in `counts`; 0 keeps it.
+REJECT_REASONS = {1: 'noun_out_of_range', 2: 'verb_out_of_range', 3: 'no_captions'}
+_NOUN_OUT_OF_RANGE, _VERB_OUT_OF_RANGE, _NO_CAPTIONS = 1, 2, 3
 
 
 class NoShardsError(UserError, FileNotFoundError):
@@ -122,10 +147,13 @@ class ShardSource:
   """Iterator of numpy batch dicts read from record shards; see the module docstring.
 
   Train batch: video [B, T, S, S, 3] f32 in [-1, 1], audio [B, N] f32, text [B, K, W] int32,
-  video_mask / audio_mask / text_mask [B] f32, label [B] int32 (-1: none) or [B, C] f32 multi-hot.
-  Eval adds a view axis: video [B, k·c, T, S, S, 3] (k clips × c crops, clip-major), audio
-  [B, k, N], and media_id [B] bytes. Only the fields of config data.modalities are present.
-  `counts` holds what was skipped or masked, by reason.
+  video_mask / audio_mask / text_mask [B] f32, label [B] int32 (-1: none) or [B, C] f32 multi-hot;
+  with data.num_nouns / num_verbs > 0 noun [B, num_nouns] / verb [B, num_verbs] f32 multi-hot;
+  with data.scene_negative_window > 0 neg_video [B, T, S, S, 3], neg_text [B, K, W] int32,
+  neg_noun / neg_verb, neg_mask [B] f32 (module docstring).
+  Eval adds a view axis: video [B, k·c, T, S, S, 3] (k clips × c crops, clip-major; k = 1 with
+  data.caption_clips), audio [B, k, N], and media_id [B] bytes. Only the fields of config
+  data.modalities are present. `counts` holds what was skipped or masked, by reason.
   """
 
   min_captions = 0  # records with fewer non-empty captions cannot be used (long_video.py: C)
@@ -163,6 +191,7 @@ class ShardSource:
       self.clip_seconds = cfg.num_samples / cfg.sample_rate
     self.eval_crops = video_ops.eval_crops(cfg)
     self.multi_label, self.num_classes = labels_ops.options(cfg)
+    self._ego_options(cfg)
     self.cfg, self.split, self.seed = cfg, split, seed
     self.train = split == 'train'
     self.local_batch_size = batch_size // process_count
@@ -172,6 +201,7 @@ class ShardSource:
     self.tokenizer = None
     if 'text' in self.modalities:
       self._load_tokenizer()
+    self._check_taxonomy()
     self._check_shards()
     self.counts = collections.Counter()
     self._position = 0  # stream elements consumed (emitted or dropped)
@@ -185,7 +215,72 @@ class ShardSource:
     self._passed = tf.Variable(0, dtype=tf.int64, trainable=False)
     self._progress = (0, 0)  # (passed, records read) when `passed` last grew
     self._stop = None  # an error raised on a tf.data thread, re-raised by __next__ as it is
+    # Elements _process rejected (index, reason) not yet consumed, and how many were since start.
+    self._rejected = []
+    self._rejected_lock = threading.Lock()
+    self._rejected_since_start = 0
     _OPEN_SOURCES.add(self)
+
+  def _ego_options(self, cfg: ml_collections.ConfigDict) -> None:
+    """Reads and checks num_nouns, num_verbs, caption_clips and scene_negative_window."""
+    for name in ('num_nouns', 'num_verbs'):
+      value = cfg.get(name, 0)
+      if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 0:
+        raise ValueError(f'config data.{name} must be an integer >= 0, got {value!r}')
+    self.num_nouns, self.num_verbs = int(cfg.get('num_nouns', 0)), int(cfg.get('num_verbs', 0))
+    self.caption_clips = bool(cfg.get('caption_clips', False))
+    window = cfg.get('scene_negative_window', 0.0)
+    if not isinstance(window, int | float) or not np.isfinite(window) or window < 0:
+      raise ValueError(f'config data.scene_negative_window must be >= 0 seconds, got {window!r}')
+    self.scene_negative_window = float(window)
+    if self.scene_negative_window > 0 and not self.caption_clips:
+      raise ValueError(
+        f'config data.scene_negative_window={window} needs data.caption_clips=True: a scene '
+        'negative is the clip of another caption of the same video'
+      )
+    if self.caption_clips and 'audio' in self.modalities:
+      raise ValueError(
+        "config data.caption_clips=True cuts no audio over caption spans: drop 'audio' from "
+        f'data.modalities (now {self.modalities})'
+      )
+    used = [
+      f'data.{name}'
+      for name, on in (
+        ('num_nouns', self.num_nouns),
+        ('num_verbs', self.num_verbs),
+        ('caption_clips', self.caption_clips),
+      )
+      if on
+    ]
+    if used and type(self) is not ShardSource:
+      raise ValueError(
+        f'config {", ".join(used)}: not supported by {type(self).__name__} (data.long_video); '
+        'set them to 0 / False'
+      )
+    if self.caption_clips:
+      self.min_captions = max(self.min_captions, 1)
+    self._may_reject = bool(self.num_nouns or self.num_verbs or self.caption_clips)
+
+  def _check_taxonomy(self) -> None:
+    """Refuses num_nouns / num_verbs that differ from the sizes of the taxonomy the converter
+    copied beside the shards (scripts/prepare_data.py --taxonomy), when there is one."""
+    if not (self.num_nouns or self.num_verbs):
+      return
+    shard_dir = os.path.dirname(self.files[0])
+    stored = taxonomy.stored_taxonomy(shard_dir)
+    if stored is None:
+      return
+    where = os.path.join(shard_dir, taxonomy.TAXONOMY_FILENAME)
+    for name, wanted, found in (
+      ('num_nouns', self.num_nouns, stored.num_nouns),
+      ('num_verbs', self.num_verbs, stored.num_verbs),
+    ):
+      if wanted and wanted != found:
+        kind = name[len('num_') :]
+        raise UserError(
+          f'{self.where}: its taxonomy {where} has {found} {kind}, config data.{name}={wanted}: '
+          f'set --config.data.{name}={found} or convert with the taxonomy the config expects'
+        )
 
   def _load_tokenizer(self) -> None:
     cfg = self.cfg
@@ -308,7 +403,10 @@ class ShardSource:
       )
 
   def _captions_needed(self) -> str:
-    return ''  # a subclass that needs captions (min_captions > 0) says why
+    # A subclass that needs captions (min_captions > 0) says why.
+    if self.caption_clips:
+      return 'data.caption_clips anchors each clip on a caption'
+    return ''
 
   # ---- checkpointable position ------------------------------------------------------------
   def get_state(self) -> dict:
@@ -412,10 +510,6 @@ class ShardSource:
     ex = schema.parse(serialized)
     seed = tf.stack([tf.cast(self.seed, tf.int64), index])
     seeds = tf.random.experimental.stateless_split(seed, 3)
-    clip_seconds = self.clip_seconds
-    starts = video_ops.clip_starts(
-      ex['duration'], clip_seconds, seeds[0], train=self.train, eval_clips=cfg.eval_clips
-    )
     out = {
       'label': self._label(ex['labels']),
       '_index': index,
@@ -423,15 +517,82 @@ class ShardSource:
       '_audio_rate_mismatch': tf.constant(False),
       '_empty_captions': tf.constant(0, tf.int32),
     }
+    if self._may_reject:
+      out.update(self._rejection(ex))
+    if self.caption_clips:
+      out.update(self._caption_clip(ex, seeds))
+      if not self.train:
+        out['media_id'] = ex['media_id']
+      return out
+    clip_seconds = self.clip_seconds
+    starts = video_ops.clip_starts(
+      ex['duration'], clip_seconds, seeds[0], train=self.train, eval_clips=cfg.eval_clips
+    )
     if 'video' in self.modalities:
       out['video'] = self._video(ex, starts, seeds[1])
       out['video_mask'] = tf.ones([], tf.float32)  # records without frames were dropped
     if 'audio' in self.modalities:
       out.update(self._audio(ex, starts))
-    if 'text' in self.modalities:
+    if 'text' in self.modalities or self.num_nouns or self.num_verbs:
       out.update(self._text(ex, starts, clip_seconds))
     if not self.train:
       out['media_id'] = ex['media_id']
+    return out
+
+  def _rejection(self, ex):
+    """'_reject' (a REJECT_REASONS code, 0: keep) and '_reject_value' (the class index past the
+    config, or −1) of a record: a tag class past data.num_nouns / num_verbs on any caption, or
+    (caption_clips) no non-empty caption to anchor a clip on. Checked in that order."""
+    reject, value = tf.constant(0), tf.constant(-1, tf.int64)
+    checks = []
+    if self.num_nouns:
+      checks.append((_NOUN_OUT_OF_RANGE, ex['caption_noun'], self.num_nouns))
+    if self.num_verbs:
+      checks.append((_VERB_OUT_OF_RANGE, ex['caption_verb'], self.num_verbs))
+    if self.caption_clips:
+      nonempty = tf.strings.length(tf.strings.strip(ex['captions'])) > 0
+      reject = tf.where(tf.reduce_any(nonempty), reject, _NO_CAPTIONS)
+    for code, tags, limit in reversed(checks):  # the first check that fails names the reason
+      largest = tf.reduce_max(tf.concat([tf.reshape(tags, [-1]), tf.constant([-1], tf.int64)], 0))
+      reject = tf.where(largest >= limit, code, reject)
+      value = tf.where(largest >= limit, largest, value)
+    return {'_reject': reject, '_reject_value': value, '_media_id': ex['media_id']}
+
+  def _captions(self, ex):
+    """The record's non-empty captions, in stored order: ({captions [n], caption_start [n],
+    caption_end [n], caption_noun [n, L], caption_verb [n, L]}, n, nonempty [C] bool), with one
+    empty placeholder caption when n = 0 (so that indexing never fails; its users mask it)."""
+    nonempty = tf.strings.length(tf.strings.strip(ex['captions'])) > 0
+    keys = ('captions', 'caption_start', 'caption_end', 'caption_noun', 'caption_verb')
+    found = {key: tf.boolean_mask(ex[key], nonempty) for key in keys}
+    count = tf.shape(found['captions'])[0]
+
+    def no_tags(key):
+      return tf.fill(tf.stack([1, tf.shape(ex[key])[1]]), tf.constant(-1, tf.int64))
+
+    def placeholder():
+      return {
+        'captions': tf.constant(['']),
+        'caption_start': tf.constant([0.0]),
+        'caption_end': tf.constant([0.0]),
+        'caption_noun': no_tags('caption_noun'),
+        'caption_verb': no_tags('caption_verb'),
+      }
+
+    return tf.cond(count > 0, lambda: found, placeholder), count, nonempty
+
+  def _tags(self, caps, chosen, present, prefix: str = ''):
+    """noun [num_nouns] / verb [num_verbs] f32 multi-hots of caption `chosen` (zeros unless
+    `present`), for the sizes that are > 0."""
+    out = {}
+    for key, size in (('noun', self.num_nouns), ('verb', self.num_verbs)):
+      if size:
+        row = caps[f'caption_{key}'][chosen]
+        # Records with a class past `size` are rejected (_rejection); clipped here only so that
+        # one_hot never sees them.
+        hot = tf.one_hot(tf.boolean_mask(row, (row >= 0) & (row < size)), size, dtype=tf.float32)
+        hot = tf.reduce_max(tf.concat([hot, tf.zeros([1, size])], 0), axis=0)
+        out[prefix + key] = hot * tf.cast(present, tf.float32)
     return out
 
   def _label(self, labels):
@@ -507,27 +668,122 @@ class ShardSource:
     }
 
   def _text(self, ex, starts, clip_seconds):
+    """text [K] strings and text_mask (when the model reads text), and the first narration's
+    noun / verb multi-hots (data.num_nouns / num_verbs)."""
     cfg = self.cfg
-    nonempty = tf.strings.length(tf.strings.strip(ex['captions'])) > 0
-    captions = tf.boolean_mask(ex['captions'], nonempty)
-    cap_start = tf.boolean_mask(ex['caption_start'], nonempty)
-    cap_end = tf.boolean_mask(ex['caption_end'], nonempty)
-    has_text = tf.size(captions) > 0
-    captions, cap_start, cap_end = tf.cond(
-      has_text,
-      lambda: (captions, cap_start, cap_end),
-      lambda: (tf.constant(['']), tf.constant([0.0]), tf.constant([0.0])),
-    )
+    caps, count, nonempty = self._captions(ex)
+    has_text = count > 0
     centre = starts[tf.shape(starts)[0] // 2]
     chosen = text_ops.narration_indices(
-      cap_start, cap_end, centre, centre + clip_seconds, cfg.num_narrations
+      caps['caption_start'], caps['caption_end'], centre, centre + clip_seconds, cfg.num_narrations
     )
-    return {
+    out = self._tags(caps, chosen[0], has_text)
+    if 'text' in self.modalities:
       # Strings now, ids after batching: one tokenizer call per batch, not one per example.
-      'text': tf.where(has_text, tf.gather(captions, chosen), ''),
-      'text_mask': tf.cast(has_text, tf.float32),
-      '_empty_captions': tf.reduce_sum(tf.cast(~nonempty, tf.int32)),
-    }
+      out['text'] = tf.where(has_text, tf.gather(caps['captions'], chosen), '')
+      out['text_mask'] = tf.cast(has_text, tf.float32)
+      out['_empty_captions'] = tf.reduce_sum(tf.cast(~nonempty, tf.int32))
+    return out
+
+  # ---- caption-anchored clips and scene negatives (data.caption_clips) ----------------------
+  def _caption_clip(self, ex, seeds):
+    """The fields of a clip anchored on one caption, drawn uniformly (module docstring), and of
+    its scene negative (training, data.scene_negative_window > 0)."""
+    caps, count, nonempty = self._captions(ex)
+    present = count > 0  # records without a caption are rejected (_rejection)
+    # seeds[0] (the clip start's outside this mode) is split for this mode's draws; seeds[1]
+    # augments the clip as in the other mode. Not stateless_fold_in: its seeds [u, 1], [u, 2], …
+    # differ only in the counter word, and Philox's first draws from them are correlated.
+    choice, offsets, negative_choice, negative_offsets, negative_augment = tf.unstack(
+      tf.random.experimental.stateless_split(seeds[0], 5), num=5
+    )
+    chosen = tf.random.stateless_uniform([], choice, 0, tf.maximum(count, 1), dtype=tf.int32)
+    out = self._anchored(ex, caps, count, chosen, offsets, seeds[1], present)
+    out['_empty_captions'] = tf.reduce_sum(tf.cast(~nonempty, tf.int32))
+    if self.train and self.scene_negative_window > 0:
+      other, has_other = self._scene_negative(caps, count, chosen, negative_choice)
+      negative = self._anchored(
+        ex, caps, count, other, negative_offsets, negative_augment, has_other, prefix='neg_'
+      )
+      for key in ('text_mask', 'video_mask'):
+        negative.pop('neg_' + key, None)
+      out.update(negative)
+      out['neg_mask'] = tf.cast(has_other, tf.float32)
+    return out
+
+  def _anchored(self, ex, caps, count, chosen, offset_seed, augment_seed, present, prefix=''):
+    """video (train [T, S, S, 3], eval [c, T, S, S, 3]) over caption `chosen`'s span, its text
+    [K] (the caption, then the captions nearest it in time order) and tags; zeros and '' unless
+    `present` (the video is then not decoded)."""
+    cfg = self.cfg
+    out = self._tags(caps, chosen, present, prefix)
+    if 'video' in self.modalities:
+      crops = 1 if self.train else self.eval_crops
+      shape = [cfg.num_frames, cfg.frame_size, cfg.frame_size, 3]
+      shape = shape if self.train else [crops, *shape]
+      start, end = caps['caption_start'][chosen], caps['caption_end'][chosen]
+      out[prefix + 'video'] = tf.cond(
+        present,
+        lambda: self._span_clip(ex, start, end, offset_seed, augment_seed),
+        lambda: tf.zeros(shape, tf.float32),
+      )
+      out[prefix + 'video_mask'] = tf.ones([], tf.float32)
+    if 'text' in self.modalities:
+      text = tf.gather(caps['captions'], self._nearest_captions(caps, count, chosen))
+      out[prefix + 'text'] = tf.where(present, text, '')
+      out[prefix + 'text_mask'] = tf.cast(present, tf.float32)
+    return out
+
+  def _nearest_captions(self, caps, count, chosen):
+    """[K] caption indices: `chosen`, then the others nearest it in time order (start times;
+    the earlier first on a tie), `chosen` repeated when there are fewer than K."""
+    order = tf.argsort(caps['caption_start'], stable=True)  # time position → caption
+    position = tf.argmax(tf.cast(tf.equal(order, chosen), tf.int32), output_type=tf.int32)
+    positions = tf.range(tf.shape(order)[0])
+    key = 2 * tf.abs(positions - position) - tf.cast(positions < position, tf.int32)
+    nearest = tf.argsort(key, stable=True)  # nearest[0] is `position` (key 0)
+    k = tf.range(self.cfg.num_narrations)
+    return tf.gather(order, tf.gather(nearest, tf.where(k < count, k, 0)))
+
+  def _span_clip(self, ex, start, end, offset_seed, augment_seed):
+    """T frames over [start, end] s: frame k at a random point (train) or the centre (eval) of the
+    k-th of T equal segments, shown as stored at that time; then augmented (train) or the
+    data.eval_crops crops (eval, [c, T, S, S, 3])."""
+    cfg = self.cfg
+    num_stored = tf.shape(ex['frames'])[0]
+    # A record without frames fails here: dropped and counted, as _video does.
+    tf.debugging.assert_greater(num_stored, 0, message='record without frames')
+    start = tf.clip_by_value(start, 0.0, ex['duration'])
+    length = tf.maximum(tf.clip_by_value(end, 0.0, ex['duration']) - start, 0.0)
+    if self.train:
+      within = tf.random.stateless_uniform([cfg.num_frames], offset_seed)
+    else:
+      within = tf.fill([cfg.num_frames], 0.5)
+    segment = tf.range(cfg.num_frames, dtype=tf.float32)
+    times = start + (segment + within) * length / cfg.num_frames
+    index = tf.cast(tf.floor(times * ex['frame_rate']), tf.int32)
+    jpegs = tf.gather(ex['frames'], tf.clip_by_value(index, 0, num_stored - 1))
+    options = dict(area_range=cfg.crop_area_range, aspect_range=cfg.crop_aspect_range)
+    if self.train:
+      return video_ops.decode_clip(jpegs, cfg.frame_size, augment_seed, train=True, **options)
+    windows = video_ops.eval_windows(tf.image.extract_jpeg_shape(jpegs[0]), self.eval_crops)
+    return tf.stack([
+      video_ops.decode_clip(jpegs, cfg.frame_size, augment_seed, train=False, window=windows[c])
+      for c in range(self.eval_crops)
+    ])  # fmt: skip
+
+  def _scene_negative(self, caps, count, chosen, seed):
+    """(j, whether there is one): another caption of the record whose time ((start + end) / 2)
+    lies within ±scene_negative_window of caption `chosen`'s, drawn uniformly among them."""
+    times = tf.cast(caps['caption_start'], tf.float64) + tf.cast(caps['caption_end'], tf.float64)
+    times = times / 2
+    others = tf.range(tf.shape(times)[0]) != chosen
+    near = others & (tf.abs(times - times[chosen]) <= self.scene_negative_window) & (count > 0)
+    candidates = tf.cast(tf.where(near)[:, 0], tf.int32)
+    num = tf.shape(candidates)[0]
+    pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(num, 1), dtype=tf.int32)
+    # Without a candidate: `chosen` itself as a placeholder, masked by the caller.
+    return tf.concat([candidates, [chosen]], 0)[pick], num > 0
 
   def _dataset(self) -> tf.data.Dataset:
     cfg = self.cfg
@@ -539,6 +795,8 @@ class ShardSource:
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
     if cfg.on_bad_input == 'skip':
       ds = ds.ignore_errors()  # undecodable records/frames: dropped here, counted by index gaps
+    if self._may_reject:
+      ds = ds.filter(self._accept)
     ds = self._batch(ds)
     if self.tokenizer is not None:
       ds = ds.map(
@@ -547,13 +805,57 @@ class ShardSource:
     return ds.prefetch(tf.data.AUTOTUNE)
 
   def _counted(self, index, serialized):
-    """_process, counting the element in `_passed` once all its fields were made (_hopeless)."""
+    """_process, counting the element in `_passed` once all its fields were made (_hopeless);
+    an element _process rejects does not count."""
     out = self._process(index, serialized)
+    kept = tf.cast(tf.equal(out['_reject'], 0), tf.int64) if '_reject' in out else 1
     with tf.control_dependencies(tf.nest.flatten(out)):
-      passed = self._passed.assign_add(1)
+      passed = self._passed.assign_add(kept)
     with tf.control_dependencies([passed]):
       out['_index'] = tf.identity(out['_index'])
     return out
+
+  def _accept(self, element) -> tf.Tensor:
+    """Whether to keep an element; a rejected one is noted (_reject_element) and dropped."""
+    return tf.cond(
+      tf.equal(element['_reject'], 0),
+      lambda: tf.constant(True),
+      lambda: tf.py_function(
+        self._reject_element,
+        [element['_index'], element['_reject'], element['_reject_value'], element['_media_id']],
+        tf.bool,
+      ),
+    )
+
+  def _reject_element(self, index, reason, value, media_id) -> bool:
+    """Runs once per rejected element, as the filter reaches it; always False. A tag class past
+    the config stops the stream with data.on_bad_input='fatal'."""
+    reason, value = int(reason), int(value)
+    if self.cfg.on_bad_input == 'fatal' and reason in (_NOUN_OUT_OF_RANGE, _VERB_OUT_OF_RANGE):
+      kind, limit = (
+        ('noun', self.num_nouns) if reason == _NOUN_OUT_OF_RANGE else ('verb', self.num_verbs)
+      )
+      error = UserError(
+        f'{self.where}: record {media_id.numpy().decode("utf-8", "replace")} has {kind} class '
+        f'{value}, config data.num_{kind}s={limit} (tagged with another taxonomy?; config '
+        'data.on_bad_input=fatal)'
+      )
+      # The first one is told: prefetching may read on past it before __next__ raises it.
+      self._stop = self._stop or error
+      raise error
+    with self._rejected_lock:
+      self._rejected.append((int(index), REJECT_REASONS[reason]))
+    return False
+
+  def _count_rejected(self) -> None:
+    """Moves the rejected elements before the position from skipped_records to their reasons."""
+    with self._rejected_lock:
+      consumed = [reason for index, reason in self._rejected if index < self._position]
+      self._rejected = [(i, r) for i, r in self._rejected if i >= self._position]
+    for reason in consumed:
+      self.counts[reason] += 1
+    self._rejected_since_start += len(consumed)
+    self.counts['skipped_records'] -= self._rejected_since_start
 
   def _select(self, ds: tf.data.Dataset) -> tf.data.Dataset:
     """The (index, record) elements to process: all of them (a subclass may drop some)."""
@@ -563,10 +865,15 @@ class ShardSource:
     return ds.batch(self.local_batch_size, drop_remainder=self.train)
 
   def _tokenize(self, batch):
-    """text: [B, K] caption strings ('' for none) → [B, K, max_words] ids (all 0 for '')."""
-    shape = tf.shape(batch['text'])
-    ids = self.tokenizer.tf_encode(tf.reshape(batch['text'], [-1]), self.cfg.max_words)
-    return {**batch, 'text': tf.reshape(ids, [shape[0], shape[1], self.cfg.max_words])}
+    """text (and neg_text): [B, K] caption strings ('' for none) → [B, K, max_words] ids (all 0
+    for '')."""
+    out = dict(batch)
+    for key in ('text', 'neg_text'):
+      if key in batch:
+        shape = tf.shape(batch[key])
+        ids = self.tokenizer.tf_encode(tf.reshape(batch[key], [-1]), self.cfg.max_words)
+        out[key] = tf.reshape(ids, [shape[0], shape[1], self.cfg.max_words])
+    return out
 
   def close(self) -> None:
     """Releases the tf.data iterator (and its reader) while Python is still alive."""
@@ -580,6 +887,9 @@ class ShardSource:
       self._seen, self._start, self._records_read = 0, self._position, 0
       self._passed.assign(0)
       self._progress, self._stop = (0, self._position), None
+      with self._rejected_lock:
+        self._rejected = []
+      self._rejected_since_start = 0
       self._iterator = self._dataset().as_numpy_iterator()
     try:
       batch = next(self._iterator)
@@ -591,6 +901,7 @@ class ShardSource:
       # A finite (evaluation) stream is over: whatever was read and not emitted was dropped.
       self.counts['skipped_records'] = self._records_read - self._start - self._seen
       self._position = self._records_read
+      self._count_rejected()
       raise
     except tf.errors.OpError:
       if self._stop is not None:  # raised on a tf.data thread: the message is ours, one line
@@ -601,6 +912,9 @@ class ShardSource:
     self._position = max(self._position, int(index.max()) + 1)
     # Elements consumed but not emitted were dropped: unreadable, undecodable or without frames.
     self.counts['skipped_records'] = self._position - self._start - self._seen
+    self._count_rejected()
+    for key in ('_reject', '_reject_value', '_media_id'):
+      batch.pop(key, None)
     self.counts['audio_incomplete'] += int(batch.pop('_audio_incomplete').sum())
     self.counts['audio_rate_mismatch'] += int(batch.pop('_audio_rate_mismatch').sum())
     self.counts['empty_captions'] += int(batch.pop('_empty_captions').sum())
@@ -615,8 +929,8 @@ class ShardSource:
       damaged = len(self._bad_shards)
       why = f'{damaged} corrupted or cut off: see the warnings above' if damaged else 'all empty'
       return UserError(f'{self.where}: no readable record in its {len(self.files)} shards ({why})')
-    parsed, no_video, few_captions = self._survey()
-    other = parsed - no_video - few_captions
+    parsed, no_video, few_captions, tags_past = self._survey()
+    other = parsed - no_video - few_captions - tags_past
     parts, needs = [], []
     if records > parsed:
       parts.append(f'{records - parsed} not vatt-jax records')
@@ -627,6 +941,12 @@ class ShardSource:
     if few_captions:
       parts.append(f'{few_captions} with fewer than {self.min_captions} non-empty captions')
       needs.append(self._captions_needed())
+    if tags_past:
+      parts.append(
+        f'{tags_past} with noun / verb classes past data.num_nouns={self.num_nouns} / '
+        f'data.num_verbs={self.num_verbs}'
+      )
+      needs.append("the config's taxonomy sizes must cover the shards' tags")
     if other:
       parts.append(f'{other} that fail to decode')
       needs.append(
@@ -638,16 +958,22 @@ class ShardSource:
       + '; '.join(needs)
     )
 
-  def _survey(self) -> tuple[int, int, int]:
+  def _survey(self) -> tuple[int, int, int, int]:
     """(records that parse, of them without video frames when the model reads video, of the
-    others with fewer than min_captions non-empty captions) over this host's shards."""
+    others with fewer than min_captions non-empty captions, of the others with a noun / verb
+    class past data.num_nouns / num_verbs) over this host's shards."""
 
     def reasons(serialized):
       ex = schema.parse(serialized)
       no_video = tf.size(ex['frames']) == 0 if 'video' in self.modalities else tf.constant(False)
       nonempty = tf.strings.length(tf.strings.strip(ex['captions'])) > 0
       few = tf.reduce_sum(tf.cast(nonempty, tf.int32)) < self.min_captions
-      return tf.cast(tf.stack([True, no_video, ~no_video & few]), tf.int64)
+      past = tf.constant(False)
+      for key, limit in (('caption_noun', self.num_nouns), ('caption_verb', self.num_verbs)):
+        if limit:
+          past = past | tf.reduce_any(ex[key] >= limit)
+      fine = ~no_video & ~few
+      return tf.cast(tf.stack([True, no_video, ~no_video & few, fine & past]), tf.int64)
 
     files = tf.data.Dataset.from_tensor_slices(self.files)
     records = files.interleave(
@@ -656,5 +982,5 @@ class ShardSource:
       num_parallel_calls=tf.data.AUTOTUNE,
     )
     counts = records.map(reasons, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    parsed, no_video, few_captions = counts.reduce(tf.zeros([3], tf.int64), tf.add).numpy()
-    return int(parsed), int(no_video), int(few_captions)
+    parsed, no_video, few, past = counts.reduce(tf.zeros([4], tf.int64), tf.add).numpy()
+    return int(parsed), int(no_video), int(few), int(past)

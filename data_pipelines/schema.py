@@ -16,9 +16,18 @@ Feature lists (per time step):
                        span they need.
   caption/string       bytes, one UTF-8 caption per step
   caption/start, caption/end  float, one value per caption step (seconds)
+  caption/noun, caption/verb  int64, one list per caption step (zero or more class indices >= 0 of
+                       a noun / verb taxonomy, data_pipelines/taxonomy.py); optional: written
+                       only when some caption has tags, and a record without them has none
 
 A file without audio or captions is a valid record: its flags say so and the pipelines mask what is
 missing. docs/DATA.md documents the same thing for people.
+
+Why the noun and verb tags did not change SCHEMA_VERSION: they are two optional feature lists and
+nothing else moved. Every version-2 record written before them parses as "no tags" (`parse` treats
+a missing list as an empty tag set for every caption), and code from before them ignores lists it
+does not ask for, so old shards and new ones are both version 2 and mix freely. Bumping the version
+would only have made the pipeline refuse every existing shard (it reads one version).
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ WAVEFORM = 'audio/waveform'
 CAPTION = 'caption/string'
 CAPTION_START = 'caption/start'
 CAPTION_END = 'caption/end'
+CAPTION_NOUN = 'caption/noun'
+CAPTION_VERB = 'caption/verb'
 VERSION = 'schema/version'
 
 # 2: the waveform as 16-bit PCM bytes instead of a float list: half the bytes, and a clip's span is
@@ -53,9 +64,13 @@ PCM_SCALE = 32767.0
 
 @dataclasses.dataclass
 class Caption:
+  """A caption over [start, end] seconds; nouns / verbs: its class indices (>= 0, may be empty)."""
+
   start: float
   end: float
   text: str
+  nouns: tuple[int, ...] = ()
+  verbs: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -94,6 +109,14 @@ def encode(record: Record) -> bytes:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
 
   has_audio = record.waveform is not None and len(record.waveform) > 0
+  tagged = False
+  for j, caption in enumerate(record.captions):
+    for kind, tags in (('noun', caption.nouns), ('verb', caption.verbs)):
+      if any(int(t) < 0 for t in tags):
+        raise ValueError(
+          f'{record.media_id}: caption {j} has a negative {kind} class index in {list(tags)}'
+        )
+      tagged = tagged or len(tags) > 0
   context = {
     MEDIA_ID: raw([record.media_id.encode()]),
     DURATION: floats([record.duration]),
@@ -114,6 +137,9 @@ def encode(record: Record) -> bytes:
     CAPTION_START: [floats([c.start]) for c in record.captions],
     CAPTION_END: [floats([c.end]) for c in record.captions],
   }
+  if tagged:  # untagged records keep the bytes they had before tags existed
+    lists[CAPTION_NOUN] = [ints(c.nouns) for c in record.captions]
+    lists[CAPTION_VERB] = [ints(c.verbs) for c in record.captions]
   example = tf.train.SequenceExample(
     context=tf.train.Features(feature=context),
     feature_lists=tf.train.FeatureLists(
@@ -138,7 +164,10 @@ def parse(serialized):
   labels [n] int64, has_video/has_audio/has_captions () int64, frames [F] string (JPEG),
   waveform [S] float32 in [-1, 1] (empty if none), waveform_bytes [0 or 1] string (the samples as
   stored, 16-bit PCM: `audio.cut_waveform_bytes` decodes only a clip's span), captions [C] string,
-  caption_start/caption_end [C] float32, version () int64.
+  caption_start/caption_end [C] float32, caption_noun/caption_verb [C, L] int64 (caption c's class
+  indices in row c, padded with −1 to the record's longest list L; [C, 0] for a record without
+  tags), version () int64. A record whose tag lists do not have one step per caption fails to
+  parse (InvalidArgumentError).
   """
   import tensorflow as tf
 
@@ -161,10 +190,13 @@ def parse(serialized):
     CAPTION: tf.io.FixedLenSequenceFeature([], tf.string, allow_missing=True),
     CAPTION_START: tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),
     CAPTION_END: tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),
+    CAPTION_NOUN: tf.io.VarLenFeature(tf.int64),
+    CAPTION_VERB: tf.io.VarLenFeature(tf.int64),
   }
   context, sequence = tf.io.parse_single_sequence_example(
     serialized, context_features=context_spec, sequence_features=sequence_spec
   )
+  num_captions = tf.shape(sequence[CAPTION], out_type=tf.int64)[0]
   return {
     'media_id': context[MEDIA_ID],
     'duration': context[DURATION],
@@ -182,8 +214,30 @@ def parse(serialized):
     'captions': sequence[CAPTION],
     'caption_start': sequence[CAPTION_START],
     'caption_end': sequence[CAPTION_END],
+    'caption_noun': _caption_tags(sequence[CAPTION_NOUN], num_captions, CAPTION_NOUN),
+    'caption_verb': _caption_tags(sequence[CAPTION_VERB], num_captions, CAPTION_VERB),
     'version': context[VERSION],
   }
+
+
+def _caption_tags(tags, num_captions, key: str):
+  """A parsed tag list (SparseTensor [steps, L]) → [C, L] int64 padded with −1; [C, 0] when the
+  record has no such list (written before tags existed, or without any)."""
+  import tensorflow as tf
+
+  dense = tf.sparse.to_dense(tags, default_value=-1)
+  steps = tf.shape(dense, out_type=tf.int64)[0]
+  check = tf.debugging.assert_equal(
+    tf.logical_or(tf.equal(steps, 0), tf.equal(steps, num_captions)),
+    True,
+    message=f'{key} does not have one step per caption/string step',
+  )
+  with tf.control_dependencies([check]):
+    return tf.cond(
+      tf.equal(steps, 0),
+      lambda: tf.zeros(tf.stack([num_captions, 0]), tf.int64),
+      lambda: tf.identity(dense),
+    )
 
 
 def record_version(serialized: bytes) -> tuple[int, str] | None:

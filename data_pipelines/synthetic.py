@@ -5,6 +5,14 @@ colour pattern in the video, a two-tone chord in the audio and a word subset in 
 adds its own noise, brightness, phase and word choice. Matching pairs therefore share structure a
 contrastive model can find, and the loss falls as it does. Used by tests and by the training script
 until the raw-media pipelines exist; it speaks the same interface (data_pipelines.Source).
+
+EgoNCE fields, as the shard pipeline gives them (data_pipelines/pretrain.py): with data.num_nouns /
+num_verbs > 0 each example carries noun / verb multi-hots: its concept's own noun and verb (fixed
+per concept, distinct nouns while there are at least as many nouns as concepts), plus now and then
+one random extra tag. With data.scene_negative_window > 0 it also carries a scene negative, another
+example drawn from its own generator (seeded by the example's, independent of the batch):
+neg_video, neg_text, neg_noun / neg_verb and neg_mask (1 for about 90 % of examples; 0 with zeros
+in the other neg_ fields).
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ class SyntheticSource:
   yields its slice of the global batch, so the global batch is the same for any number of hosts.
 
   Batch: video [B, T, H, W, 3] f32 in [-1, 1], audio [B, S] f32 in [-1, 1], text [B, K, W] int32
-  (0 = padding), video_mask / audio_mask / text_mask [B] f32, label [B] int32.
+  (0 = padding), video_mask / audio_mask / text_mask [B] f32, label [B] int32; noun [B, num_nouns]
+  / verb [B, num_verbs] f32 and neg_video, neg_text, neg_noun, neg_verb, neg_mask [B] f32 when the
+  config asks for them (module docstring).
   """
 
   def __init__(
@@ -62,6 +72,15 @@ class SyntheticSource:
     # Words 1 .. vocab-1: each class owns a disjoint slice; the rest are shared filler words.
     per_class = max(2, (cfg.vocab_size - 1) // (2 * num_classes))
     self._class_words = 1 + np.arange(num_classes * per_class).reshape(num_classes, -1)
+    # After every draw above, so that the concepts' media do not depend on these options.
+    self.num_nouns, self.num_verbs = int(cfg.get('num_nouns', 0)), int(cfg.get('num_verbs', 0))
+    self.scene_negatives = float(cfg.get('scene_negative_window', 0.0)) > 0
+    # Each concept's noun and verb: a random permutation, so concepts share one only when there
+    # are fewer classes than concepts.
+    self._concept_tags = [
+      rng.permutation(max(size, num_classes))[:num_classes] % size if size else None
+      for size in (self.num_nouns, self.num_verbs)
+    ]
 
   def get_state(self) -> dict:
     return {'step': self._step}
@@ -76,10 +95,20 @@ class SyntheticSource:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    examples = [
-      self._example(np.random.default_rng([*self._stream, self._step, self._first + i]))
-      for i in range(self.local_batch_size)
-    ]
+    examples = []
+    for i in range(self.local_batch_size):
+      key = [*self._stream, self._step, self._first + i]
+      example = self._example(np.random.default_rng(key))
+      if self.scene_negatives:
+        # Its own generator: the examples stay what they are without negatives.
+        negative = np.random.default_rng([*key, 1])
+        has_negative = negative.random() >= 0.1
+        other = self._example(negative)
+        for name in ('video', 'text', 'noun', 'verb'):
+          if name in other:
+            example['neg_' + name] = other[name] * np.asarray(has_negative, other[name].dtype)
+        example['neg_mask'] = np.float32(has_negative)
+      examples.append(example)
     self._step += 1
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
@@ -114,7 +143,7 @@ class SyntheticSource:
     has_audio = rng.random() >= concepts.missing_audio_rate
     has_text = rng.random() >= concepts.missing_text_rate
     # Missing media arrive as zeros, flagged by the mask.
-    return {
+    out = {
       'video': np.clip(video, -1.0, 1.0).astype(np.float32),
       'audio': (np.clip(audio, -1.0, 1.0) * has_audio).astype(np.float32),
       'text': text * has_text,
@@ -123,3 +152,14 @@ class SyntheticSource:
       'text_mask': np.float32(has_text),
       'label': np.int32(label),
     }
+    # Drawn last: the fields above are the same with or without tags.
+    for name, size, own in zip(
+      ('noun', 'verb'), (self.num_nouns, self.num_verbs), self._concept_tags, strict=True
+    ):
+      if size:
+        hot = np.zeros(size, np.float32)
+        hot[own[label]] = 1.0
+        if rng.random() < 0.3:  # an extra tag now and then, as real captions name more things
+          hot[rng.integers(size)] = 1.0
+        out[name] = hot
+    return out

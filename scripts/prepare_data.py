@@ -2,13 +2,19 @@ r"""Converts raw media listed in a manifest into TFRecord shards of schema recor
 
   python scripts/prepare_data.py --manifest=data/howto.jsonl --output_dir=data/shards \
       --num_shards=64 [--fps=10 --short_side=256 --sample_rate=48000 --jpeg_quality=90 \
-      --workers=2 --max_duration=SECONDS]
+      --workers=2 --max_duration=SECONDS --media_root=DIR --taxonomy=taxonomy.json]
+
+  # EgoClip's released metadata (TAB-separated egoclip.csv): one record per 600 s chunk of a video
+  python scripts/prepare_data.py --manifest=egoclip.csv --media_root=ego4d/videos \
+      --output_dir=data/egoclip/train --num_shards=1024 [--egoclip_chunk_seconds=600]
 
 Rerunning with the same arguments after an interruption converts only the missing shards. Files
 that cannot be converted, and rows that repeat an earlier row's media, are skipped and listed in
 OUTPUT_DIR/report.jsonl. Refused before anything is written, with one line: an empty manifest, one
 that is not UTF-8, an --output_dir that cannot be written. A full disk ends the run with one line
-naming the path; the rerun after freeing space converts the rest. See docs/DATA.md.
+naming the path; the rerun after freeing space converts the rest. With --taxonomy, captions that
+carry no noun / verb tags are tagged by matching the taxonomy's names and synonyms in their text,
+and the taxonomy is copied to OUTPUT_DIR/taxonomy.json. See docs/DATA.md.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags
 
-from data_pipelines import decode, ingest
+from data_pipelines import decode, ingest, manifest, taxonomy
 from vatt_jax import cli
 
 _MANIFEST = flags.DEFINE_string('manifest', None, 'JSONL or CSV manifest (docs/DATA.md).')
@@ -38,6 +44,23 @@ _WORKERS = flags.DEFINE_integer(
 _MAX_DURATION = flags.DEFINE_float(
   'max_duration', None, 'Keep at most this many seconds from the start of each file.'
 )
+_MEDIA_ROOT = flags.DEFINE_string(
+  'media_root',
+  None,
+  'Folder that relative media paths (EgoClip: {video_uid}.mp4) are opened from; default: the '
+  "manifest's folder.",
+)
+_TAXONOMY = flags.DEFINE_string(
+  'taxonomy',
+  None,
+  'JSON {"nouns": {class: [synonyms]}, "verbs": {…}}: tags the captions without noun/verb tags '
+  'and is copied to OUTPUT_DIR/taxonomy.json.',
+)
+_EGOCLIP_CHUNK_SECONDS = flags.DEFINE_float(
+  'egoclip_chunk_seconds',
+  manifest.EGOCLIP_CHUNK_SECONDS,
+  'EgoClip manifests: one record per chunk of this many seconds of a video.',
+)
 flags.mark_flags_as_required(['manifest', 'output_dir', 'num_shards'])
 
 
@@ -54,8 +77,22 @@ def main(argv):
     )
   except ValueError as e:
     raise app.UsageError(f'--{e}') from e
+  chunk = _EGOCLIP_CHUNK_SECONDS.value
+  if not chunk > 0:
+    raise app.UsageError(f'--egoclip_chunk_seconds must be > 0, got {chunk}')
+  if _MEDIA_ROOT.value and not os.path.isdir(_MEDIA_ROOT.value):
+    raise cli.UserError(f'--media_root={_MEDIA_ROOT.value} is not a folder')
+  # Read before anything is written: a malformed taxonomy is refused with one line.
+  tags = taxonomy.read_taxonomy(_TAXONOMY.value) if _TAXONOMY.value else None
   summary = ingest.convert(
-    _MANIFEST.value, _OUTPUT_DIR.value, _NUM_SHARDS.value, options, workers=_WORKERS.value
+    _MANIFEST.value,
+    _OUTPUT_DIR.value,
+    _NUM_SHARDS.value,
+    options,
+    workers=_WORKERS.value,
+    media_root=_MEDIA_ROOT.value,
+    taxonomy=tags,
+    egoclip_chunk_seconds=chunk,
   )
   repeats = f', {summary["duplicates"]} of them repeated rows' if summary['duplicates'] else ''
   print(
@@ -63,10 +100,17 @@ def main(argv):
     f'(listed in {summary["report"]}{repeats})\n'
     f'duration {summary["duration_s"] / 3600:.2f} h ({summary["duration_s"]:.1f} s): '
     f'{summary["with_video"]} with video, {summary["with_audio"]} with audio, '
-    f'{summary["with_captions"]} with captions, {summary["frames"]} frames\n'
+    f'{summary["with_captions"]} with captions ({summary["with_tags"]} with noun/verb tags), '
+    f'{summary["frames"]} frames\n'
     f'shards {summary["shards"]}: {summary["shards_converted"]} converted now, '
     f'{summary["shards_reused"]} finished earlier; {summary["seconds"]:.1f} s'
   )
+  if summary['taxonomy']:
+    found = summary['taxonomy']
+    print(
+      f'taxonomy: {found["nouns"]} noun and {found["verbs"]} verb classes, copied to '
+      f'{found["path"]} (set config data.num_nouns / data.num_verbs to them)'
+    )
 
 
 if __name__ == '__main__':
