@@ -7,9 +7,32 @@ three-tone chord (DIGIT_TONES, Hz) with 20 ms fades and a little noise. Every se
 naming digit and direction. So video, audio and text share two measurable concepts per segment.
 
 Layout under output_dir: media/{split}/{id}.mp4, {split}.jsonl (one row per video: media path
-relative to the manifest, duration s, captions [{start, end, text}], label = first segment's digit,
-segments [{start, end, digit, direction}], noise = what was corrupted), retrieval_{split}.jsonl
-(one row per segment: a manifest of windows with the clean caption and the digit as label), dataset_info.json and README.txt.
+relative to the manifest, duration s, captions [{start, end, text, nouns, verbs}], label = first
+segment's digit, segments [{start, end, digit, direction}], noise = what was corrupted),
+retrieval_{split}.jsonl (one row per segment: a manifest of windows with the clean caption and the
+digit as label), taxonomy.json, egomcq_{split}.json (when asked for), dataset_info.json and
+README.txt.
+
+Taxonomy (taxonomy.json, `taxonomy()`; tags=False leaves it and the tags out): {"nouns": {class:
+[synonyms]}, "verbs": {…}}, class index = key order. Nouns are the ten digits ("zero": ["zero",
+"0"], …: the words and numerals the captions use); verbs the four directions ("move left": every
+caption phrase of the direction after every motion verb, "moves to the left", "drifting
+leftwards", …), so synonymous motion verbs are one class and two captions share a noun and a verb
+exactly when they show the same digit moving the same way. Matching synonyms as whole phrases,
+lower case, finds exactly one noun and one verb in every clean caption. Each caption's "nouns" and
+"verbs" are the classes of what its text says: its segment's digit and direction index, those of
+the caption it was swapped with (caption_swap), none for an irrelevant one.
+
+EgoMCQ (egomcq_{split}.json, `egomcq_questions`): EgoMCQ's released format, {"<i>": {"query":
+{video_uid, video_dur, clip_start, clip_end, clip_text, tag_noun, tag_verb}, "choices": {"0": …,
+…, "4": …}, "answer": k, "types": 1 | 2}}, video_uid being the video's manifest media path (the
+media id of its record) and the times its segment's. For every segment of every video of the split,
+an inter-video question (types 1: the segment and one segment of each of 4 other videos) and, when
+its video has at least 5 segments, an intra-video one (types 2: the segment and 4 other segments of
+its video); choices in random order, the query the segment's clean caption. Every choice other
+than the answer shows another digit or direction than the query says (within a video, the digits
+differ anyway), so each question has one right answer. Videos of fewer than 5 segments (the
+default 3–4) give inter-video questions only: --segments=5,8 makes intra-video ones.
 
 Never overwrites: a file it would write that is already there stops it before it writes anything,
 unless the folder holds this very dataset (the same arguments), finished (nothing to do) or
@@ -29,7 +52,7 @@ import multiprocessing
 import os
 import pathlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -58,6 +81,8 @@ _SEGMENT_KEYS = ('start', 'end', 'digit', 'direction')  # a segment as the manif
 _RETRIEVAL_KEYS = ('start', 'end', 'caption', 'digit', 'direction')
 # Written first and removed last: an output folder holding it is an unfinished run of generate().
 MARKER_NAME = 'make_demo_data.unfinished.json'
+TAXONOMY_NAME = 'taxonomy.json'
+MCQ_CHOICES = 5  # EgoMCQ's
 
 _DIRECTION_PHRASES = {
   'left': ('to the left', 'left', 'leftwards'),
@@ -89,6 +114,29 @@ _IRRELEVANT = (
   'strong winds are forecast for the weekend',
   'slice the tomatoes thinly and drizzle with olive oil',
 )
+
+
+def taxonomy() -> dict[str, dict[str, list[str]]]:
+  """The demo's noun and verb classes with their synonyms (module docstring): what taxonomy.json
+  holds. Class index = key order: noun d is digit d, verb i is DIRECTIONS[i]."""
+  return {
+    'nouns': {word: [word, str(d)] for d, word in enumerate(DIGIT_WORDS)},
+    'verbs': {
+      f'move {direction}': [
+        f'{verb} {phrase}' for phrase in _DIRECTION_PHRASES[direction] for verb in _motion_verbs()
+      ]
+      for direction in DIRECTIONS
+    },
+  }
+
+
+def _motion_verbs() -> list[str]:
+  return [form for forms in _VERBS for form in forms]
+
+
+def _tags(digit: int, direction: str) -> dict[str, list[int]]:
+  """A clean caption's classes in taxonomy(): its digit and its direction's index."""
+  return {'nouns': [int(digit)], 'verbs': [DIRECTIONS.index(direction)]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,14 +252,18 @@ def _apply_noise(videos: list[dict], rows: list[dict], noise: NoiseConfig, seed:
   for v in _pick(streams['caption_swap'], len(rows), noise.caption_swap):
     m = len(rows[v]['captions'])
     perm = np.roll(np.arange(m), int(streams['caption_swap'].integers(1, m))).tolist()
-    texts = [c['text'] for c in rows[v]['captions']]
+    # The text and the classes it names move together.
+    said = [{k: c[k] for k in ('text', 'nouns', 'verbs') if k in c} for c in rows[v]['captions']]
     for caption, source in zip(rows[v]['captions'], perm, strict=True):
-      caption['text'] = texts[source]
+      caption.update(said[source])
     rows[v]['noise']['caption_swap'] = perm
   flat = [(v, c) for v, row in enumerate(rows) for c in range(len(row['captions']))]
   for i in sorted(_pick(streams['caption_irrelevant'], len(flat), noise.caption_irrelevant)):
     v, c = flat[i]
-    rows[v]['captions'][c]['text'] = _IRRELEVANT[streams['caption_irrelevant'].integers(12)]
+    caption = rows[v]['captions'][c]
+    caption['text'] = _IRRELEVANT[streams['caption_irrelevant'].integers(12)]
+    if 'nouns' in caption:  # it names no digit and no motion
+      caption['nouns'], caption['verbs'] = [], []
     rows[v]['noise'].setdefault('caption_irrelevant', []).append(c)
   for i in sorted(_pick(streams['caption_shift'], len(flat), noise.caption_shift)):
     v, c = flat[i]
@@ -259,10 +311,12 @@ def plan(
   fps: int = 10,
   noise: NoiseConfig = NoiseConfig(),
   num_segments: tuple[int, int] = NUM_SEGMENTS,
+  tags: bool = True,
 ) -> dict[str, tuple[list[dict], list[dict]]]:
   """Per split: (render specs, manifest rows), without writing anything (cheap: no encoding).
 
-  num_segments: (lo, hi), the inclusive range of segments per video, 1 ≤ lo ≤ hi ≤ MAX_SEGMENTS.
+  num_segments: (lo, hi), the inclusive range of segments per video, 1 ≤ lo ≤ hi ≤ MAX_SEGMENTS;
+  tags: each caption carries its "nouns" and "verbs" (module docstring).
   """
   for split in SPLITS:
     n = num_videos.get(split, 0)
@@ -290,7 +344,15 @@ def plan(
           id=video['id'],
           media=video['media'],
           duration=video['duration'],
-          captions=[dict(start=s['start'], end=s['end'], text=s['caption']) for s in segs],
+          captions=[
+            dict(
+              start=s['start'],
+              end=s['end'],
+              text=s['caption'],
+              **(_tags(s['digit'], s['direction']) if tags else {}),
+            )
+            for s in segs
+          ],
           label=segs[0]['digit'],
           segments=[{k: s[k] for k in _SEGMENT_KEYS} for s in segs],
           noise={},
@@ -407,7 +469,7 @@ def _write_text(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def _manifests(planned: dict) -> dict[str, str]:
+def _manifests(planned: dict, tags: bool) -> dict[str, str]:
   """{file name: text} of the manifests: {split}.jsonl and retrieval_{split}.jsonl."""
   texts = {}
   for split, (videos, rows) in planned.items():
@@ -419,7 +481,14 @@ def _manifests(planned: dict) -> dict[str, str]:
         'id': f'{v["id"]}/{k}',
         'media': v['media'],
         **{key: seg[key] for key in _RETRIEVAL_KEYS},
-        'captions': [{'start': seg['start'], 'end': seg['end'], 'text': seg['caption']}],
+        'captions': [
+          {
+            'start': seg['start'],
+            'end': seg['end'],
+            'text': seg['caption'],
+            **(_tags(seg['digit'], seg['direction']) if tags else {}),
+          }
+        ],
         'label': seg['digit'],
       }
       for v in videos
@@ -427,6 +496,72 @@ def _manifests(planned: dict) -> dict[str, str]:
     ]
     texts[f'retrieval_{split}.jsonl'] = ''.join(json.dumps(p) + '\n' for p in pairs)
   return texts
+
+
+def _mcq_clip(video: dict, segment: dict, tags: bool) -> dict:
+  """A segment as an EgoMCQ clip: EgoClip's fields, tags as its "[i, …]" strings."""
+  clip = dict(
+    video_uid=video['media'],
+    video_dur=video['duration'],
+    clip_start=segment['start'],
+    clip_end=segment['end'],
+    clip_text=segment['caption'],
+  )
+  if tags:
+    classes = _tags(segment['digit'], segment['direction'])
+    clip.update(tag_noun=str(classes['nouns']), tag_verb=str(classes['verbs']))
+  return clip
+
+
+def egomcq_questions(videos: list[dict], *, seed: int, split: str, tags: bool = True) -> dict:
+  """EgoMCQ-format questions (module docstring) about the planned `videos` of `split` (plan()'s
+  render specs), drawn from their own stream of (seed, split): {"0": question, …}.
+
+  Raises ValueError naming the flags when the split has too few videos for inter-video questions
+  (one per choice).
+  """
+  rng = np.random.default_rng([seed, SPLITS.index(split), 2000])
+  questions = {}
+
+  def ask(kind: int, video: dict, segment: dict, others: list[tuple[dict, dict]]):
+    clips = [(video, segment), *others]
+    order = rng.permutation(len(clips))  # choice i shows clips[order[i]]
+    questions[str(len(questions))] = dict(
+      query=_mcq_clip(video, segment, tags),
+      choices={str(i): _mcq_clip(*clips[j], tags) for i, j in enumerate(order.tolist())},
+      answer=int(np.flatnonzero(order == 0)[0]),
+      types=kind,
+    )
+
+  for v, video in enumerate(videos):
+    for k, segment in enumerate(video['segments']):
+      # Inter-video: one segment of each of 4 other videos, none showing what the query says.
+      said = (segment['digit'], segment['direction'])
+      others = [
+        (o, [s for s in videos[o]['segments'] if (s['digit'], s['direction']) != said])
+        for o in range(len(videos))
+        if o != v
+      ]
+      others = [(o, candidates) for o, candidates in others if candidates]
+      if len(others) < MCQ_CHOICES - 1:
+        raise ValueError(
+          f'--egomcq_splits={split}: an inter-video question needs {MCQ_CHOICES} videos, and '
+          f'{video["id"]} has only {len(others)} others with a segment unlike its segment {k} '
+          f'(--num_{split}={len(videos)}, --segments)'
+        )
+      picked = rng.choice(len(others), MCQ_CHOICES - 1, replace=False)
+      distractors = []
+      for i in picked.tolist():
+        o, candidates = others[i]
+        distractors.append((videos[o], candidates[int(rng.integers(len(candidates)))]))
+      ask(1, video, segment, distractors)
+      # Intra-video: 4 other segments of the same video (its digits are distinct).
+      segments = video['segments']
+      if len(segments) >= MCQ_CHOICES:
+        rest = [j for j in range(len(segments)) if j != k]
+        picked = rng.choice(rest, MCQ_CHOICES - 1, replace=False)
+        ask(2, video, segment, [(video, segments[j]) for j in picked.tolist()])
+  return questions
 
 
 def _output_state(out: pathlib.Path, paths: list[pathlib.Path], info: dict) -> str:
@@ -479,12 +614,16 @@ def generate(
   noise: NoiseConfig = NoiseConfig(),
   workers: int = 2,
   num_segments: tuple[int, int] = NUM_SEGMENTS,
+  tags: bool = True,
+  egomcq_splits: Sequence[str] = (),
 ) -> dict:
   """Writes the dataset (see the module docstring) and returns dataset_info plus elapsed_s (and
   unchanged=True when output_dir already held it, finished).
 
   size: frame side in px (even, ≥ 32); fps: frames per second; sample_rate: Hz; workers: encoding
-  processes (1 = in this process); num_segments: (lo, hi) segments per video (see `plan`).
+  processes (1 = in this process); num_segments: (lo, hi) segments per video (see `plan`);
+  tags: write taxonomy.json and each caption's classes; egomcq_splits: the splits to write
+  egomcq_{split}.json for.
   Raises ValueError naming the flag for a bad argument and `cli.UserError` for an output folder it
   cannot write or would overwrite files in, before writing anything.
   """
@@ -495,10 +634,17 @@ def generate(
   if workers < 1:
     raise ValueError(f'--workers must be >= 1, got {workers}')
   num_segments = _check_segments(num_segments)
+  egomcq_splits = list(dict.fromkeys(egomcq_splits))
+  if set(egomcq_splits) - set(SPLITS):
+    raise ValueError(f'--egomcq_splits must be among {SPLITS}, got {",".join(egomcq_splits)}')
   started = time.perf_counter()
   out = pathlib.Path(output_dir)
-  planned = plan(num_videos, seed=seed, fps=fps, noise=noise, num_segments=num_segments)
-  manifests = _manifests(planned)
+  planned = plan(num_videos, seed=seed, fps=fps, noise=noise, num_segments=num_segments, tags=tags)
+  manifests = _manifests(planned, tags)
+  questions = {
+    split: egomcq_questions(planned[split][0], seed=seed, split=split, tags=tags)
+    for split in egomcq_splits
+  }
   splits = {}
   for split, (_, rows) in planned.items():
     splits[split] = dict(
@@ -523,16 +669,48 @@ def generate(
   )
   if num_segments != NUM_SEGMENTS:  # absent at the default: its files stay as they were
     info['num_segments'] = list(num_segments)
+  classes = taxonomy()
+  if tags:  # absent with tags=False, whose files are the generator's from before tags
+    info['taxonomy'] = dict(
+      file=TAXONOMY_NAME, nouns=len(classes['nouns']), verbs=len(classes['verbs'])
+    )
+  if questions:
+    info['egomcq'] = {
+      split: {
+        kind: sum(q['types'] == t for q in qs.values()) for t, kind in ((1, 'inter'), (2, 'intra'))
+      }
+      for split, qs in questions.items()
+    }
   counts = ', '.join(f'{s} {v["videos"]}' for s, v in splits.items())
   # The module docstring documents content and layout; the README carries it with the data.
   readme = _README.format(seed=seed, counts=counts, noise=info['noise'])
   if 'num_segments' in info:
     lo, hi = num_segments
     readme += f'Segments per video: {lo}–{hi} (the description below gives the default range).\n'
+  if tags:
+    readme += (
+      f'{TAXONOMY_NAME}: {len(classes["nouns"])} noun classes (the digits) and '
+      f'{len(classes["verbs"])} verb classes (the directions); every caption of the manifests '
+      'carries its "nouns" and "verbs".\n'
+    )
+  for split, asked in info.get('egomcq', {}).items():
+    readme += (
+      f'egomcq_{split}.json: {asked["inter"]} inter-video and {asked["intra"]} intra-video '
+      f'questions of {MCQ_CHOICES} choices about the {split} videos'
+    )
+    short = sum(len(v['segments']) < MCQ_CHOICES for v in planned[split][0])
+    if short:
+      readme += (
+        f' ({short} of its {len(planned[split][0])} videos have fewer than {MCQ_CHOICES} '
+        'segments and give inter-video questions only; --segments=5,8 makes longer videos)'
+      )
+    readme += '.\n'
   readme += '\n' + __doc__
   # dataset_info.json last: `make demo` takes it for a finished dataset.
   texts = {
     **manifests,
+    **({TAXONOMY_NAME: json.dumps(classes, indent=2) + '\n'} if tags else {}),
+    **{f'egomcq_{split}.json': json.dumps(qs) + '\n' for split, qs in questions.items()},
     'README.txt': readme,
     'dataset_info.json': json.dumps(info, indent=2) + '\n',
   }

@@ -3,8 +3,10 @@ r"""Writes the bundled demo dataset: mp4s of moving handwritten digits with per-
   python scripts/make_demo_data.py --output_dir=/tmp/demo_data
   python scripts/make_demo_data.py --output_dir=/tmp/noisy --caption_irrelevant=0.3 --audio_swap=0.1
   python scripts/make_demo_data.py --output_dir=/tmp/long --segments=8,8   # 8 captions per video
+  python scripts/make_demo_data.py --output_dir=/tmp/ego --segments=5,8 --egomcq_splits=test
 
-See data_pipelines/demo.py for the content, the layout and the noise switches. It never overwrites
+See data_pipelines/demo.py for the content, the layout, the taxonomy and caption tags (--notags
+leaves them out), the EgoMCQ-format questions (--egomcq_splits) and the noise switches. It never overwrites
 a file: an --output_dir holding any file it would write is refused (one line naming them), unless
 it holds this very dataset (same arguments): finished, it is left as it is; unfinished (an
 interrupted run), the missing files are written.
@@ -33,6 +35,15 @@ _SEGMENTS = flags.DEFINE_list(
   f'LO,HI: segments (captions) per video, 1 <= LO <= HI <= {demo.MAX_SEGMENTS} (digits are '
   'distinct within a video); e.g. 8,8 for long-video (Norton) training.',
 )
+_TAGS = flags.DEFINE_bool(
+  'tags', True, 'Write taxonomy.json and each caption\'s noun and verb classes ("nouns", "verbs").'
+)
+_EGOMCQ_SPLITS = flags.DEFINE_list(
+  'egomcq_splits',
+  [],
+  'Splits to write EgoMCQ-format questions egomcq_{split}.json for (e.g. test): inter-video ones, '
+  'and intra-video ones about videos of >= 5 segments (--segments=5,8).',
+)
 _NOISE = {
   field.name: flags.DEFINE_float(field.name, 0.0, f'Fraction in [0, 1]: {field.name} noise.')
   for field in demo.dataclasses.fields(demo.NoiseConfig)
@@ -56,6 +67,8 @@ def main(argv):
       noise=demo.NoiseConfig(**{name: flag.value for name, flag in _NOISE.items()}),
       workers=_WORKERS.value,
       num_segments=tuple(int(v) for v in _SEGMENTS.value),
+      tags=_TAGS.value,
+      egomcq_splits=_EGOMCQ_SPLITS.value,
     )
   except cli.UserError:  # the output folder: one line
     raise
@@ -69,6 +82,10 @@ def main(argv):
     print(
       f'{split:>5}: {s["videos"]:4d} videos, {s["segments"]:4d} segments, '
       f'{s["seconds"] / 60:6.1f} min' + (f', noise {noisy}' if noisy else '')
+    )
+  for split, asked in summary.get('egomcq', {}).items():
+    print(
+      f'egomcq_{split}.json: {asked["inter"]} inter-video, {asked["intra"]} intra-video questions'
     )
   print(f'wrote {summary["output_dir"]} in {summary["elapsed_s"]:.1f} s')
 

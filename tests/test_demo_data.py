@@ -262,3 +262,165 @@ def test_script(tmp_path):
     [*script, f'--output_dir={tmp_path}', '--audio_swap=2', *tiny], capture_output=True, text=True
   )
   assert bad.returncode != 0 and '--audio_swap' in bad.stderr
+
+
+# ---- taxonomy, caption tags, EgoMCQ questions ------------------------------------------------------
+def _tag(taxonomy: dict, text: str) -> tuple[list[int], list[int]]:
+  """A tiny tagger: the classes one of whose names or synonyms is a whole phrase of the lower-case
+  text."""
+  padded = f' {" ".join(re.findall(r"[a-z0-9]+", text.lower()))} '
+  return tuple(
+    sorted(
+      c
+      for c, (name, synonyms) in enumerate(taxonomy[kind].items())
+      if any(f' {phrase} ' in padded for phrase in (name, *synonyms))
+    )
+    for kind in ('nouns', 'verbs')
+  )
+
+
+def _project_tagger(taxonomy: dict, tmp_path: pathlib.Path):
+  """data_pipelines.taxonomy's tagger on the written taxonomy, when that module exists."""
+  try:
+    from data_pipelines import taxonomy as taxonomy_module
+  except ImportError:
+    return None
+  path = tmp_path / 'taxonomy.json'
+  path.write_text(json.dumps(taxonomy))
+  tagger = taxonomy_module.read_taxonomy(str(path))
+  return lambda text: tuple(list(classes) for classes in tagger.tag(text))
+
+
+def test_taxonomy_tags_every_clean_caption_with_its_digit_and_direction(tmp_path):
+  taxonomy = demo.taxonomy()
+  assert list(taxonomy['nouns']) == list(demo.DIGIT_WORDS)
+  assert list(taxonomy['verbs']) == [f'move {d}' for d in demo.DIRECTIONS]
+  taggers = [lambda text: _tag(taxonomy, text)]
+  project = _project_tagger(taxonomy, tmp_path)
+  taggers += [project] if project else []
+  checked = 0
+  for digit, word in enumerate(demo.DIGIT_WORDS):
+    for d, direction in enumerate(demo.DIRECTIONS):
+      for template in demo._TEMPLATES:  # every caption _caption can write
+        for phrase in demo._DIRECTION_PHRASES[direction]:
+          for verb, verbing in demo._VERBS:
+            text = template.format(a='an' if digit == 8 else 'a', word=word, num=digit,
+                                   verb=verb, verbing=verbing, dir=phrase)  # fmt: skip
+            for tagger in taggers:
+              assert tagger(text) == ([digit], [d]), text
+            checked += 1
+  assert checked == 10 * 4 * 6 * 3 * 4
+  for text in demo._IRRELEVANT:
+    assert all(tagger(text) == ([], []) for tagger in taggers), text
+
+
+def test_caption_tags_are_the_classes_the_text_names():
+  noise = demo.NoiseConfig(caption_swap=1.0, caption_irrelevant=0.3, caption_shift=0.5)
+  taxonomy = demo.taxonomy()
+  clean_rows = demo.plan({'train': 12}, seed=4)['train'][1]
+  for row in clean_rows:
+    for caption, segment in zip(row['captions'], row['segments'], strict=True):
+      assert caption['nouns'] == [segment['digit']]
+      assert caption['verbs'] == [demo.DIRECTIONS.index(segment['direction'])]
+  # Under noise the tags travel with the text (swapped) or vanish with it (irrelevant).
+  rows = demo.plan({'train': 12}, seed=4, noise=noise)['train'][1]
+  tags = [(c['nouns'], c['verbs']) for r in rows for c in r['captions']]
+  assert tags == [_tag(taxonomy, c['text']) for r in rows for c in r['captions']]
+  assert ([], []) in tags and any(r['noise']['caption_swap'] for r in rows)
+  # Without tags: the same rows, without the two fields.
+  bare = demo.plan({'train': 12}, seed=4, noise=noise, tags=False)['train'][1]
+  for row in rows:
+    for caption in row['captions']:
+      del caption['nouns'], caption['verbs']
+  assert bare == rows
+
+
+def test_written_taxonomy_and_tags(clean):
+  root, summary = clean
+  assert json.loads((root / 'taxonomy.json').read_text()) == demo.taxonomy()
+  assert summary['taxonomy'] == dict(file='taxonomy.json', nouns=10, verbs=4)
+  assert 'taxonomy.json' in (root / 'README.txt').read_text()
+  for split in demo.SPLITS:
+    for pair in _rows(root, f'retrieval_{split}.jsonl'):
+      (caption,) = pair['captions']
+      assert (caption['nouns'], caption['verbs']) == (
+        [pair['digit']],
+        [demo.DIRECTIONS.index(pair['direction'])],
+      )
+    for row in _rows(root, f'{split}.jsonl'):
+      assert all('nouns' in c and 'verbs' in c for c in row['captions'])
+  assert not list(root.glob('egomcq_*.json'))  # only when asked for
+
+
+def _check_egomcq(questions: dict, videos: list[dict]) -> None:
+  """EgoMCQ's structure, and every clip is a segment of the video it names."""
+  by_media = {v['media']: v for v in videos}
+  segments = {(v['media'], s['start'], s['end']): s for v in videos for s in v['segments']}
+  assert list(questions) == [str(i) for i in range(len(questions))]
+  for q in questions.values():
+    assert list(q['choices']) == ['0', '1', '2', '3', '4'] and 0 <= q['answer'] < 5
+    clips = list(q['choices'].values())
+    assert clips[q['answer']] == q['query']
+    uids = {c['video_uid'] for c in clips}
+    assert len(uids) == (5 if q['types'] == 1 else 1)
+    if q['types'] == 2:
+      assert uids == {q['query']['video_uid']}
+      assert len({(c['clip_start'], c['clip_end']) for c in clips}) == 5
+    said = (q['query']['tag_noun'], q['query']['tag_verb'])
+    for i, clip in enumerate(clips):
+      segment = segments[clip['video_uid'], clip['clip_start'], clip['clip_end']]
+      assert clip['clip_text'] == segment['caption']
+      assert clip['video_dur'] == by_media[clip['video_uid']]['duration']
+      assert clip['tag_noun'] == f'[{segment["digit"]}]'
+      assert clip['tag_verb'] == f'[{demo.DIRECTIONS.index(segment["direction"])}]'
+      if i != q['answer']:  # one right answer: the others show something else
+        assert (clip['tag_noun'], clip['tag_verb']) != said
+
+
+def test_egomcq_questions_ask_about_every_segment(tmp_path):
+  from vatt_jax.evaluation.multiple_choice import read_questions
+
+  videos = demo.plan({'test': 7}, seed=1, num_segments=(4, 6))['test'][0]
+  questions = demo.egomcq_questions(videos, seed=1, split='test')
+  _check_egomcq(questions, videos)
+  kinds = [q['types'] for q in questions.values()]
+  assert kinds.count(1) == sum(len(v['segments']) for v in videos)
+  assert kinds.count(2) == sum(len(v['segments']) for v in videos if len(v['segments']) >= 5)
+  assert 0 < kinds.count(2) < kinds.count(1)  # the 4-segment videos ask no intra question
+  assert len({q['answer'] for q in questions.values()}) == 5  # answers at every position
+  assert demo.egomcq_questions(videos, seed=1, split='test') == questions
+  assert demo.egomcq_questions(videos, seed=2, split='test') != questions
+  # The evaluator reads the file as EgoMCQ's own.
+  (tmp_path / 'egomcq.json').write_text(json.dumps(questions))
+  loaded = read_questions(str(tmp_path / 'egomcq.json'))
+  assert [(q.answer, q.kind, q.text) for q in loaded] == [
+    (q['answer'], q['types'], q['query']['clip_text']) for q in questions.values()
+  ]
+  with pytest.raises(ValueError, match='--egomcq_splits=test: an inter-video question needs 5'):
+    demo.egomcq_questions(videos[:4], seed=1, split='test')
+
+
+def test_script_writes_egomcq_questions_and_no_tags(tmp_path):
+  script = [sys.executable, str(ROOT / 'scripts' / 'make_demo_data.py')]
+  args = ['--num_train=0', '--num_val=0', '--num_test=5', '--segments=4,5', '--size=32',
+          '--workers=1', '--egomcq_splits=test', '--notags']  # fmt: skip
+  done = subprocess.run(
+    [*script, f'--output_dir={tmp_path}', *args], capture_output=True, text=True, check=True
+  )
+  videos = demo.plan({'test': 5}, num_segments=(4, 5), tags=False)['test'][0]
+  questions = json.loads((tmp_path / 'egomcq_test.json').read_text())
+  assert questions == demo.egomcq_questions(videos, seed=0, split='test', tags=False)
+  inter = sum(len(v['segments']) for v in videos)
+  intra = sum(len(v['segments']) for v in videos if len(v['segments']) >= 5)
+  assert f'egomcq_test.json: {inter} inter-video, {intra} intra-video questions' in done.stdout
+  info = json.loads((tmp_path / 'dataset_info.json').read_text())
+  assert info['egomcq'] == {'test': {'inter': inter, 'intra': intra}} and 'taxonomy' not in info
+  short = sum(len(v['segments']) < 5 for v in videos)
+  readme = (tmp_path / 'README.txt').read_text()
+  assert f'egomcq_test.json: {inter} inter-video and {intra} intra-video questions' in readme
+  assert (f'{short} of its 5 videos have fewer than 5 segments' in readme) == (short > 0)
+  # --notags: no taxonomy, no tag fields (the manifests as before tags existed).
+  assert not (tmp_path / 'taxonomy.json').exists()
+  assert all(set(c) == {'start', 'end', 'text'} for r in _rows(tmp_path, 'test.jsonl')
+             for c in r['captions'])  # fmt: skip
+  assert all('tag_noun' not in q['query'] for q in questions.values())

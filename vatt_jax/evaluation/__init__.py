@@ -1,5 +1,6 @@
 """Evaluation: metrics, linear probe, retrieval (cosine or pair score), long-video retrieval,
-fine-tuned classification.
+multiple choice (EgoMCQ-format questions: a text query, video clips as choices), fine-tuned
+classification.
 
 Evaluations are config data (DESIGN.md): `config.evals = {name: dict(type=…, log_steps=…, …)}`.
 Each type is an evaluator class in `EVALUATORS`, built as `cls(eval_cfg, config, model)` with the
@@ -17,6 +18,7 @@ import ml_collections
 from vatt_jax.evaluation.finetune import ClassificationEvaluator
 from vatt_jax.evaluation.linear_probe import LinearProbeEvaluator
 from vatt_jax.evaluation.long_video import LongVideoRetrievalEvaluator
+from vatt_jax.evaluation.multiple_choice import MultipleChoiceEvaluator
 from vatt_jax.evaluation.retrieval import RetrievalEvaluator
 from vatt_jax.models import Model
 
@@ -25,6 +27,7 @@ EVALUATORS = {
   'linear_probe': LinearProbeEvaluator,
   'retrieval': RetrievalEvaluator,
   'long_video_retrieval': LongVideoRetrievalEvaluator,
+  'multiple_choice': MultipleChoiceEvaluator,
   'classification': ClassificationEvaluator,
 }
 
