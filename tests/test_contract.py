@@ -25,6 +25,7 @@ CONFIGS = {
   'vatt_agnostic': ('configs/vatt_ma_medium.py', 'runlocal'),
   'classifier': ('configs/finetune_kinetics.py', 'runlocal'),
   'norton': ('configs/norton_demo.py', 'runlocal'),
+  'svitt': ('configs/svitt_ego_demo.py', 'runlocal'),
 }
 
 
@@ -75,9 +76,9 @@ def test_model_supplies_the_contract(name):
     logits = model.classify()(variables, {m: batch[m] for m in model.inputs})
     assert logits.shape == (3, model.num_classes)
   if model.score is not None:
-    v = model.score.video(variables, batch['video'])
-    t = model.score.text(variables, batch['text'])
-    assert model.score.pairs(variables, v, t).shape == (3,)
+    v = jax.jit(model.score.video)(variables, batch['video'])
+    t = jax.jit(model.score.text)(variables, batch['text'])
+    assert jax.jit(model.score.pairs)(variables, v, t).shape == (3,)
 
 
 @pytest.mark.parametrize('name', ['vatt', 'classifier', 'bag_of_patches'])

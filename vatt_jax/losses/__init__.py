@@ -3,8 +3,10 @@
 A model's training objective (vatt_jax/models/contract.py) applies one of these to its outputs;
 which losses a model trains with is the model's to say (Model.losses).
 
-Pretraining: 'vatt' (NCE + MIL-NCE on the common-space embeddings) and 'norton' (clip–caption and
-video–paragraph losses with optimal transport, on long videos); fine-tuning: 'softmax_xent' (label
+Pretraining: 'vatt' (NCE + MIL-NCE on the common-space embeddings), 'norton' (clip–caption and
+video–paragraph losses with optimal transport, on long videos), 'egonce' and 'infonce' (the dual
+encoder's term of SViTT-Ego's objective, on out['video_vt'] / out['text_vt'] and the samples'
+noun / verb tags and `valid`; the model adds VTM and MLM, losses/matching.py); fine-tuning: 'softmax_xent' (label
 smoothing) and 'sigmoid_xent' (multi-label) on a classifier's logits.
 """
 
@@ -18,6 +20,7 @@ import ml_collections
 
 from vatt_jax.losses.classification import BALANCES, sigmoid_xent, softmax_xent
 from vatt_jax.losses.contrastive import mil_nce, nce, vatt_pretraining_loss
+from vatt_jax.losses.egonce import egonce, infonce
 from vatt_jax.losses.norton import (
   NortonOptions,
   bucket_value,
@@ -35,6 +38,8 @@ __all__ = [
   'bucket_value',
   'build_loss',
   'clip_caption_loss',
+  'egonce',
+  'infonce',
   'fine_grained_similarity',
   'fused_similarity',
   'loss_components',
@@ -78,10 +83,49 @@ def _norton(cfg: ml_collections.ConfigDict):
   return functools.partial(norton_loss, **dataclasses.asdict(NortonOptions.from_config(cfg)))
 
 
+def _check_temperature(cfg: ml_collections.ConfigDict) -> float:
+  if not cfg.temperature > 0:
+    raise ValueError(f'config loss.temperature must be > 0, got {cfg.temperature}')
+  return float(cfg.temperature)
+
+
+def _egonce(cfg: ml_collections.ConfigDict):
+  """EgoNCE on out['text_vt'], out['video_vt'] with batch['noun'], batch['verb'] (multi-hot)
+  and batch['valid']; use_noun / use_verb choose what a positive pair must share."""
+  temperature = _check_temperature(cfg)
+  use_noun, use_verb = bool(cfg.get('use_noun', True)), bool(cfg.get('use_verb', True))
+
+  def loss(out, batch):
+    return egonce(
+      out['text_vt'],
+      out['video_vt'],
+      batch.get('noun') if use_noun else None,
+      batch.get('verb') if use_verb else None,
+      temperature=temperature,
+      use_noun=use_noun,
+      use_verb=use_verb,
+      valid=batch.get('valid'),
+    )
+
+  return loss
+
+
+def _infonce(cfg: ml_collections.ConfigDict):
+  """Symmetric InfoNCE on out['text_vt'], out['video_vt'] (batch['valid'] masks samples)."""
+  temperature = _check_temperature(cfg)
+
+  def loss(out, batch):
+    return infonce(out['text_vt'], out['video_vt'], temperature, valid=batch.get('valid'))
+
+  return loss
+
+
 # One dict per kind: config.loss.name → builder (config.loss → loss function).
 LOSSES: dict[str, Callable] = {
   'vatt': _vatt,
   'norton': _norton,
+  'egonce': _egonce,
+  'infonce': _infonce,
   'softmax_xent': _softmax_xent,
   'sigmoid_xent': _sigmoid_xent,
 }

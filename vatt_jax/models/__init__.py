@@ -18,7 +18,7 @@ import ml_collections
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
-from vatt_jax.models import classifier, vatt
+from vatt_jax.models import classifier, svitt, vatt
 from vatt_jax.models.contract import FlaxModel, InputSpec, Model, PairScore
 from vatt_jax.models.partitioning import ACTIVATION_AXES, PARAM_AXES
 from vatt_jax.models.transformer import REMAT_POLICIES, SIZES, get_size
@@ -43,6 +43,7 @@ __all__ = [
 MODELS: dict[str, Callable[[ml_collections.ConfigDict], Model]] = {
   'vatt': vatt.VattModel,
   'classifier': classifier.ClassifierModel,
+  'svitt': svitt.SvittModel,
 }
 
 
