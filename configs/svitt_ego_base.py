@@ -126,12 +126,13 @@ def get_config(arg=None):
   config.data.num_verbs = 118
   config.data.crop_area_range = (0.5, 1.0)  # SViTT's RandomResizedCrop(scale=(0.5, 1.0))
   config.data.crop_aspect_range = (0.75, 1.33)
-  if 'frames8' in args:
-    config.model.video.num_frames = 8
-    config.model.video.keep_rate = 0.6
   apply_variants(config, args)
   if 'runlocal' in args:
     runlocal(config)
+  if 'frames8' in args:  # (after runlocal, which would set 4 frames)
+    config.model.video.num_frames = 8
+    if config.model.video.keep_rate < 1.0:  # (not with :dense or :edge)
+      config.model.video.keep_rate = 0.6
   return config
 
 

@@ -48,6 +48,9 @@ def evaluate(config, model, variables, *, cache_key: str, workdir: str):
       evaluator = build_evaluator(eval_cfg, config, model)
       evaluator.run(variables, with_audio=True)
       results[name] = evaluator.last['results']
+    elif eval_cfg.type == 'multiple_choice':  # EgoMCQ: inter- / intra-video accuracy
+      evaluator = build_evaluator(eval_cfg, config, model)
+      results[name] = {k: v for k, v in evaluator.run(variables).items() if k != 'seconds'}
     else:
       logging.info('report: eval %r of type %r is not part of the report', name, eval_cfg.type)
       continue
@@ -60,6 +63,8 @@ def chance(config, evaluators) -> dict:
   for name, evaluator in evaluators.items():
     if config.evals[name].type == 'linear_probe':
       out[f'{name}_top1'] = 100.0 / evaluator.last['num_classes']
+    elif config.evals[name].type == 'multiple_choice':
+      out[f'{name}_accuracy'] = 100.0 / evaluator.last['similarity'].shape[1]
     else:
       prefix = '' if name == 'retrieval' else f'{name}_'
       correct = evaluator.last['embeddings']['correct']

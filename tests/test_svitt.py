@@ -165,3 +165,34 @@ def test_model_config_errors_are_named():
   config.model.text.num_narrations = 5
   with pytest.raises(ValueError, match='num_narrations'):
     build_model(config.model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  'path,variant,attention,keep,text_keep,loss',
+  [
+    ('svitt_ego_demo', 'dense', 'dense', 1.0, 1.0, 'egonce'),
+    ('svitt_ego_demo', 'edge', 'block_sparse', 1.0, 1.0, 'egonce'),
+    ('svitt_ego_demo', 'node', 'dense', 0.7, 0.1, 'egonce'),
+    ('svitt_ego_base', 'frames8', 'block_sparse', 0.6, 0.1, 'egonce'),
+  ],
+)
+def test_variants_set_the_sparsity_and_train_a_step(
+  path, variant, attention, keep, text_keep, loss
+):
+  config = load_config(ROOT / 'configs' / f'{path}.py', f'runlocal,{variant}')
+  v = config.model.video
+  assert (v.attention, v.keep_rate, config.model.text.video_keep_rate, config.loss.name) == (
+    attention,
+    keep,
+    text_keep,
+    loss,
+  )
+  if variant == 'frames8':
+    assert v.num_frames == 8
+  model = build_model(config.model)
+  source = data_pipelines.build(config.data, 'train', batch_size=4, seed=0)
+  batch = {k: jnp.asarray(val) for k, val in next(source).items()}
+  source.close()
+  loss_value, _ = jax.jit(model.objective(config.loss))(_init(model, 0), batch, jax.random.key(1))
+  assert np.isfinite(loss_value)

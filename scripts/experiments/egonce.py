@@ -102,7 +102,8 @@ def random_init(workdir: str, shards: str, questions: str, seed: int) -> dict:
   config.evals.egomcq.questions = questions
   config.evals.egomcq.use_score = True
   model = build_model(config.model)
-  variables = model.init(jax.random.key(seed), model.example_batch(1))
+  batch = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), model.example_batch(1))
+  variables = jax.jit(model.init)(jax.random.key(seed), batch)
   result = MultipleChoiceEvaluator(config.evals.egomcq, config, model).run(variables)
   result = {k: float(result[k]) for k in METRICS if k in result}
   with open(path, 'w') as f:
