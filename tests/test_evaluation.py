@@ -40,6 +40,7 @@ def _inputs(config, n, rng):
   }
 
 
+@pytest.mark.slow
 def test_embedder_matches_the_model_for_any_batch_size(tiny):
   config, model, variables = tiny
   rng = np.random.default_rng(1)

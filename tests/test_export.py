@@ -77,6 +77,7 @@ def _reference(run, inputs):
   return out
 
 
+@pytest.mark.slow
 def test_export_writes_bundle_saved_model_and_report(run, exported):
   output_dir, report = exported
   assert sorted(os.listdir(output_dir)) == ['bundle', 'export.json', 'saved_model']
@@ -271,6 +272,7 @@ def test_saved_model_parity_on_fresh_inputs(run, exported):
   assert os.path.basename(loaded.tokenizer_model.asset_path.numpy().decode()) == 'tokenizer.model'
 
 
+@pytest.mark.slow
 def test_parity_failure_leaves_output_dir_untouched(run, exported, tmp_path):
   output_dir = tmp_path / 'out'
   shutil.copytree(exported[0], output_dir)

@@ -372,6 +372,7 @@ def test_csv_manifest_with_labels(media, tmp_path):
   assert records[str(media / 'tone.wav')]['labels'].tolist() == [4, 5]  # absolute path kept as id
 
 
+@pytest.mark.slow
 def test_resume_rewrites_only_missing_shards(media, tmp_path):
   manifest = _write_jsonl(media / 'resume.jsonl', GOOD_ROWS + [{'media': 'missing.mp4'}])
   output_dir = tmp_path / 'out'
@@ -440,6 +441,7 @@ def _validate(input_dir):
   )
 
 
+@pytest.mark.slow
 def test_validator(converted, tmp_path):
   output_dir, _, records = converted
   corrupt_dir = tmp_path / 'corrupt'

@@ -66,6 +66,7 @@ def evaluated(shards, tokenizer_path):  # noqa: F811
   return evaluator, evaluator.run(variables)
 
 
+@pytest.mark.slow
 def test_long_video_retrieval_on_whole_videos_scores_by_bucket_transport(evaluated):
   evaluator, result = evaluated
   e = evaluator.last['embeddings']

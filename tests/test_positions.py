@@ -63,6 +63,7 @@ def test_identity_and_linear_ramp():
     interpolate_positions(table, 0)
 
 
+@pytest.mark.slow
 def test_resized_params_run_a_model_at_another_size():
   config = load_config(ROOT / 'configs' / 'vatt_bbs.py', 'runlocal')
   small = build_model(config.model)

@@ -35,6 +35,7 @@ def test_backbone_totals_match_paper(name):
   assert summary['total_params'] == sum(b['params'] for b in summary['backbones'].values())
 
 
+@pytest.mark.slow
 def test_droptoken_flops_follow_table5():
   model = load_config(ROOT / 'configs' / 'vatt_mbs.py').model
   gflops = {rate: summarize(model, rate)['total_gflops'] for rate in TABLE5_GFLOPS}
@@ -45,6 +46,7 @@ def test_droptoken_flops_follow_table5():
   assert 0.9 < gflops[0.0] / TABLE5_GFLOPS[0.0] < 1.2
 
 
+@pytest.mark.slow
 def test_modality_agnostic_counts_the_shared_encoder_once():
   summary = summarize(load_config(ROOT / 'configs' / 'vatt_ma_medium.py').model, 0.0)
   shared = summary['shared_encoder']['params']

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT, load_config
 from tests.test_sources import numbered_images  # noqa: F401 (a fixture)
@@ -43,6 +44,7 @@ def _params(workdir) -> dict[str, np.ndarray]:
   return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
 
 
+@pytest.mark.slow
 def test_finetune_from_tfds_trains_and_resumes_bit_for_bit(tmp_path, numbered_images):  # noqa: F811
   straight = trainer.train(_config(numbered_images, 2), str(tmp_path / 'straight'))
   assert [r['step'] for r in straight] == [1, 2]

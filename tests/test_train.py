@@ -74,6 +74,7 @@ def _tiny_setup():
   return state, step, batch
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_rejected_and_counted():
   state, step, batch = _tiny_setup()
   bad = dict(batch, video=np.full_like(batch['video'], np.nan))
