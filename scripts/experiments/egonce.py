@@ -22,6 +22,7 @@ import os
 
 import jax
 from absl import flags
+from runs import cell as _cell
 from runs import run as _run  # scripts/experiments/runs.py
 
 from configs import svitt_ego_demo
@@ -109,13 +110,6 @@ def random_init(workdir: str, shards: str, questions: str, seed: int) -> dict:
   with open(path, 'w') as f:
     json.dump(result, f, indent=1)
   return result
-
-
-def _cell(values: list[float]) -> str:
-  mean = sum(values) / len(values)
-  if len(values) == 1:
-    return f'{mean:.1f}'
-  return f'{mean:.1f} ({min(values):.1f}–{max(values):.1f})'
 
 
 def table(results: dict, counts: dict) -> str:

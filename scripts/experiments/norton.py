@@ -25,6 +25,7 @@ import json
 import os
 
 from absl import flags
+from runs import cell as _cell
 from runs import run as _run  # scripts/experiments/runs.py
 from runs import tag as _tag
 
@@ -162,14 +163,6 @@ def summarise(record: dict) -> dict:
   keys = ('p2v_ot/R1', 'p2v_ot/R5', 'p2v_ot/MedR', 'p2v_mean/R1', 'p2v_mean/R5',
           't2c/R1', 't2c/R5', 't2c/R10', 't2c/MedR')  # fmt: skip
   return {k: record[f'long_video/{k}'] for k in keys}
-
-
-def _cell(values: list[float], fmt: str = '.1f') -> str:
-  """The mean, and the range over seeds when there are several."""
-  mean = sum(values) / len(values)
-  if len(values) == 1:
-    return f'{mean:{fmt}}'
-  return f'{mean:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})'
 
 
 def table(results: dict) -> str:

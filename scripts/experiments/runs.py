@@ -1,4 +1,5 @@
-"""What the demo experiment scripts share: running a repository script, naming a noise level."""
+"""What the demo experiment scripts share: running a repository script, naming a noise level,
+formatting a table cell."""
 
 from __future__ import annotations
 
@@ -20,3 +21,11 @@ def run(args: list[str]) -> None:
 def tag(noise: float) -> str:
   """A noise level's directory name: 0.3 → noise30."""
   return f'noise{round(100 * noise):02d}'
+
+
+def cell(values: list[float], fmt: str = '.1f') -> str:
+  """A table cell: the mean, and the range over seeds when there are several."""
+  mean = sum(values) / len(values)
+  if len(values) == 1:
+    return f'{mean:{fmt}}'
+  return f'{mean:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})'

@@ -51,9 +51,9 @@ from vatt_jax.models import contract
 from vatt_jax.models.svitt_text import SvittTextEncoder
 from vatt_jax.models.svitt_video import SvittVideoEncoder, expand_temporal, svitt_video_encoder
 from vatt_jax.models.transformer import REMAT_POLICIES, get_size
+from vatt_jax.models.vatt import DTYPES
 
 Dtype = Any
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 NUM_SPECIAL = 3  # [CLS], [SEP], [MASK] after the tokenizer's vocabulary
 
 
