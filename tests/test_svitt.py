@@ -8,6 +8,7 @@ import pytest
 
 import data_pipelines
 from tests.conftest import ROOT, load_config
+from vatt_jax import export
 from vatt_jax.losses.egonce import positive_mask
 from vatt_jax.models import build_model, svitt
 
@@ -196,3 +197,27 @@ def test_variants_set_the_sparsity_and_train_a_step(
   source.close()
   loss_value, _ = jax.jit(model.objective(config.loss))(_init(model, 0), batch, jax.random.key(1))
   assert np.isfinite(loss_value)
+
+
+@pytest.mark.slow
+def test_export_bundle_and_saved_model_match_the_model(tiny, tmp_path):
+  """Through the contract: the bundle and the TF SavedModel of SViTT-Ego (block-sparse attention
+  and token pruning inside) give the model's embeddings. (lax.top_k would not survive the
+  SavedModel: its StableHLO composite cannot be deserialized by TF.)"""
+  config, model, _, variables = tiny
+  export.write_bundle(config, variables, str(tmp_path), None, step=1)
+  export.export_saved_model(model, variables, str(tmp_path), platforms=('cpu',))
+  inputs = export.random_inputs(model, batch_size=3, seed=7)
+  want = export.jax_embeddings(model, variables, inputs)
+  encoders = export.load_bundle(str(tmp_path / 'bundle'))
+  got = {
+    'video': jax.tree.map(np.asarray, encoders.video(inputs['video'])),
+    'text': jax.tree.map(np.asarray, encoders.text(inputs['text'])),
+  }
+  errors = export.relative_errors(got, want)
+  assert set(errors) == {'video/agg', 'video/vt', 'text/agg', 'text/vt'}
+  assert max(errors.values()) <= 1e-6, errors
+  saved = export.relative_errors(
+    export.saved_model_embeddings(str(tmp_path / 'saved_model'), inputs), want
+  )
+  assert max(saved.values()) <= 1e-4, saved

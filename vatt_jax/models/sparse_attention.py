@@ -120,7 +120,9 @@ def random_block_index(
   # Uniform scores in [0, 1) for the candidates, −1 for the local blocks: the top R_eff are a
   # uniformly random R_eff-subset of the ≥ R_eff non-local blocks, distinct by construction.
   scores = jnp.where(is_local, -1.0, jax.random.uniform(rng, (num_blocks, num_blocks)))
-  _, index = jax.lax.top_k(scores, r_eff)
+  # A stable descending argsort, not lax.top_k: top_k lowers to a StableHLO composite that the
+  # TF SavedModel export (jax2tf) cannot deserialize; the chosen set is the same.
+  index = jnp.argsort(-scores, axis=-1, stable=True)[:, :r_eff]
   return jnp.sort(index, axis=-1).astype(jnp.int32)
 
 

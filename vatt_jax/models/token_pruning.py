@@ -114,9 +114,10 @@ def prune_tokens(
   if keep == num_patches:
     patch_index = jnp.broadcast_to(jnp.arange(num_patches, dtype=jnp.int32), (batch, num_patches))
   else:
-    # lax.top_k puts the lower index first among equal values; sorting the chosen indices restores
-    # the original order.
-    _, patch_index = jax.lax.top_k(scores, keep)
+    # A stable descending argsort puts the lower index first among equal values (as lax.top_k,
+    # whose StableHLO composite the TF SavedModel export cannot deserialize); sorting the chosen
+    # indices restores the original order.
+    patch_index = jnp.argsort(-scores, axis=1, stable=True)[:, :keep]
     patch_index = jnp.sort(patch_index.astype(jnp.int32), axis=1)
   kept_index = jnp.concatenate([globals_index, patch_index + num_global], axis=1)
   x_kept = jnp.take_along_axis(x, kept_index[:, :, None], axis=1)
