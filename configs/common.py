@@ -281,8 +281,11 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m = config.model
   for section, values in RUNLOCAL_MODEL.items():
     for field, value in values.items():
+      # VATT's fields; a model whose field of that name is of another kind (SViTT's square
+      # patch_size, an int, against VATT's (t, h, w) tubelet) shrinks it in its own runlocal.
       if section in m and field in m[section]:
-        m[section][field] = value
+        if isinstance(m[section][field], tuple) == isinstance(value, tuple):
+          m[section][field] = value
   if m.get('backbone') == 'modality_agnostic':
     m.shared_size = 'tiny'
   if m.get('post_projection'):

@@ -46,6 +46,7 @@ def model_config() -> ml_collections.ConfigDict:
         size='base',  # svitt_video.SVITT_VIDEO_PRESETS
         num_frames=4,
         frame_size=224,
+        patch_size=16,  # square patches of each frame
         attention='block_sparse',  # edge sparsity; 'dense' without
         block_size=56,
         local_blocks=1,
@@ -63,6 +64,7 @@ def model_config() -> ml_collections.ConfigDict:
         fusion_layer=9,
         video_keep_rate=0.1,  # multimodal node sparsity
         prune_layer=1,  # after the second fusion layer's cross-attention
+        pooling='cls',  # the text representation: [CLS] (SViTT) or 'mean' of the tokens
       ),
       embed_dim=256,
       dropout_rate=0.1,  # BERT's hidden and attention dropout (BEiT's are 0: the video encoder's)

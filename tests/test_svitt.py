@@ -221,3 +221,26 @@ def test_export_bundle_and_saved_model_match_the_model(tiny, tmp_path):
     export.saved_model_embeddings(str(tmp_path / 'saved_model'), inputs), want
   )
   assert max(saved.values()) <= 1e-4, saved
+
+
+def test_text_pooling_mean_is_the_masked_mean_of_the_caption_states(tiny):
+  """model.text.pooling='mean' (the demo's): the text representation is the mean of the states
+  at [CLS], the caption's tokens and [SEP]; padding does not count. 'cls' is row 0."""
+  config, model, batch, variables = tiny
+  ids = np.array(batch['text'][:3, 0])
+  ids[0, 3:] = 0  # a short caption
+  hidden, mask = model.module.apply(variables, jnp.asarray(ids), method=svitt.Svitt.encode_text)
+  hidden, mask = np.asarray(hidden, np.float64), np.asarray(mask, np.float64)
+  want = {
+    'cls': hidden[:, 0],
+    'mean': (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True),
+  }
+  for pooling in svitt.TEXT_POOLING:
+    cfg = _config()
+    cfg.model.text.pooling = pooling
+    got = build_model(cfg.model).embed('text', ('agg',))(variables, jnp.asarray(ids))['agg']
+    np.testing.assert_allclose(got, want[pooling], rtol=1e-5, atol=1e-6)
+  cfg = _config()
+  cfg.model.text.pooling = 'max'
+  with pytest.raises(ValueError, match='model.text.pooling'):
+    build_model(cfg.model)

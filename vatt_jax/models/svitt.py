@@ -55,6 +55,7 @@ from vatt_jax.models.vatt import DTYPES
 
 Dtype = Any
 NUM_SPECIAL = 3  # [CLS], [SEP], [MASK] after the tokenizer's vocabulary
+TEXT_POOLING = ('cls', 'mean')
 
 
 def special_ids(vocab_size: int) -> dict[str, int]:
@@ -87,6 +88,7 @@ class Svitt(nn.Module):
   text_encoder: SvittTextEncoder
   vocab_size: int  # the tokenizer's (the word table has NUM_SPECIAL more rows)
   embed_dim: int = 256
+  text_pooling: str = 'cls'  # TEXT_POOLING
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -123,8 +125,17 @@ class Svitt(nn.Module):
   def embed_video(self, representation: jax.Array) -> jax.Array:
     return self.video_proj(representation.astype(jnp.float32)).astype(jnp.float32)
 
-  def embed_text(self, hidden: jax.Array) -> jax.Array:
-    return self.text_proj(hidden[:, 0].astype(jnp.float32)).astype(jnp.float32)
+  def text_representation(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """[B, L, Dt] text states → [B, Dt] float32: the [CLS] row ('cls', SViTT), or the mean over
+    the caption's tokens, [CLS] and [SEP] included ('mean')."""
+    hidden = hidden.astype(jnp.float32)
+    if self.text_pooling == 'cls':
+      return hidden[:, 0]
+    weights = mask.astype(jnp.float32)[..., None]
+    return jnp.sum(hidden * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+
+  def embed_text(self, representation: jax.Array) -> jax.Array:
+    return self.text_proj(representation.astype(jnp.float32)).astype(jnp.float32)
 
   def fuse(self, hidden, mask, video_tokens, train: bool = False) -> jax.Array:
     """The multimodal encoder: [B, L, Dt] text states attending to [B, N, Dv] video tokens."""
@@ -162,7 +173,8 @@ class Svitt(nn.Module):
     """
     tokens, representation = self.encode_video(video, train=True)
     hidden, mask = self.encode_text(ids, train=True)
-    video_vt, text_vt = self.embed_video(representation), self.embed_text(hidden)
+    video_vt = self.embed_video(representation)
+    text_vt = self.embed_text(self.text_representation(hidden, mask))
 
     def unit(x):
       return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
@@ -200,7 +212,7 @@ class Svitt(nn.Module):
     fused = self.fuse(hidden, mask, tokens, train=train)
     return {
       'video_vt': self.embed_video(representation),
-      'text_vt': self.embed_text(hidden),
+      'text_vt': self.embed_text(self.text_representation(hidden, mask)),
       'vtm_logits': self.vtm_logits(fused),
       'mlm_logits': self.text_encoder.mlm_logits(fused),
     }
@@ -221,6 +233,10 @@ def _check(cfg: ml_collections.ConfigDict) -> None:
       f'config model.text.num_narrations must be 1 for model svitt (one caption per clip), got '
       f'{cfg.text.num_narrations}'
     )
+  if cfg.text.get('pooling', 'cls') not in TEXT_POOLING:
+    raise ValueError(
+      f'config model.text.pooling must be one of {TEXT_POOLING}, got {cfg.text.pooling!r}'
+    )
   if cfg.text.vocab_size < 2:
     raise ValueError(f'config model.text.vocab_size must be >= 2, got {cfg.text.vocab_size}')
 
@@ -229,6 +245,7 @@ def video_encoder(cfg: ml_collections.ConfigDict) -> SvittVideoEncoder:
   v = cfg.video
   return svitt_video_encoder(
     v.size,
+    patch_size=v.get('patch_size', 16),
     num_frames=v.num_frames,
     image_size=frame_hw(v.frame_size),
     attention=v.attention,
@@ -270,6 +287,7 @@ def build_module(cfg: ml_collections.ConfigDict) -> Svitt:
     text_encoder=text_encoder(cfg),
     vocab_size=cfg.text.vocab_size,
     embed_dim=cfg.embed_dim,
+    text_pooling=cfg.text.get('pooling', 'cls'),
     dtype=DTYPES[cfg.get('dtype', 'float32')],
   )
 
@@ -342,14 +360,14 @@ class SvittModel(contract.FlaxModel):
         _, rep = module.apply(variables, x, method=Svitt.encode_video)
         project = Svitt.embed_video
       else:
-        hidden, _ = module.apply(variables, x, method=Svitt.encode_text)
-        rep = hidden[:, 0].astype(jnp.float32)
+        hidden, mask = module.apply(variables, x, method=Svitt.encode_text)
+        rep = module.apply(variables, hidden, mask, method=Svitt.text_representation)
         project = Svitt.embed_text
       out = {}
       if 'agg' in levels:
         out['agg'] = rep
       if 'vt' in levels:
-        out['vt'] = module.apply(variables, rep if modality == 'video' else hidden, method=project)
+        out['vt'] = module.apply(variables, rep, method=project)
       return out
 
     return embed
