@@ -5,7 +5,9 @@ and its side of the model contract (vatt_jax/models/contract.py).
                            → tokens [B, 1 + K, Dv]          representation [B, Dv]  ('agg')
   text ids [B, W]        → [CLS] ids [SEP] (model-owned special ids, below)
                            → SvittTextEncoder.text (svitt_text.py: BERT layers < fusion_layer)
-                           → hidden [B, W + 2, Dt], its [CLS] row the text representation ('agg')
+                           → hidden [B, W + 2, Dt]; the text representation ('agg') is its
+                             [CLS] row (text.pooling='cls', SViTT) or the mean over [CLS], the
+                             caption's tokens and [SEP] ('mean': trains from scratch, the demo)
   'vt' = Dense(embed_dim) of each representation: the dual encoder's space (EgoNCE / InfoNCE)
   fusion: SvittTextEncoder.fusion(hidden, video tokens) (cross-attention, multimodal pruning)
           → its [CLS] row → Dense(2): video–text matching (VTM); every row → the tied MLM head.
