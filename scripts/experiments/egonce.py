@@ -6,8 +6,9 @@ r"""EgoNCE vs. InfoNCE: svitt_ego_demo pretrained both ways, scored on EgoMCQ-fo
    the demo taxonomy (nouns: digits; verbs: directions) tagging every caption, and EgoMCQ-format
    questions on the held-out test videos (make_demo_data.py --egomcq_splits=test): inter-video
    (the 5 choices from 5 videos) and intra-video (5 segments of one video).
-2. For every seed, the same config, batches and budget twice: InfoNCE (svitt_ego_demo:infonce, no
-   scene negatives) and EgoNCE with scene negatives (svitt_ego_demo); both with VTM and MLM.
+2. For every seed, the same config, batches and step budget: InfoNCE (svitt_ego_demo:infonce, no
+   scene negatives: B samples a step), InfoNCE with scene negatives and EgoNCE with scene
+   negatives (svitt_ego_demo; both 2B samples a step); all with VTM and MLM.
 3. EgoMCQ accuracy (dual-encoder cosine, and VTM re-scoring) of every run, of a random init with
    the same seeds, against chance (20 %).
 
@@ -37,11 +38,17 @@ _SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Training seeds (the table: mean
 _STEPS = flags.DEFINE_integer('steps', 0, 'Training steps (0: the config default).')
 _NUM_TRAIN = flags.DEFINE_integer('num_train', 96, 'Training videos (5–8 segments each).')
 _NUM_TEST = flags.DEFINE_integer('num_test', 24, 'Held-out test videos (the questions).')
-_METHODS = flags.DEFINE_list('methods', ['infonce', 'egonce'], 'Contrastive losses to compare.')
+_METHODS = flags.DEFINE_list(
+  'methods', ['infonce', 'infonce_scene', 'egonce'], 'Contrastive losses to compare.'
+)
 
-ARGS = {'infonce': 'infonce', 'egonce': ''}
+ARGS = {'infonce': 'infonce', 'infonce_scene': 'infonce', 'egonce': ''}
+# Overrides per method: InfoNCE with EgoNCE's scene negatives (the same 2B samples per step) tells
+# the loss's tag positives apart from the appended clips.
+OVERRIDES = {'infonce_scene': ['--config.data.scene_negative_window=60']}
 LABELS = {
   'infonce': 'InfoNCE',
+  'infonce_scene': 'InfoNCE + scene negatives',
   'egonce': 'EgoNCE + scene negatives',
   'random': 'random init (no training)',
 }
@@ -85,7 +92,7 @@ def train(workdir: str, shards: str, questions: str, method: str, seed: int) -> 
   if _final(run) is None:
     args = [f'--config=configs/svitt_ego_demo.py:{ARGS[method]}', f'--workdir={run}',
             f'--config.data.path={shards}', f'--config.seed={seed}',
-            *_eval_overrides(questions)]  # fmt: skip
+            *_eval_overrides(questions), *OVERRIDES.get(method, [])]  # fmt: skip
     if _STEPS.value:
       args += [f'--config.total_steps={_STEPS.value}', '--config.evals.egomcq.log_steps=0']
     _run(['scripts/train.py', *args])
