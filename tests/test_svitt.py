@@ -77,6 +77,7 @@ def tiny():
   return config, model, batch, variables
 
 
+@pytest.mark.slow
 def test_the_objective_trains_every_part(tiny):
   config, model, batch, variables = tiny
   assert 'neg_video' in batch and 'noun' in batch
@@ -100,6 +101,7 @@ def test_the_objective_trains_every_part(tiny):
     assert norms and max(norms) > 0, f'no gradient reaches {head}'
 
 
+@pytest.mark.slow
 def test_infonce_variant_has_no_tags_or_negatives():
   config = _config('runlocal,infonce')
   assert config.loss.name == 'infonce' and config.data.scene_negative_window == 0.0
@@ -114,6 +116,7 @@ def test_infonce_variant_has_no_tags_or_negatives():
   assert np.isfinite(loss)
 
 
+@pytest.mark.slow
 def test_egonce_positives_drive_the_vtm_negatives(tiny):
   """The objective's negatives come from egonce.positive_mask: with every sample sharing a noun
   and a verb there is no negative and the VTM loss sees the positives only."""
@@ -130,6 +133,7 @@ def test_egonce_positives_drive_the_vtm_negatives(tiny):
   assert np.isfinite(loss)
 
 
+@pytest.mark.slow
 def test_contract_embeddings_and_pair_score(tiny):
   _, model, batch, variables = tiny
   video, text = batch['video'][:3], batch['text'][:3, 0]
@@ -223,6 +227,7 @@ def test_export_bundle_and_saved_model_match_the_model(tiny, tmp_path):
   assert max(saved.values()) <= 1e-4, saved
 
 
+@pytest.mark.slow
 def test_text_pooling_mean_is_the_masked_mean_of_the_caption_states(tiny):
   """model.text.pooling='mean' (the demo's): the text representation is the mean of the states
   at [CLS], the caption's tokens and [SEP]; padding does not count. 'cls' is row 0."""
