@@ -306,6 +306,25 @@ def eval_key(path: tuple[str, ...] | list[str]) -> jax.Array:
   return jax.random.fold_in(jax.random.key(0), zlib.crc32('/'.join(path).encode()))
 
 
+def module_block_index(
+  module: nn.Module,
+  num_tokens: int,
+  block_size: int,
+  local_blocks: int,
+  random_blocks: int,
+  deterministic: bool,
+) -> jax.Array:
+  """The random block pattern a flax attention module uses for `num_tokens` patch tokens: from
+  the 'sparse' RNG stream (the 'dropout' one when the caller passes no 'sparse') in training, from
+  `eval_key(module path)` in evaluation (a fixed, reproducible pattern per layer)."""
+  if deterministic:
+    rng = eval_key(module.scope.path)
+  else:
+    rng = module.make_rng('sparse' if module.has_rng('sparse') else 'dropout')
+  num_blocks = num_blocks_for(num_tokens, block_size)
+  return random_block_index(rng, num_blocks, local_blocks, random_blocks)
+
+
 class SparseSelfAttention(nn.Module):
   """Block-sparse self-attention with MultiHeadSelfAttention's parameters (names, shapes, axes),
   so dense and sparse checkpoints interchange.
@@ -349,12 +368,10 @@ class SparseSelfAttention(nn.Module):
       for t in attention_projections(x, self.num_heads, use_bias=self.use_bias, dtype=self.dtype)
     )
 
-    num_blocks = num_blocks_for(x.shape[1] - self.num_global, self.block_size)
-    if deterministic:
-      rng = eval_key(self.scope.path)
-    else:
-      rng = self.make_rng('sparse' if self.has_rng('sparse') else 'dropout')
-    random_index = random_block_index(rng, num_blocks, self.local_blocks, self.random_blocks)
+    random_index = module_block_index(
+      self, x.shape[1] - self.num_global, self.block_size, self.local_blocks,
+      self.random_blocks, deterministic,
+    )  # fmt: skip
     use_dropout = not deterministic and self.attention_dropout_rate > 0.0
     out = block_sparse_attention(
       q,

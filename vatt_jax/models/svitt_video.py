@@ -93,9 +93,7 @@ from vatt_jax.models.partitioning import attention_output, attention_projections
 from vatt_jax.models.sparse_attention import (
   BiasFn,
   block_sparse_attention,
-  eval_key,
-  num_blocks_for,
-  random_block_index,
+  module_block_index,
   sum_bias_fn,
 )
 from vatt_jax.models.token_pruning import cls_attention_scores, kept_count, prune_tokens
@@ -325,12 +323,10 @@ class SvittSelfAttention(nn.Module):
         probs = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=False)
       out = jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v)
     else:
-      num_blocks = num_blocks_for(x.shape[1] - self.num_global, self.block_size)
-      if deterministic:
-        rng = eval_key(self.scope.path)
-      else:
-        rng = self.make_rng('sparse' if self.has_rng('sparse') else 'dropout')
-      random_index = random_block_index(rng, num_blocks, self.local_blocks, self.random_blocks)
+      random_index = module_block_index(
+        self, x.shape[1] - self.num_global, self.block_size, self.local_blocks,
+        self.random_blocks, deterministic,
+      )  # fmt: skip
       out, global_probs = block_sparse_attention(
         q,
         k,
