@@ -163,6 +163,8 @@ def pretraining_config(model: ml_collections.ConfigDict) -> ml_collections.Confi
       fps=10.0,  # clips are sampled at this rate, whatever rate was stored
       crop_area_range=(0.08, 1.0),  # random resized crop (paper A.2.1)
       crop_aspect_range=(0.5, 2.0),
+      # A horizontal flip coin per training clip; False for direction tasks (left/right captions).
+      random_flip=True,
       sample_rate=48_000,  # must be the rate the shards store (prepare_data --sample_rate)
       shuffle_buffer=2048,
       cycle_length=8,  # shards read round-robin at a time

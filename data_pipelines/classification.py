@@ -6,10 +6,11 @@ Video datasets (ucf101, hmdb51, kinetics…) give decoded uint8 frames; audio da
 float waveforms; image datasets (imagenet2012, …; modality 'image') give one uint8 image, which
 becomes a clip of num_frames copies of the same frame (VATT's ImageNet fine-tuning feeds the video
 tower "the input image replicated"). Clips are sampled at data.fps from data.stored_fps (TFDS stores
-no frame rate), cropped and jittered exactly as in pretraining (random resized crop for training;
-for evaluation `eval_clips` uniformly spaced clips, each in `eval_crops` crops: the central square,
-or n squares spaced along the long side, clip-major). With data.multi_label the label feature is a
-list of classes and "label" a multi-hot float32 [num_classes]. Shards made by
+no frame rate), cropped and jittered exactly as in pretraining (random resized crop and, unless
+data.random_flip=False, a flip coin for training; for evaluation `eval_clips` uniformly spaced
+clips, each in `eval_crops` crops: the central square, or n squares spaced along the long side,
+clip-major). With data.multi_label the label feature is a list of classes and "label" a
+multi-hot float32 [num_classes]. Shards made by
 scripts/prepare_data.py that carry labels are read by the shard pipeline instead
 (data.name='shards'); its batches have `label` too.
 
@@ -32,6 +33,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import audio as audio_ops
 from data_pipelines import labels as labels_ops
+from data_pipelines import options
 from data_pipelines import video as video_ops
 from vatt_jax.cli import UserError
 
@@ -61,6 +63,7 @@ class TfdsSource:
     if cfg.modality not in MODALITIES:
       raise ValueError(f'config data.modality must be one of {MODALITIES}, got {cfg.modality!r}')
     self.eval_crops = video_ops.eval_crops(cfg)
+    self.random_flip = options.random_flip(cfg)
     self.multi_label, self.num_classes = labels_ops.options(cfg)
     self.cfg, self.split, self.seed = cfg, split, seed
     self.train = split.startswith('train')
@@ -110,6 +113,7 @@ class TfdsSource:
         frames, size, seed, train=True,
         area_range=tuple(self.cfg.get('crop_area_range', video_ops.AREA_RANGE)),
         aspect_range=tuple(self.cfg.get('crop_aspect_range', video_ops.ASPECT_RANGE)),
+        flip=self.random_flip,
       )  # fmt: skip
     windows = video_ops.eval_windows(tf.shape(frames)[1:], self.eval_crops)
     return tf.stack(

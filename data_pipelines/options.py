@@ -1,6 +1,6 @@
-"""Facts about config.data that more than one place reads: the frame size as (height, width) and
-where a run's tokenizer is (a sentencepiece model or a word vocabulary: data_pipelines.text).
-Nothing here imports TensorFlow."""
+"""Facts about config.data that more than one place reads: the frame size as (height, width),
+where a run's tokenizer is (a sentencepiece model or a word vocabulary: data_pipelines.text) and
+whether training clips may be mirrored. Nothing here imports TensorFlow."""
 
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ def tokenizer_path(data) -> str:
   if not path and data.get('path'):
     path = os.path.join(data.path, TOKENIZER_FILENAME)
   return path
+
+
+def random_flip(data) -> bool:
+  """config data.random_flip (default True, VATT's augmentation): whether a training clip is
+  mirrored left–right on a coin. False keeps every clip as stored, for tasks where left and right
+  are the label (a caption saying "moves to the left" under a mirrored clip is a wrong label)."""
+  value = data.get('random_flip', True)
+  if not isinstance(value, bool):
+    raise ValueError(f'config data.random_flip must be True or False, got {value!r}')
+  return value
 
 
 def file_sha256(path: str) -> str:

@@ -190,6 +190,7 @@ class ShardSource:
     else:  # audio (and text) only: the clip is the waveform's length
       self.clip_seconds = cfg.num_samples / cfg.sample_rate
     self.eval_crops = video_ops.eval_crops(cfg)
+    self.random_flip = options.random_flip(cfg)
     self.multi_label, self.num_classes = labels_ops.options(cfg)
     self._ego_options(cfg)
     self.cfg, self.split, self.seed = cfg, split, seed
@@ -628,13 +629,14 @@ class ShardSource:
 
   def _clip(self, ex, start, seed, window=None):
     """[T, S, S, 3]: the stored frames shown from `start` s, decoded in `window` [y, x, h, w], else
-    with the training augmentation drawn from `seed` (train) or the central square (eval)."""
+    with the training augmentation drawn from `seed` (train; the flip coin only with
+    data.random_flip) or the central square (eval)."""
     cfg = self.cfg
     num_stored = tf.shape(ex['frames'])[0]
     index = video_ops.frame_indices(start, ex['frame_rate'], num_stored, cfg.num_frames, cfg.fps)
     return video_ops.decode_clip(
       tf.gather(ex['frames'], index), cfg.frame_size, seed, train=self.train, window=window,
-      area_range=cfg.crop_area_range, aspect_range=cfg.crop_aspect_range,
+      area_range=cfg.crop_area_range, aspect_range=cfg.crop_aspect_range, flip=self.random_flip,
     )  # fmt: skip
 
   def _audio(self, ex, starts):
@@ -763,9 +765,11 @@ class ShardSource:
     times = start + (segment + within) * length / cfg.num_frames
     index = tf.cast(tf.floor(times * ex['frame_rate']), tf.int32)
     jpegs = tf.gather(ex['frames'], tf.clip_by_value(index, 0, num_stored - 1))
-    options = dict(area_range=cfg.crop_area_range, aspect_range=cfg.crop_aspect_range)
     if self.train:
-      return video_ops.decode_clip(jpegs, cfg.frame_size, augment_seed, train=True, **options)
+      return video_ops.decode_clip(
+        jpegs, cfg.frame_size, augment_seed, train=True, area_range=cfg.crop_area_range,
+        aspect_range=cfg.crop_aspect_range, flip=self.random_flip,
+      )  # fmt: skip
     windows = video_ops.eval_windows(tf.image.extract_jpeg_shape(jpegs[0]), self.eval_crops)
     return tf.stack([
       video_ops.decode_clip(jpegs, cfg.frame_size, augment_seed, train=False, window=windows[c])

@@ -1,7 +1,8 @@
 """Frame sampling and VATT's video augmentation, in TensorFlow ops (CPU only).
 
 Training: one random resized crop (area [0.08, 1], aspect [0.5, 2]) for every frame of the clip, one
-horizontal flip coin, one set of colour jitters (brightness 32/255, saturation 0.4, contrast 0.4,
+horizontal flip coin (`flip=False`, config data.random_flip=False: none, for tasks whose labels
+say left or right), one set of colour jitters (brightness 32/255, saturation 0.4, contrast 0.4,
 hue 0.2), clip to [0, 1], scale to [-1, 1]. Evaluation: the central square, resized; with
 `eval_crops` = n > 1, n squares of the short side spaced evenly along the long side (first, …,
 last; 3 = the left/centre/right crops of SlowFast and VATT's 3-crop test), each resized. All
@@ -93,15 +94,18 @@ def eval_windows(shape: tf.Tensor, crops: int) -> tf.Tensor:
   return tf.stack([ys, xs, sides, sides], axis=1)
 
 
-def _finish(frames: tf.Tensor, size: int, seed: tf.Tensor, train: bool) -> tf.Tensor:
-  """Cropped uint8 frames [T, h, w, 3] → resized, flipped and jittered, in [-1, 1]."""
+def _finish(frames: tf.Tensor, size: int, seed: tf.Tensor, train: bool, flip: bool) -> tf.Tensor:
+  """Cropped uint8 frames [T, h, w, 3] → resized, flipped (train and `flip`) and jittered (train),
+  in [-1, 1]."""
   # Bilinear without antialiasing, as the official VATT/DMVR code resizes (and 1.7× faster here).
   frames = tf.image.resize(frames, (size, size), method='bilinear') / 255.0
   if train:
+    # Five seeds whether or not there is a coin: without it the jitter draws stay the same.
     seeds = tf.random.experimental.stateless_split(seed, 5)
-    # One coin per clip: tf.image's random flip on [T, H, W, C] would flip each frame on its own.
-    flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
-    frames = tf.cond(flip, lambda: tf.reverse(frames, axis=[2]), lambda: frames)
+    if flip:
+      # One coin per clip: tf.image's random flip on [T, H, W, C] would flip each frame on its own.
+      heads = tf.random.stateless_uniform([], seeds[0]) < 0.5
+      frames = tf.cond(heads, lambda: tf.reverse(frames, axis=[2]), lambda: frames)
     # On a [T, H, W, C] tensor each of these draws one factor for the whole clip.
     frames = tf.image.stateless_random_brightness(frames, 32.0 / 255.0, seeds[1])
     frames = tf.image.stateless_random_saturation(frames, 0.6, 1.4, seeds[2])
@@ -120,11 +124,13 @@ def decode_clip(
   area_range=AREA_RANGE,
   aspect_range=ASPECT_RANGE,
   window: tf.Tensor | None = None,
+  flip: bool = True,
 ) -> tf.Tensor:
   """Decodes [T] JPEG frames into a [T, size, size, 3] float32 clip in [-1, 1].
 
   Only the crop window is decoded (decode_and_crop_jpeg), the same window for every frame: the
   given `window` [y, x, h, w] (one of `eval_windows`), else a random one (train) or the centre.
+  `flip` (train only): the horizontal flip coin; False never mirrors a clip (data.random_flip).
   """
   if window is None:
     window = _crop_window(
@@ -135,7 +141,7 @@ def decode_clip(
     jpegs,
     fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
   )
-  return _finish(frames, size, seed, train)
+  return _finish(frames, size, seed, train, flip)
 
 
 def crop_clip(
@@ -147,9 +153,10 @@ def crop_clip(
   area_range=AREA_RANGE,
   aspect_range=ASPECT_RANGE,
   window: tf.Tensor | None = None,
+  flip: bool = True,
 ) -> tf.Tensor:
   """The same as decode_clip for already decoded uint8 frames [T, H, W, 3] (e.g. from TFDS)."""
   if window is None:
     window = _crop_window(tf.shape(frames)[1:], seed, train, area_range, aspect_range)
   frames = frames[:, window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
-  return _finish(frames, size, seed, train)
+  return _finish(frames, size, seed, train, flip)
