@@ -424,3 +424,221 @@ def test_the_demo_questions_are_answered_from_the_demo_shards(tmp_path, tokenize
   assert (result['inter_count'], result['intra_count'], result['chance']) == (25, 25, 20)
   assert 0 <= result['inter_accuracy'] <= 100 and 0 <= result['intra_accuracy'] <= 100
   assert np.isfinite(evaluator.last['similarity']).all()
+
+
+# ---- video-query questions (MSR-VTT style: a clip, C captions) -------------------------------------
+def _reference_typed_accuracy(similarity, answer, types) -> dict:
+  """Float64 loops over questions whose type is any hashable, None for none: overall accuracy,
+  count, and per type present its accuracy and count."""
+  hits = {}
+  every = []
+  for row, right, kind in zip(similarity.tolist(), answer.tolist(), types, strict=True):
+    best = max(row)
+    hit = min(j for j, s in enumerate(row) if s == best) == right
+    every.append(hit)
+    if kind is not None:
+      hits.setdefault(kind, []).append(hit)
+  out = {'accuracy': 100 * sum(every) / len(every), 'chance': 100 / similarity.shape[1]}
+  for kind, kind_hits in hits.items():
+    out[f'{kind}_accuracy'] = 100 * sum(kind_hits) / len(kind_hits)
+    out[f'{kind}_count'] = len(kind_hits)
+  return out
+
+
+def test_accuracy_per_named_type_matches_a_float64_reference():
+  rng = np.random.default_rng(3)
+  kinds = ['direction', 'appearance', '7', None]
+  for questions, choices in ((60, 4), (9, 5), (30, 2)):
+    similarity = rng.integers(-2, 3, (questions, choices)).astype(np.float64) / 2  # many ties
+    answer = rng.integers(0, choices, questions)
+    types = [kinds[i] for i in rng.integers(0, 4, questions)]
+    codes = {'direction': 0, 'appearance': 1, '7': 2, None: -1}
+    names = {-1: None, 0: 'direction', 1: 'appearance', 2: '7'}
+    got = mc.multiple_choice_accuracy(
+      similarity, answer, np.array([codes[t] for t in types]), names
+    )
+    want = _reference_typed_accuracy(similarity, answer, types)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+      np.testing.assert_allclose(got[key], value, rtol=1e-12, err_msg=key)
+    assert sum(got[f'{k}_count'] for k in kinds if k) == sum(t is not None for t in types)
+  # A named type no question has: NaN accuracy, count 0 (as EgoMCQ's).
+  absent = mc.multiple_choice_accuracy(
+    np.eye(2), np.array([0, 0]), np.array([0, 0]), {0: 'a', 1: 'b'}
+  )
+  assert (absent['a_accuracy'], absent['b_count']) == (50.0, 0) and np.isnan(absent['b_accuracy'])
+  with pytest.raises(ValueError, match=r'types must be in \[-1, 0\]'):
+    mc.multiple_choice_accuracy(np.eye(2), np.array([0, 0]), np.array([0, 1]), {-1: None, 0: 'a'})
+  with pytest.raises(ValueError, match='names must be distinct non-empty strings'):
+    mc.multiple_choice_accuracy(np.eye(2), np.array([0, 0]), np.array([0, 1]), {0: 'a', 1: 'a'})
+
+
+def _video_item(clip, captions, answer, types=None, **extra):
+  uid, start, end = clip
+  item = {
+    'query': {'video_uid': uid, 'clip_start': start, 'clip_end': end},
+    'choices': {str(i): {'clip_text': text} for i, text in enumerate(captions)},
+    'answer': answer,
+    **extra,
+  }
+  if types is not None:
+    item['types'] = types
+  return item
+
+
+def test_video_query_format_loads_free_and_missing_types(tmp_path):
+  path = _dump(
+    tmp_path / 'mc.json',
+    {
+      'a': _video_item(('v0', '0.5', 1.5), ['red x', 'green', 'blue', 'cyan'], '2', 'direction'),
+      'b': _video_item(('v1', 1, 2), ['red x', 'pink', 'gold', 'gray'], 0, 7, video_dur=4),
+      'c': _video_item(('v1', 1, 2), ['red x', 'pink', 'gold', 'gray'], 1, ' 7 '),
+      'd': _video_item(('v2', 0, 1), ['a', 'b', 'c', 'd'], 3),
+    },
+  )
+  questions = mc.read_questions(path)
+  assert all(isinstance(q, mc.VideoQuestion) for q in questions)
+  a, b, c, d = questions
+  assert a.clip == mc.Clip('v0', 0.5, 1.5) and a.choices == ('red x', 'green', 'blue', 'cyan')
+  assert (a.answer, a.kind) == (2, 'direction')
+  assert b.kind == c.kind == '7' and d.kind is None  # 7 and " 7 " are one type; d has none
+  # Choices as a list are the same choices.
+  item = _video_item(('v0', 0.5, 1.5), ['red x', 'green', 'blue', 'cyan'], 2, 'direction')
+  item['choices'] = list(item['choices'].values())
+  assert mc.read_questions(_dump(tmp_path / 'l.json', [item]))[0].choices == a.choices
+
+
+def test_a_file_of_both_kinds_is_refused_naming_the_first_of_the_other(tmp_path):
+  text_query = _egomcq_item('text', [('a', 1, 2)] * 4, 0, 1)
+  video_query = _video_item(('a', 1, 2), ['w', 'x', 'y', 'z'], 0)
+  path = _dump(tmp_path / 'mixed.json', {'t0': text_query, 't1': text_query, 'v7': video_query})
+  with pytest.raises(ValueError) as error:
+    mc.read_questions(path)
+  assert str(error.value) == (
+    f"questions file {path}: question 'v7' asks with a video clip (its choices are captions), "
+    "question 't0' with a text (its choices are video clips): a file holds questions of one kind "
+    'only'
+  )
+  path = _dump(tmp_path / 'mixed2.json', {'v0': video_query, 't3': text_query, 't4': text_query})
+  with pytest.raises(ValueError, match="question 't3' asks with a text .*question 'v0' with a vid"):
+    mc.read_questions(path)
+  # max_questions reads only the first ones: one kind.
+  assert len(mc.read_questions(path, max_questions=1)) == 1
+
+
+@pytest.mark.parametrize(
+  'mutate, message',
+  [
+    (lambda q: q.pop('answer'), "question 'q7': missing field 'answer'"),
+    (lambda q: q.pop('query'), "question 'q7': missing field 'query'"),
+    (lambda q: q['query'].pop('clip_end'), "question 'q7': query: missing field 'clip_end'"),
+    (lambda q: q['query'].update(clip_start='x'), r"question 'q7': query.clip_start: 'x' is not"),
+    (
+      lambda q: q['query'].update(video_uid=' '),
+      "question 'q7': query.video_uid: ' ' is not a vid",
+    ),
+    (lambda q: q.update(answer=4), "question 'q7': answer 4 is not one of the 4 choices"),
+    (lambda q: q['choices']['1'].update(clip_text='  '), r"choices\['1'\].clip_text: missing, em"),
+    (lambda q: q['choices']['2'].update(clip_text=3), r"choices\['2'\].clip_text: missing, empty"),
+    (lambda q: q['choices'].update({'1': 'x'}), r"choices\['1'\]: expected an object, got str"),
+    (lambda q: q['choices'].update({'4': q['choices'].pop('3')}), 'choices must be keyed'),
+    (lambda q: q.update(types=1.5), "question 'q7': types 1.5 is not a name"),
+    (lambda q: q.update(types=True), "question 'q7': types True is not a name"),
+    (lambda q: q.update(types=''), "question 'q7': types '' is not a name"),
+  ],
+)
+def test_malformed_video_query_questions_name_the_file_and_question(tmp_path, mutate, message):
+  good = _video_item(('a', 1, 2), ['w', 'x', 'y', 'z'], 0, 'direction')
+  path = _dump(tmp_path / 'bad.json', {'q1': good, 'q7': _broken(good, mutate)})
+  with pytest.raises(ValueError, match=message) as error:
+    mc.read_questions(path)
+  assert f'questions file {path}' in str(error.value) and '\n' not in str(error.value)
+
+
+# (query clip as (video_uid, start, end), captions, answer, types): each caption one word, so a
+# caption's embedding is its word's.
+VIDEO_QUESTIONS = {
+  'p': (('v0', 0.5, 1.5), [WORDS[0], WORDS[1], WORDS[2], WORDS[3]], 1, 'direction'),
+  'q': (('media/test/v2.mp4', 2.0, 3.0), [WORDS[2], WORDS[1], WORDS[4], WORDS[0]], 0, 'appearance'),
+  'r': (('w', 101.0, 102.5), [WORDS[3], WORDS[5], WORDS[1], WORDS[2]], 1, 7),
+  's': (('v0', 0.5, 1.5), [WORDS[0], WORDS[1], WORDS[6], WORDS[7]], 0, None),  # p's clip
+  't': (('v4', '0.4', '1.3'), [WORDS[2], WORDS[6], WORDS[7], WORDS[3]], '2', 'direction'),
+}  # fmt: skip
+RIGHT_WORD = {'p': 1, 'q': 2, 'r': 5, 't': 7}  # WORDS index whose embedding is the clip's
+
+
+@pytest.mark.slow
+def test_video_query_evaluator_scores_the_clip_against_every_caption(
+  shards,
+  tokenizer_path,  # noqa: F811
+  tmp_path,
+):
+  config, model = _toy(shards, tokenizer_path)
+  path = _dump(
+    tmp_path / 'mc.json',
+    {key: _video_item(*question) for key, question in VIDEO_QUESTIONS.items()},
+  )
+  evaluator = build_evaluator(_eval_cfg(path, use_score=True), config, model)
+  assert evaluator.video_query and len(evaluator.clips) == 4  # s asks about p's clip
+  assert evaluator.query_clip[3] == evaluator.query_clip[0] and len(evaluator.texts) == 8
+  frames, size, _, _ = model.inputs['video'].shape
+
+  # Each question's right word embeds as its clip (cosine 1; s's right caption is not p's).
+  batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in model.example_batch(2).items()}
+  variables = model.init(jax.random.key(0), batch)
+  params = jax.tree.map(np.array, variables['params'])
+  params['video_proj']['bias'] = np.random.default_rng(1).normal(size=16).astype(np.float32)
+  variables = {'params': params, 'batch_stats': {}}
+  clips = np.stack([_expected_clip(*q[0], size, frames) for q in VIDEO_QUESTIONS.values()])
+  oracle_video = np.asarray(jax.jit(model.embed('video', ('joint',)))(variables, clips)['joint'])
+  tokenizer = text_ops.Tokenizer(tokenizer_path)
+  word_ids = tokenizer.encode(WORDS, 8)
+  assert (word_ids[:, 1:] == 0).all() and len(set(word_ids[:, 0])) == len(WORDS)
+  for q, key in enumerate(VIDEO_QUESTIONS):
+    if key in RIGHT_WORD:
+      params['words']['embedding'][word_ids[RIGHT_WORD[key], 0]] = oracle_video[q]
+
+  result = evaluator.run(variables)
+  last = evaluator.last
+  np.testing.assert_allclose(
+    last['embeddings']['video'][evaluator.query_clip], oracle_video, rtol=1e-5, atol=1e-5
+  )
+  caption_ids = np.stack([tokenizer.encode(q[1], 8) for q in VIDEO_QUESTIONS.values()])  # [Q, C, W]
+  caption_embedding = np.asarray(
+    jax.jit(model.embed('text', ('joint',)))(variables, caption_ids.reshape(-1, 8))['joint']
+  ).reshape(5, 4, -1)
+  cosine = np.einsum('qd,qcd->qc', _unit(oracle_video), _unit(caption_embedding))
+  np.testing.assert_allclose(last['similarity'], cosine, atol=1e-6)
+  answers = np.array([int(q[2]) for q in VIDEO_QUESTIONS.values()])
+  types = [None if q[3] is None else str(q[3]) for q in VIDEO_QUESTIONS.values()]
+  want = _reference_typed_accuracy(cosine, answers, types)
+  assert result.keys() == {*want, 'count', 'accuracy_score', 'direction_accuracy_score',
+                           'appearance_accuracy_score', '7_accuracy_score'}  # fmt: skip
+  for key, value in want.items():
+    assert result[key] == pytest.approx(value), key
+  # p, q, r, t right (their right caption embeds as their clip); s picks p's caption.
+  assert (result['accuracy'], result['count'], result['chance']) == (80.0, 5, 25.0)
+  assert (result['direction_count'], result['appearance_count'], result['7_count']) == (2, 1, 1)
+
+  # Pair score: the model's pair head on the query clip and every caption.
+  video_features = model.score.video(variables, jnp.asarray(clips))
+  text_features = model.score.text(variables, jnp.asarray(caption_ids.reshape(-1, 8)))
+  pair = model.score.pairs(variables, jnp.repeat(video_features, 4, axis=0), text_features)
+  np.testing.assert_allclose(last['pair_score'], np.reshape(pair, (5, 4)), rtol=1e-5, atol=1e-6)
+  scored = _reference_typed_accuracy(np.asarray(last['pair_score'], np.float64), answers, types)
+  for key in ('accuracy', 'direction_accuracy', 'appearance_accuracy', '7_accuracy'):
+    assert result[f'{key}_score'] == pytest.approx(scored[key])
+
+
+def test_unanswerable_video_queries_are_one_error(shards, tokenizer_path, tmp_path):  # noqa: F811
+  config, model = _toy(shards, tokenizer_path)
+  questions = {key: _video_item(*question) for key, question in VIDEO_QUESTIONS.items()}
+  questions['x'] = _video_item(('absent', 0, 1), WORDS[:4], 0)
+  questions['y'] = _video_item(('v3', 3.5, 5.5), WORDS[:4], 0)  # past the end
+  path = _dump(tmp_path / 'unanswerable.json', questions)
+  with pytest.raises(ValueError) as error:
+    build_evaluator(_eval_cfg(path), config, model)
+  message = str(error.value)
+  assert message.startswith(f'config evals questions={path}: of 7 questions, ')
+  assert "1 name a video no record holds (question x ('absent'))" in message
+  assert "1 have a clip outside its record (question y ('v3' 3.5–5.5 s; " in message

@@ -1,18 +1,30 @@
-"""Multiple-choice video–language evaluation: a text query, C video clips as choices, one of them
-the answer (EgoMCQ, from EgoVLP; All-in-one's multiple-choice tasks have the same shape).
+"""Multiple-choice video–language evaluation, both ways round: a text query and C video clips as
+choices (EgoMCQ, from EgoVLP), or a video clip as the query and C captions as choices (MSR-VTT
+multiple choice, as All-in-one evaluates it); one choice is the answer.
 
-Questions (eval config `questions`): a JSON file in EgoMCQ's released format, read as it is:
+Questions (eval config `questions`): a JSON file of one kind of question. Text query, EgoMCQ's
+released format, read as it is:
 
   {"<key>": {"query": {"clip_text": …, "video_uid": …, …},
              "choices": {"0": {"video_uid": …, "clip_start": …, "clip_end": …, …}, …, "4": {…}},
              "answer": k, "types": 1 | 2}, …}
 
 types 1 = inter-video (the choices come from different videos), 2 = intra-video (all from one).
+Video query:
+
+  {"<key>": {"query": {"video_uid": …, "clip_start": …, "clip_end": …},
+             "choices": {"0": {"clip_text": …}, …, "C−1": {…}}, "answer": k, "types": …}, …}
+
+types optional and free: a string or an integer naming the question's group (1 and "1" are one);
+each group present gets its own metrics. A question none of whose choices names a video (a
+video_uid) is a video-query one, any other a text-query one; a file holding both kinds is a
+ValueError naming the first question of the other kind.
 Times are seconds from the start of the video; numbers and numeric strings are both accepted (the
 released file has strings for some fields) and other keys are ignored. Questions are taken in the
 file's order (`max_questions` N > 0: the first N); every one has the same number C ≥ 2 of choices,
 keyed "0" … "C−1" (a list is accepted too). A file that is not such JSON, or a question with a
-missing or malformed field, is a ValueError naming the file and the question's key.
+missing or malformed field (a caption missing or empty), is a ValueError naming the file and the
+question's key.
 
 Videos: the clips are cut from the records of `{data.path}/{split}/*.tfrecord`. A record's media id
 is BASE (a whole file) or BASE#t=A,B (a manifest window: its time 0 is A s into BASE). A video_uid U
@@ -28,21 +40,24 @@ packet; frames past the end repeat the last one). Questions whose video no recor
 clip lies outside it, are one ValueError naming the questions file, with their number and the
 first few keys: never a silent drop.
 
-Scoring: each distinct clip (choices repeat across questions) is decoded once — T frames (the
-model's) sampled uniformly over [clip_start, clip_end], frame k in the middle of the k-th of T
-equal parts as EgoVLP's 'uniform' sampling, from the stored frames, the central square resized to
-the model's frame size (data_pipelines.video: frame_indices, decode_clip, as the evaluation
-pipeline decodes) — and embedded once at the model's video–text level (Model.spaces; eval config
-`level`); each distinct query text is embedded once (the run's tokenizer). A choice's score is the
-cosine of the query and the clip; the prediction is the highest-scoring choice, the lowest index
-among tied maxima. With `use_score`, the model's pair score (Model.score: a fusion encoder's
-video–text matching head) ranks the same choices too, giving the `*_score` metrics; its per-clip
+Scoring: each distinct clip (a text query's choices, or a video query; clips repeat across
+questions) is decoded once — T frames (the model's) sampled uniformly over [clip_start,
+clip_end], frame k in the middle of the k-th of T equal parts as EgoVLP's 'uniform' sampling, from
+the stored frames, the central square resized to the model's frame size (data_pipelines.video:
+frame_indices, decode_clip, as the evaluation pipeline decodes) — and embedded once at the model's
+video–text level (Model.spaces; eval config `level`); each distinct text (a query, or a candidate
+caption) is embedded once (the run's tokenizer). A choice's score is the cosine of its clip and
+its text; the prediction is the highest-scoring choice, the lowest index among tied maxima. With
+`use_score`, the model's pair score (Model.score: a fusion encoder's video–text matching head)
+over the same (clip, text) pairs ranks the choices too, giving the `*_score` metrics; its per-clip
 video features (token embeddings, for a fusion encoder) are then kept in host memory for every
 distinct clip.
 
-Metrics: accuracy, inter_accuracy, intra_accuracy (percent; NaN when no question is of that
-type), inter_count, intra_count, chance = 100 / C (percent); with use_score also accuracy_score,
-inter_accuracy_score, intra_accuracy_score.
+Metrics (percent; a type's accuracy NaN when no question is of it), chance = 100 / C (percent).
+Text query: accuracy, inter_accuracy, intra_accuracy, inter_count, intra_count, chance; with
+use_score also accuracy_score, inter_accuracy_score, intra_accuracy_score. Video query: accuracy,
+count, chance and <type>_accuracy, <type>_count for every type present; with use_score also
+accuracy_score and <type>_accuracy_score.
 
 Differences from EgoVLP's code: its metric zips torch.unique(types) with a fixed list of group
 names, so a set with one type only is named by the first name whatever its type, and its
@@ -58,7 +73,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -87,6 +102,8 @@ class Clip:
 
 @dataclasses.dataclass(frozen=True)
 class Question:
+  """A text-query question (EgoMCQ): a caption, C clips as the choices."""
+
   key: str  # as in the file
   text: str  # the query's clip_text
   choices: tuple[Clip, ...]
@@ -94,17 +111,32 @@ class Question:
   kind: int  # 1 inter-video, 2 intra-video
 
 
-def multiple_choice_accuracy(similarity, answer, types) -> dict[str, float]:
+@dataclasses.dataclass(frozen=True)
+class VideoQuestion:
+  """A video-query question (MSR-VTT multiple choice): a clip, C captions as the choices."""
+
+  key: str  # as in the file
+  clip: Clip  # the query
+  choices: tuple[str, ...]  # the candidate captions
+  answer: int  # index into choices
+  kind: str | None  # its `types` as text (1 and "1" are one type); None: no type
+
+
+def multiple_choice_accuracy(
+  similarity, answer, types, names: Mapping[int, str | None] = TYPES
+) -> dict[str, float]:
   """Accuracy of choosing the highest-scoring choice, overall and per question type.
 
   Args:
     similarity: [Q, C] scores (higher: a better match; NaN is refused).
     answer: [Q] int, the right choice of each question, in 0 … C−1.
-    types: [Q] int, 1 (inter-video) or 2 (intra-video).
+    types: [Q] int, each question's type: a key of `names`.
+    names: type → the name of its metrics, or None for a type counted in 'accuracy' only (questions
+      without a type). Default: EgoMCQ's TYPES, 1 inter-video, 2 intra-video.
 
   The prediction is the argmax over the C choices, the lowest index among tied maxima. Returns
-  {'accuracy', 'inter_accuracy', 'intra_accuracy'} in percent (NaN over no question),
-  {'inter_count', 'intra_count'} (int) and 'chance' = 100 / C.
+  'accuracy' in percent, 'chance' = 100 / C and, for every named type of `names` (present or not),
+  '<name>_accuracy' (percent, NaN over no question) and '<name>_count' (int).
   """
   scores = np.asarray(similarity, np.float64)
   if scores.ndim != 2 or scores.shape[1] < 1:
@@ -118,13 +150,17 @@ def multiple_choice_accuracy(similarity, answer, types) -> dict[str, float]:
       raise ValueError(f'{name} must be [{questions}] integers, got {values.dtype} {values.shape}')
   if ((answer < 0) | (answer >= choices)).any():
     raise ValueError(f'answer must be in [0, {choices}), got {sorted(set(answer.tolist()))}')
-  if not np.isin(types, list(TYPES)).all():
-    raise ValueError(f'types must be in {sorted(TYPES)}, got {sorted(set(types.tolist()))}')
+  if not np.isin(types, list(names)).all():
+    raise ValueError(f'types must be in {sorted(names)}, got {sorted(set(types.tolist()))}')
+  named = [name for name in names.values() if name is not None]
+  if len(set(named)) < len(named) or not all(isinstance(n, str) and n for n in named):
+    raise ValueError(f'names must be distinct non-empty strings (or None), got {dict(names)}')
   correct = np.argmax(scores, axis=1) == answer  # np.argmax: the first of tied maxima
   out = {'accuracy': _percent(correct), 'chance': 100.0 / choices}
-  for kind, name in TYPES.items():
-    out[f'{name}_accuracy'] = _percent(correct[types == kind])
-    out[f'{name}_count'] = int((types == kind).sum())
+  for kind, name in names.items():
+    if name is not None:
+      out[f'{name}_accuracy'] = _percent(correct[types == kind])
+      out[f'{name}_count'] = int((types == kind).sum())
   return out
 
 
@@ -167,6 +203,26 @@ def _clip(item, where: str) -> Clip:
   return Clip(uid.strip(), start, end)
 
 
+def _choice_items(where: str, choices) -> list[tuple[str, object]]:
+  """A question's choices as [("0", item), …, ("C−1", item)] (an object keyed "0" … "C−1", or a
+  list), at least 2; raises ValueError naming the question."""
+  if isinstance(choices, list):
+    choices = {str(i): c for i, c in enumerate(choices)}
+  if not isinstance(choices, dict) or len(choices) < 2:
+    raise ValueError(f'{where}: choices must be an object of at least 2 choices "0", "1", …')
+  names = [str(i) for i in range(len(choices))]
+  if sorted(choices, key=str) != sorted(names):
+    raise ValueError(f'{where}: choices must be keyed {names}, got {list(choices)}')
+  return [(n, choices[n]) for n in names]
+
+
+def _answer(item: dict, where: str, num_choices: int) -> int:
+  answer = _integer(item['answer'], f'{where}: answer')
+  if not 0 <= answer < num_choices:
+    raise ValueError(f'{where}: answer {answer} is not one of the {num_choices} choices')
+  return answer
+
+
 def _question(where: str, key: str, item) -> Question:
   if not isinstance(item, dict):
     raise ValueError(f'{where}: expected an object, got {type(item).__name__}')
@@ -176,27 +232,58 @@ def _question(where: str, key: str, item) -> Question:
   query = item['query']
   if not isinstance(query, dict) or not isinstance(query.get('clip_text'), str):
     raise ValueError(f'{where}: query.clip_text: missing or not a string')
-  choices = item['choices']
-  if isinstance(choices, list):
-    choices = {str(i): c for i, c in enumerate(choices)}
-  if not isinstance(choices, dict) or len(choices) < 2:
-    raise ValueError(f'{where}: choices must be an object of at least 2 choices "0", "1", …')
-  names = [str(i) for i in range(len(choices))]
-  if sorted(choices, key=str) != sorted(names):
-    raise ValueError(f'{where}: choices must be keyed {names}, got {list(choices)}')
-  clips = tuple(_clip(choices[n], f'{where}: choices[{n!r}]') for n in names)
-  answer = _integer(item['answer'], f'{where}: answer')
-  if not 0 <= answer < len(clips):
-    raise ValueError(f'{where}: answer {answer} is not one of the {len(clips)} choices')
+  choices = _choice_items(where, item['choices'])
+  clips = tuple(_clip(choice, f'{where}: choices[{n!r}]') for n, choice in choices)
+  answer = _answer(item, where, len(clips))
   kind = _integer(item['types'], f'{where}: types')
   if kind not in TYPES:
     raise ValueError(f'{where}: types {kind} is not 1 (inter-video) or 2 (intra-video)')
   return Question(key, query['clip_text'], clips, answer, kind)
 
 
-def read_questions(path: str, max_questions: int = 0) -> list[Question]:
-  """The questions of an EgoMCQ-format JSON file (module docstring), in the file's order; the
-  first `max_questions` when > 0. Raises ValueError naming the file (and question key)."""
+def _asks_with_video(item) -> bool:
+  """Whether a question is a video-query one: choices none of which names a video."""
+  choices = item.get('choices') if isinstance(item, dict) else None
+  values = list(choices.values()) if isinstance(choices, dict) else choices
+  return (
+    isinstance(values, list)
+    and bool(values)
+    and not any(isinstance(c, dict) and 'video_uid' in c for c in values)
+  )
+
+
+def _video_question(where: str, key: str, item: dict) -> VideoQuestion:
+  for field in ('query', 'choices', 'answer'):
+    if field not in item:
+      raise ValueError(f'{where}: missing field {field!r}')
+  clip = _clip(item['query'], f'{where}: query')
+  texts = []
+  for n, choice in _choice_items(where, item['choices']):
+    if not isinstance(choice, dict):
+      raise ValueError(f'{where}: choices[{n!r}]: expected an object, got {type(choice).__name__}')
+    text = choice.get('clip_text')
+    if not isinstance(text, str) or not text.strip():
+      raise ValueError(f'{where}: choices[{n!r}].clip_text: missing, empty or not a string')
+    texts.append(text)
+  answer = _answer(item, where, len(texts))
+  kind = item.get('types')
+  if kind is not None:
+    if isinstance(kind, bool) or not isinstance(kind, int | str) or not str(kind).strip():
+      raise ValueError(f'{where}: types {kind!r} is not a name (a non-empty string or an integer)')
+    kind = str(kind).strip()
+  return VideoQuestion(key, clip, tuple(texts), answer, kind)
+
+
+def _kind(question: Question | VideoQuestion) -> str:
+  if isinstance(question, VideoQuestion):
+    return 'a video clip (its choices are captions)'
+  return 'a text (its choices are video clips)'
+
+
+def read_questions(path: str, max_questions: int = 0) -> list[Question] | list[VideoQuestion]:
+  """The questions of a JSON file (module docstring), in the file's order, all text-query
+  (Question) or all video-query (VideoQuestion); the first `max_questions` when > 0. Raises
+  ValueError naming the file (and question key)."""
   try:
     with open(path, encoding='utf-8') as f:
       data = json.load(f)
@@ -210,8 +297,19 @@ def read_questions(path: str, max_questions: int = 0) -> list[Question]:
     raise ValueError(
       f'questions file {path}: expected an object of questions {{"0": {{"query": …}}, …}}'
     )
-  items = list(data.items())[: max_questions or None]
-  questions = [_question(f'questions file {path}: question {k!r}', k, q) for k, q in items]
+  questions = []
+  for key, item in list(data.items())[: max_questions or None]:
+    where = f'questions file {path}: question {key!r}'
+    if _asks_with_video(item):
+      question = _video_question(where, key, item)
+    else:
+      question = _question(where, key, item)
+    if questions and type(question) is not type(questions[0]):
+      raise ValueError(
+        f'{where} asks with {_kind(question)}, question {questions[0].key!r} with '
+        f'{_kind(questions[0])}: a file holds questions of one kind only'
+      )
+    questions.append(question)
   first = questions[0]
   for q in questions:
     if len(q.choices) != len(first.choices):
@@ -334,19 +432,22 @@ def _read_videos(files: Sequence[str]) -> list[StoredVideo]:
 
 
 class MultipleChoiceEvaluator:
-  """config.evals entry: dict(type='multiple_choice', questions=PATH (EgoMCQ-format JSON),
-  split='test' (the shards holding the videos), batch_size=32, use_score=False,
-  max_questions=0 (all), level=(the model's video–text space), log_steps=…; data=dict(path=…)
-  overrides the run's). run(variables) → {'accuracy', 'inter_accuracy', 'intra_accuracy',
-  'inter_count', 'intra_count', 'chance'} (+ '*_score' with use_score); `last` keeps the
-  similarities [Q, C] and answers of the latest run. See the module docstring."""
+  """config.evals entry: dict(type='multiple_choice', questions=PATH (JSON: EgoMCQ's format, or
+  video-query questions), split='test' (the shards holding the videos), batch_size=32,
+  use_score=False, max_questions=0 (all), level=(the model's video–text space), log_steps=…;
+  data=dict(path=…) overrides the run's). run(variables) → EgoMCQ: {'accuracy',
+  'inter_accuracy', 'intra_accuracy', 'inter_count', 'intra_count', 'chance'}; video-query:
+  {'accuracy', 'count', 'chance', '<type>_accuracy', '<type>_count' per type}; (+ '*accuracy_score'
+  with use_score). `last` keeps the similarities [Q, C] and answers of the latest run. See the
+  module docstring."""
 
   def __init__(self, eval_cfg, config, model: Model):
     self.eval_cfg, self.config, self.model = eval_cfg, config, model
     path = eval_cfg.get('questions') or ''
     if not path:
       raise ValueError(
-        'config evals questions is empty: multiple_choice needs an EgoMCQ-format JSON file'
+        'config evals questions is empty: multiple_choice needs a questions JSON file (EgoMCQ '
+        'format, or video-query questions)'
       )
     self.questions_path = path
     self.data = eval_data_config(config, eval_cfg)
@@ -385,26 +486,30 @@ class MultipleChoiceEvaluator:
     self.last = None
 
   def _resolve(self) -> None:
-    """Matches every question's clips to records: `clips` [(media id, start, end)] (distinct, in
-    record time), `choice_clip` [Q, C] indices into them, `texts` (distinct queries) and
-    `query_text` [Q]; raises one ValueError for all questions that cannot be answered."""
+    """Matches every question's clips to records and indexes clips and texts: `clips` [(media id,
+    start, end)] (distinct, in record time) and `texts` (distinct); EgoMCQ: `choice_clip` [Q, C]
+    and `query_text` [Q], video-query: `query_clip` [Q] and `choice_text` [Q, C], indices into
+    them; `answer`, `types` [Q] and `type_names` (multiple_choice_accuracy's). Raises one
+    ValueError for all questions that cannot be answered."""
     from data_pipelines import pretrain  # (TensorFlow)
 
+    self.video_query = isinstance(self.questions[0], VideoQuestion)
     folder = dict(self.data.get('split_folders', {})).get(self.split, self.split)
     self.files = pretrain.shard_files(self.data.path, folder, 0, 1)
     self.where = os.path.join(self.data.path, folder)
     videos = _read_videos(self.files)
-    uids = [c.video_uid for q in self.questions for c in q.choices]
+    asked = [(q.clip,) if self.video_query else q.choices for q in self.questions]
+    uids = [c.video_uid for question_clips in asked for c in question_clips]
     try:
       records = match_videos(uids, [v.media_id for v in videos])
     except ValueError as e:
       raise ValueError(f'config evals questions={self.questions_path}, {self.where}: {e}') from None
-    clips, choice_clip = {}, []
-    missing, outside, frameless = {}, {}, {}  # question key → what (its first such choice)
+    clips, question_clip = {}, []
+    missing, outside, frameless = {}, {}, {}  # question key → what (its first such clip)
     clamped = 0
-    for q in self.questions:
+    for q, question_clips in zip(self.questions, asked, strict=True):
       row = []
-      for clip in q.choices:
+      for clip in question_clips:
         if clip.video_uid not in records:
           missing.setdefault(q.key, f'{clip.video_uid!r}')
           row.append(-1)
@@ -422,7 +527,7 @@ class MultipleChoiceEvaluator:
           frameless.setdefault(q.key, repr(videos[index].media_id))
         clamped += clip.start < 0
         row.append(clips.setdefault((videos[index].media_id, start, end), len(clips)))
-      choice_clip.append(row)
+      question_clip.append(row)
     problems = []
     for what, found in (('name a video no record holds', missing),
                         ('have a clip outside its record', outside),
@@ -440,15 +545,31 @@ class MultipleChoiceEvaluator:
     if clamped:
       logging.info('multiple_choice: %d clips start before 0 s, read from 0 s', clamped)
     self.clips = list(clips)
-    self.choice_clip = np.asarray(choice_clip, np.int64)
-    self.texts = list(dict.fromkeys(q.text for q in self.questions))
-    index = {t: i for i, t in enumerate(self.texts)}
-    self.query_text = np.asarray([index[q.text] for q in self.questions], np.int64)
     self.answer = np.asarray([q.answer for q in self.questions], np.int64)
-    self.types = np.asarray([q.kind for q in self.questions], np.int64)
+    if self.video_query:
+      self.query_clip = np.asarray(question_clip, np.int64)[:, 0]
+      self.texts = list(dict.fromkeys(t for q in self.questions for t in q.choices))
+      index = {t: i for i, t in enumerate(self.texts)}
+      self.choice_text = np.asarray(
+        [[index[t] for t in q.choices] for q in self.questions], np.int64
+      )
+      # Types numbered in the order they first appear; −1: a question without one.
+      codes = {None: -1}
+      for q in self.questions:
+        codes.setdefault(q.kind, len(codes) - 1)
+      self.type_names = {code: kind for kind, code in codes.items()}
+      self.types = np.asarray([codes[q.kind] for q in self.questions], np.int64)
+    else:
+      self.choice_clip = np.asarray(question_clip, np.int64)
+      self.texts = list(dict.fromkeys(q.text for q in self.questions))
+      index = {t: i for i, t in enumerate(self.texts)}
+      self.query_text = np.asarray([index[q.text] for q in self.questions], np.int64)
+      self.type_names = TYPES
+      self.types = np.asarray([q.kind for q in self.questions], np.int64)
     logging.info(
-      'multiple_choice: %d questions, %d distinct clips of %d records',
-      len(self.questions), len(self.clips), len({c[0] for c in self.clips}),
+      'multiple_choice: %d %s questions, %d distinct clips of %d records, %d distinct texts',
+      len(self.questions), 'video-query' if self.video_query else 'text-query', len(self.clips),
+      len({c[0] for c in self.clips}), len(self.texts),
     )  # fmt: skip
 
   def decoded_clips(self):
@@ -513,7 +634,7 @@ class MultipleChoiceEvaluator:
       ) from None
 
   def embed(self, variables) -> dict:
-    """Every distinct clip's embedding 'video' [N, D] and query's 'text' [U, D] at the level,
+    """Every distinct clip's embedding 'video' [N, D] and text's 'text' [U, D] at the level,
     with use_score the pair features 'video/pair' (leading axes [N, 1]) and 'text/pair'."""
     embedder = emb.Embedder(self.model, variables, batch_size=self.batch_size)
     scorer = PairScorer(self.model, variables, self.batch_size) if self.use_score else None
@@ -549,23 +670,38 @@ class MultipleChoiceEvaluator:
 
   def run(self, variables) -> dict[str, float]:
     e = self.embed(variables)
-    text = emb.l2_normalize(e['text'])[self.query_text]  # [Q, D]
-    video = emb.l2_normalize(e['video'])[self.choice_clip]  # [Q, C, D]
-    similarity = np.einsum('qd,qcd->qc', text, video)
-    results = multiple_choice_accuracy(similarity, self.answer, self.types)
+    video, text = emb.l2_normalize(e['video']), emb.l2_normalize(e['text'])
+    if self.video_query:
+      similarity = np.einsum('qd,qcd->qc', video[self.query_clip], text[self.choice_text])
+    else:
+      similarity = np.einsum('qd,qcd->qc', text[self.query_text], video[self.choice_clip])
+    results = multiple_choice_accuracy(similarity, self.answer, self.types, self.type_names)
+    if self.video_query:
+      results['count'] = len(self.questions)
     self.last = {'similarity': similarity, 'answer': self.answer, 'types': self.types,
-                 'embeddings': e}  # fmt: skip
+                 'type_names': self.type_names, 'embeddings': e}  # fmt: skip
     if self.use_score:
-      questions, choices = self.choice_clip.shape
-      pairs = np.stack([np.repeat(self.query_text, choices), self.choice_clip.reshape(-1)], 1)
+      questions, choices = similarity.shape
+      if self.video_query:  # pairs: (text, clip) indices, question-major
+        pairs = np.stack([self.choice_text.reshape(-1), np.repeat(self.query_clip, choices)], 1)
+      else:
+        pairs = np.stack([np.repeat(self.query_text, choices), self.choice_clip.reshape(-1)], 1)
       pair = e.pop('scorer').scores(e['video/pair'], e['text/pair'], pairs)
       pair = pair.reshape(questions, choices)
       self.last['pair_score'] = pair
-      scored = multiple_choice_accuracy(pair, self.answer, self.types)
-      results.update({f'{k}_score': scored[k] for k in ('accuracy', 'inter_accuracy',
-                                                         'intra_accuracy')})  # fmt: skip
-    logging.info(
-      'multiple_choice %s: %d questions (inter %d, intra %d)',
-      self.questions_path, len(self.questions), results['inter_count'], results['intra_count'],
-    )  # fmt: skip
+      scored = multiple_choice_accuracy(pair, self.answer, self.types, self.type_names)
+      results.update({f'{k}_score': v for k, v in scored.items() if k.endswith('accuracy')})
+    if self.video_query:
+      counts = ', '.join(
+        f'{name} {results[f"{name}_count"]}' for name in self.type_names.values() if name
+      )
+      logging.info(
+        'multiple_choice %s: %d video-query questions%s', self.questions_path,
+        len(self.questions), f' ({counts})' if counts else '',
+      )  # fmt: skip
+    else:
+      logging.info(
+        'multiple_choice %s: %d questions (inter %d, intra %d)',
+        self.questions_path, len(self.questions), results['inter_count'], results['intra_count'],
+      )  # fmt: skip
     return {k: float(v) for k, v in results.items()}
