@@ -10,8 +10,8 @@ Layout under output_dir: media/{split}/{id}.mp4, {split}.jsonl (one row per vide
 relative to the manifest, duration s, captions [{start, end, text, nouns, verbs}], label = first
 segment's digit, segments [{start, end, digit, direction}], noise = what was corrupted),
 retrieval_{split}.jsonl (one row per segment: a manifest of windows with the clean caption and the
-digit as label), taxonomy.json, egomcq_{split}.json (when asked for), dataset_info.json and
-README.txt.
+digit as label), taxonomy.json, egomcq_{split}.json and mc_{direction,appearance}_{split}.json
+(when asked for), dataset_info.json and README.txt.
 
 Taxonomy (taxonomy.json, `taxonomy()`; tags=False leaves it and the tags out): {"nouns": {class:
 [synonyms]}, "verbs": {…}}, class index = key order. Nouns are the ten digits ("zero": ["zero",
@@ -33,6 +33,17 @@ its video); choices in random order, the query the segment's clean caption. Ever
 than the answer shows another digit or direction than the query says (within a video, the digits
 differ anyway), so each question has one right answer. Videos of fewer than 5 segments (the
 default 3–4) give inter-video questions only: --segments=5,8 makes intra-video ones.
+
+Caption multiple choice (mc_direction_{split}.json, mc_appearance_{split}.json,
+`caption_mc_questions`): the other way round, MSR-VTT style: a video clip as the query and
+captions as the choices, {"<i>": {"query": {video_uid, video_dur, clip_start, clip_end}, "choices":
+{"0": {"clip_text": …}, …}, "answer": k, "types": "direction" | "appearance"}}, one question per
+segment of every video of the split (the query: the segment). The candidates are the segment's
+clean caption and the same wording (template, verb, phrase index) with only the tested words
+changed: 'direction', 4 candidates, one per direction phrase (chance 25 %); 'appearance', 5
+candidates, the segment's digit and 4 others (its word or numeral, with "a"/"an"; chance 20 %).
+Exactly one candidate says what the clip shows. Direction questions are only fair to a model
+trained without mirrored clips (data.random_flip=False): a flip turns left into right.
 
 Never overwrites: a file it would write that is already there stops it before it writes anything,
 unless the folder holds this very dataset (the same arguments), finished (nothing to do) or
@@ -83,6 +94,8 @@ _RETRIEVAL_KEYS = ('start', 'end', 'caption', 'digit', 'direction')
 MARKER_NAME = 'make_demo_data.unfinished.json'
 TAXONOMY_NAME = 'taxonomy.json'
 MCQ_CHOICES = 5  # EgoMCQ's
+# Caption multiple-choice question sets (mc_{kind}_{split}.json) → candidates per question.
+MC_KINDS = {'direction': len(DIRECTIONS), 'appearance': 5}
 
 _DIRECTION_PHRASES = {
   'left': ('to the left', 'left', 'leftwards'),
@@ -183,15 +196,25 @@ def _digit_pools() -> tuple[np.ndarray, dict[str, list[np.ndarray]]]:
   return digits.images, pools
 
 
-def _caption(rng: np.random.Generator, digit: int, direction: str) -> str:
-  verb, verbing = _VERBS[rng.integers(len(_VERBS))]
-  return _TEMPLATES[rng.integers(len(_TEMPLATES))].format(
+def _caption_form(rng: np.random.Generator) -> tuple[int, int, int]:
+  """A caption's wording, drawn: indices into _VERBS, _TEMPLATES and a direction's 3 phrases."""
+  verb = int(rng.integers(len(_VERBS)))
+  template = int(rng.integers(len(_TEMPLATES)))
+  return verb, template, int(rng.integers(3))
+
+
+def _caption_text(digit: int, direction: str, form: tuple[int, int, int]) -> str:
+  """The caption of `digit` moving `direction` in the wording `form` (_caption_form): captions of
+  one form differ only in the digit (its word or numeral, with its article) and the direction
+  phrase (the phrase of the same index)."""
+  verb, template, phrase = form
+  return _TEMPLATES[template].format(
     a='an' if digit == 8 else 'a',
     word=DIGIT_WORDS[digit],
     num=digit,
-    verb=verb,
-    verbing=verbing,
-    dir=_DIRECTION_PHRASES[direction][rng.integers(3)],
+    verb=_VERBS[verb][0],
+    verbing=_VERBS[verb][1],
+    dir=_DIRECTION_PHRASES[direction][phrase],
   )
 
 
@@ -208,6 +231,7 @@ def _plan_video(
     num_frames = int(rng.integers(lo, hi + 1))
     pool = pools[split][digit]
     direction = DIRECTIONS[rng.integers(4)]
+    form = _caption_form(rng)
     segments.append(
       dict(
         start=round(frame / fps, 4),
@@ -215,7 +239,8 @@ def _plan_video(
         digit=digit,
         direction=direction,
         num_frames=num_frames,
-        caption=_caption(rng, digit, direction),
+        caption=_caption_text(digit, direction, form),
+        caption_form=form,  # for the caption multiple-choice questions' candidates
         pixels=images[pool[rng.integers(len(pool))]],
         cross=float(rng.random()),  # position across the motion axis, as a fraction of the room
         colour=rng.uniform(215, 255, 3),  # bright, so the digit stands out from any background
@@ -564,6 +589,44 @@ def egomcq_questions(videos: list[dict], *, seed: int, split: str, tags: bool = 
   return questions
 
 
+def caption_mc_questions(videos: list[dict], *, seed: int, split: str, kind: str) -> dict:
+  """Video-query multiple-choice questions of `kind` (MC_KINDS; module docstring) about the planned
+  `videos` of `split` (plan()'s render specs), one per segment in video and segment order, drawn
+  from their own stream of (seed, split, kind): {"0": question, …}.
+
+  The candidates are the segment's clean caption and its wording (_caption_form) with another
+  direction phrase ('direction': one candidate per direction) or another digit ('appearance': 4
+  other digits drawn without replacement), in random order; the answer is the clean caption.
+  """
+  if kind not in MC_KINDS:
+    raise ValueError(f'caption question kind must be one of {list(MC_KINDS)}, got {kind!r}')
+  rng = np.random.default_rng([seed, SPLITS.index(split), 3000 + list(MC_KINDS).index(kind)])
+  questions = {}
+  for video in videos:
+    for segment in video['segments']:
+      digit, direction, form = segment['digit'], segment['direction'], segment['caption_form']
+      if kind == 'direction':
+        candidates = [_caption_text(digit, d, form) for d in DIRECTIONS]
+        right = DIRECTIONS.index(direction)
+      else:
+        others = rng.choice([d for d in range(10) if d != digit], MC_KINDS[kind] - 1, replace=False)
+        candidates = [_caption_text(d, direction, form) for d in [digit, *others.tolist()]]
+        right = 0
+      order = rng.permutation(len(candidates))  # choice i is candidates[order[i]]
+      questions[str(len(questions))] = dict(
+        query=dict(
+          video_uid=video['media'],
+          video_dur=video['duration'],
+          clip_start=segment['start'],
+          clip_end=segment['end'],
+        ),
+        choices={str(i): dict(clip_text=candidates[j]) for i, j in enumerate(order.tolist())},
+        answer=int(np.flatnonzero(order == right)[0]),
+        types=kind,
+      )
+  return questions
+
+
 def _output_state(out: pathlib.Path, paths: list[pathlib.Path], info: dict) -> str:
   """'new', 'resume' (this dataset, unfinished) or 'done' (this dataset, finished); raises
   `cli.UserError` when writing would overwrite anything else."""
@@ -616,6 +679,7 @@ def generate(
   num_segments: tuple[int, int] = NUM_SEGMENTS,
   tags: bool = True,
   egomcq_splits: Sequence[str] = (),
+  mc_splits: Sequence[str] = (),
 ) -> dict:
   """Writes the dataset (see the module docstring) and returns dataset_info plus elapsed_s (and
   unchanged=True when output_dir already held it, finished).
@@ -623,7 +687,8 @@ def generate(
   size: frame side in px (even, ≥ 32); fps: frames per second; sample_rate: Hz; workers: encoding
   processes (1 = in this process); num_segments: (lo, hi) segments per video (see `plan`);
   tags: write taxonomy.json and each caption's classes; egomcq_splits: the splits to write
-  egomcq_{split}.json for.
+  egomcq_{split}.json for; mc_splits: the splits to write mc_direction_{split}.json and
+  mc_appearance_{split}.json for.
   Raises ValueError naming the flag for a bad argument and `cli.UserError` for an output folder it
   cannot write or would overwrite files in, before writing anything.
   """
@@ -637,6 +702,9 @@ def generate(
   egomcq_splits = list(dict.fromkeys(egomcq_splits))
   if set(egomcq_splits) - set(SPLITS):
     raise ValueError(f'--egomcq_splits must be among {SPLITS}, got {",".join(egomcq_splits)}')
+  mc_splits = list(dict.fromkeys(mc_splits))
+  if set(mc_splits) - set(SPLITS):
+    raise ValueError(f'--mc_splits must be among {SPLITS}, got {",".join(mc_splits)}')
   started = time.perf_counter()
   out = pathlib.Path(output_dir)
   planned = plan(num_videos, seed=seed, fps=fps, noise=noise, num_segments=num_segments, tags=tags)
@@ -644,6 +712,13 @@ def generate(
   questions = {
     split: egomcq_questions(planned[split][0], seed=seed, split=split, tags=tags)
     for split in egomcq_splits
+  }
+  caption_mc = {
+    f'mc_{kind}_{split}.json': caption_mc_questions(
+      planned[split][0], seed=seed, split=split, kind=kind
+    )
+    for split in mc_splits
+    for kind in MC_KINDS
   }
   splits = {}
   for split, (_, rows) in planned.items():
@@ -681,6 +756,11 @@ def generate(
       }
       for split, qs in questions.items()
     }
+  if mc_splits:  # absent when not asked for: the other files stay as they were
+    info['mc'] = {
+      split: {kind: len(caption_mc[f'mc_{kind}_{split}.json']) for kind in MC_KINDS}
+      for split in mc_splits
+    }
   counts = ', '.join(f'{s} {v["videos"]}' for s, v in splits.items())
   # The module docstring documents content and layout; the README carries it with the data.
   readme = _README.format(seed=seed, counts=counts, noise=info['noise'])
@@ -705,12 +785,20 @@ def generate(
         'segments and give inter-video questions only; --segments=5,8 makes longer videos)'
       )
     readme += '.\n'
+  for split, asked in info.get('mc', {}).items():
+    readme += (
+      f'mc_direction_{split}.json, mc_appearance_{split}.json: {asked["direction"]} and '
+      f'{asked["appearance"]} questions (one per segment of the {split} videos): a clip and '
+      f'{MC_KINDS["direction"]} captions that differ only in the direction, or '
+      f'{MC_KINDS["appearance"]} that differ only in the digit.\n'
+    )
   readme += '\n' + __doc__
   # dataset_info.json last: `make demo` takes it for a finished dataset.
   texts = {
     **manifests,
     **({TAXONOMY_NAME: json.dumps(classes, indent=2) + '\n'} if tags else {}),
     **{f'egomcq_{split}.json': json.dumps(qs) + '\n' for split, qs in questions.items()},
+    **{name: json.dumps(qs) + '\n' for name, qs in caption_mc.items()},
     'README.txt': readme,
     'dataset_info.json': json.dumps(info, indent=2) + '\n',
   }

@@ -4,11 +4,13 @@ r"""Writes the bundled demo dataset: mp4s of moving handwritten digits with per-
   python scripts/make_demo_data.py --output_dir=/tmp/noisy --caption_irrelevant=0.3 --audio_swap=0.1
   python scripts/make_demo_data.py --output_dir=/tmp/long --segments=8,8   # 8 captions per video
   python scripts/make_demo_data.py --output_dir=/tmp/ego --segments=5,8 --egomcq_splits=test
+  python scripts/make_demo_data.py --output_dir=/tmp/mc --mc_splits=test  # caption multiple choice
 
 See data_pipelines/demo.py for the content, the layout, the taxonomy and caption tags (--notags
-leaves them out), the EgoMCQ-format questions (--egomcq_splits) and the noise switches. It never overwrites
-a file: an --output_dir holding any file it would write is refused (one line naming them), unless
-it holds this very dataset (same arguments): finished, it is left as it is; unfinished (an
+leaves them out), the EgoMCQ-format questions (--egomcq_splits), the direction and appearance
+caption multiple-choice questions (--mc_splits) and the noise switches. It never overwrites a file:
+an --output_dir holding any file it would write is refused (one line naming them), unless it
+holds this very dataset (same arguments): finished, it is left as it is; unfinished (an
 interrupted run), the missing files are written.
 """
 
@@ -44,6 +46,13 @@ _EGOMCQ_SPLITS = flags.DEFINE_list(
   'Splits to write EgoMCQ-format questions egomcq_{split}.json for (e.g. test): inter-video ones, '
   'and intra-video ones about videos of >= 5 segments (--segments=5,8).',
 )
+_MC_SPLITS = flags.DEFINE_list(
+  'mc_splits',
+  [],
+  'Splits to write video-query caption multiple-choice questions for (e.g. test), one per segment: '
+  'mc_direction_{split}.json (4 captions differing only in the direction) and '
+  'mc_appearance_{split}.json (5 differing only in the digit).',
+)
 _NOISE = {
   field.name: flags.DEFINE_float(field.name, 0.0, f'Fraction in [0, 1]: {field.name} noise.')
   for field in demo.dataclasses.fields(demo.NoiseConfig)
@@ -69,6 +78,7 @@ def main(argv):
       num_segments=tuple(int(v) for v in _SEGMENTS.value),
       tags=_TAGS.value,
       egomcq_splits=_EGOMCQ_SPLITS.value,
+      mc_splits=_MC_SPLITS.value,
     )
   except cli.UserError:  # the output folder: one line
     raise
@@ -86,6 +96,11 @@ def main(argv):
   for split, asked in summary.get('egomcq', {}).items():
     print(
       f'egomcq_{split}.json: {asked["inter"]} inter-video, {asked["intra"]} intra-video questions'
+    )
+  for split, asked in summary.get('mc', {}).items():
+    print(
+      f'mc_direction_{split}.json: {asked["direction"]} direction questions, '
+      f'mc_appearance_{split}.json: {asked["appearance"]} appearance questions'
     )
   print(f'wrote {summary["output_dir"]} in {summary["elapsed_s"]:.1f} s')
 
