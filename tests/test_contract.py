@@ -26,6 +26,7 @@ CONFIGS = {
   'classifier': ('configs/finetune_kinetics.py', 'runlocal'),
   'norton': ('configs/norton_demo.py', 'runlocal'),
   'svitt': ('configs/svitt_ego_demo.py', 'runlocal'),
+  'allinone': ('configs/allinone_demo.py', 'runlocal'),
 }
 
 

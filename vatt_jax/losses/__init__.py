@@ -6,7 +6,8 @@ which losses a model trains with is the model's to say (Model.losses).
 Pretraining: 'vatt' (NCE + MIL-NCE on the common-space embeddings), 'norton' (clip–caption and
 video–paragraph losses with optimal transport, on long videos), 'egonce' and 'infonce' (the dual
 encoder's term of SViTT-Ego's objective, on out['video_vt'] / out['text_vt'] and the samples'
-noun / verb tags and `valid`; the model adds VTM and MLM, losses/matching.py); fine-tuning: 'softmax_xent' (label
+noun / verb tags and `valid`; the model adds VTM and MLM, losses/matching.py), 'allinone'
+(All-in-one's VTM + MLM + unimodal contrastive loss, losses/allinone.py); fine-tuning: 'softmax_xent' (label
 smoothing) and 'sigmoid_xent' (multi-label) on a classifier's logits.
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from vatt_jax.losses.allinone import allinone_loss
 from vatt_jax.losses.classification import BALANCES, sigmoid_xent, softmax_xent
 from vatt_jax.losses.contrastive import mil_nce, nce, vatt_pretraining_loss
 from vatt_jax.losses.egonce import egonce, infonce
@@ -34,6 +36,7 @@ from vatt_jax.losses.norton import (
 
 __all__ = [
   'NortonOptions',
+  'allinone_loss',
   'register_loss',
   'bucket_value',
   'build_loss',
@@ -120,12 +123,23 @@ def _infonce(cfg: ml_collections.ConfigDict):
   return loss
 
 
+def _allinone(cfg: ml_collections.ConfigDict):
+  """All-in-one's VTM + MLM + unimodal contrastive objective on the model's outputs
+  (losses/allinone.py); the weights and the contrastive temperature from the config."""
+  temperature = _check_temperature(cfg)
+  weights = {k: float(cfg.get(k, 1.0)) for k in ('vtm_weight', 'mlm_weight', 'itc_weight')}
+  if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+    raise ValueError(f'config loss weights must be >= 0 and not all 0, got {weights}')
+  return functools.partial(allinone_loss, temperature=temperature, **weights)
+
+
 # One dict per kind: config.loss.name → builder (config.loss → loss function).
 LOSSES: dict[str, Callable] = {
   'vatt': _vatt,
   'norton': _norton,
   'egonce': _egonce,
   'infonce': _infonce,
+  'allinone': _allinone,
   'softmax_xent': _softmax_xent,
   'sigmoid_xent': _sigmoid_xent,
 }

@@ -18,7 +18,7 @@ import ml_collections
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
-from vatt_jax.models import classifier, svitt, vatt
+from vatt_jax.models import allinone, classifier, svitt, vatt
 from vatt_jax.models.contract import FlaxModel, InputSpec, Model, PairScore
 from vatt_jax.models.partitioning import ACTIVATION_AXES, PARAM_AXES
 from vatt_jax.models.transformer import REMAT_POLICIES, SIZES, get_size
@@ -44,6 +44,7 @@ MODELS: dict[str, Callable[[ml_collections.ConfigDict], Model]] = {
   'vatt': vatt.VattModel,
   'classifier': classifier.ClassifierModel,
   'svitt': svitt.SvittModel,
+  'allinone': allinone.AllInOneModel,
 }
 
 

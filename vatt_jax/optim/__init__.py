@@ -48,14 +48,24 @@ def warmup_steps(cfg: ml_collections.ConfigDict, total_steps: int) -> int:
 
 def build_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable:
   """Linear warm-up from 0 to cfg.learning_rate, then decay to cfg.end_learning_rate at total_steps
-  (a warm-up as long as the run or longer is cut to half the run: `warmup_steps`)."""
+  ('quarter_cosine', 'cosine' or 'linear'; 'constant': no warm-up, no decay). A warm-up as long as
+  the run or longer is cut to half the run (`warmup_steps`)."""
   kind = cfg.schedule
   if kind == 'constant':
     return optax.constant_schedule(cfg.learning_rate)
+  if kind == 'linear':  # ViLT / All-in-one: polynomial decay of power 1 after the warm-up
+    warmup = warmup_steps(cfg, total_steps)
+    return optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+        optax.linear_schedule(cfg.learning_rate, cfg.end_learning_rate, total_steps - warmup),
+      ],
+      [warmup],
+    )
   if kind not in _COSINE_EXPONENT:
     raise ValueError(
-      f'config optimizer.schedule must be one of {sorted(_COSINE_EXPONENT) + ["constant"]}, '
-      f'got {kind!r}'
+      'config optimizer.schedule must be one of '
+      f'{sorted(_COSINE_EXPONENT) + ["constant", "linear"]}, got {kind!r}'
     )
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
