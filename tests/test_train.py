@@ -36,6 +36,20 @@ def test_quarter_period_cosine_schedule():
     assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-10), step
 
 
+def test_linear_schedule_all_in_one():
+  """ViLT / All-in-one: linear warm-up over 10 % of the run, then linear decay to 0."""
+  config = load_config(ROOT / 'configs' / 'allinone_base.py').optimizer
+  peak, warmup, total = 1e-4, 40_000, 400_000
+  assert (config.schedule, config.learning_rate, config.end_learning_rate) == ('linear', peak, 0.0)
+  schedule = build_schedule(config, total)
+  for step in (0, 1, 20_000, 39_999, 40_000, 40_001, 220_000, 399_999, 400_000, 500_000):
+    if step < warmup:
+      expected = peak * step / warmup
+    else:
+      expected = peak * (1 - min(step - warmup, total - warmup) / (total - warmup))
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-10), step
+
+
 def test_adam_uses_the_configured_epsilon():
   config = load_config(ROOT / 'configs' / 'vatt_bbs.py').optimizer
   config.schedule = 'constant'
