@@ -266,6 +266,21 @@ def test_cosine_retrieval_needs_a_common_space(toy_shards):
     retrieval.RetrievalEvaluator(eval_cfg, config, build_model(config.model))
 
 
+def test_retrieval_captions_follow_split_folders(toy_shards):
+  """The captions come from the folder the pipeline reads for the split (data.split_folders)."""
+  config = load_config(ROOT / 'tests' / 'toy_config.py', 'pairs')
+  config.data.path = str(toy_shards)
+  model = build_model(config.model)
+  direct = retrieval.RetrievalEvaluator(
+    ml_collections.ConfigDict(dict(type='retrieval', split='segments_test')), config, model
+  )
+  config.data.split_folders = {'held_out': 'segments_test'}
+  mapped = retrieval.RetrievalEvaluator(
+    ml_collections.ConfigDict(dict(type='retrieval', split='held_out')), config, model
+  )
+  assert mapped.captions == direct.captions and len(direct.captions) == 6
+
+
 # ---- a model from outside the package, through the unchanged scripts ------------------------------
 
 

@@ -221,7 +221,9 @@ class RetrievalEvaluator:
         f'{model.name!r} has {dict(model.embeddings)} (level {self.level!r})'
       )
     self.top_k = int(eval_cfg.get('rerank_top_k', 16)) if has_level else 0
-    self.captions = read_captions(self.data.path, self.split)
+    # The folder the pipeline reads for this split (data.split_folders), not the split's name.
+    folder = dict(self.data.get('split_folders', {})).get(self.split, self.split)
+    self.captions = read_captions(self.data.path, folder)
     from data_pipelines import text as text_ops  # (TensorFlow)
 
     self.tokenizer = text_ops.Tokenizer(tokenizer_path(self.data))
