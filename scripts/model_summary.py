@@ -1,13 +1,24 @@
-r"""Prints parameters and forward GFLOPs per backbone for a config (nothing is allocated or run).
+r"""Prints parameters and forward GFLOPs of a config's model (nothing is allocated or run).
 
   python scripts/model_summary.py --config=configs/vatt_mbs.py
   python scripts/model_summary.py --config=configs/vatt_mbs.py --drop_token_rate=0.5 --json
   python scripts/model_summary.py --config=configs/vatt_mbs.py --sweep   # the paper's Table 5 rates
+  python scripts/model_summary.py --config=configs/allinone_base.py [--json]
+  python scripts/model_summary.py --config=configs/allinone_base.py:tiny \
+      --config.model.text.vocab_size=30519   # the slides' setting: BERT's 30522-row word table
 
-GFLOPs are XLA's cost analysis of one clip's training-shaped forward pass (2 FLOPs per
-multiply-add) with --drop_token_rate applied to video and audio (dropout off). Parameters of a
-backbone are tokenizer + positions + AGG + transformer + final norm; the text vocabulary table is
-reported apart (vocab_params) and the common-space heads too (heads_params).
+VATT (model.name 'vatt'): per backbone. GFLOPs are XLA's cost analysis of one clip's
+training-shaped forward pass (2 FLOPs per multiply-add) with --drop_token_rate applied to video and
+audio (dropout off). Parameters of a backbone are tokenizer + positions + AGG + transformer + final
+norm; the text vocabulary table is reported apart (vocab_params) and the common-space heads too
+(heads_params).
+
+All-in-one (model.name 'allinone'): parameters by group (the word table apart, the blocks, the
+heads) and the joint pass of one video–text pair at the config's frames, frame size and text
+length for temporal 'roll', 'none' and 'flatten' (vatt_jax/models/summary.py:
+summarize_allinone): attention FLOPs counted analytically (4·n²·d per block and sequence of n
+tokens), total GFLOPs by XLA's cost analysis of AllInOne.joint in evaluation mode, and the ratios
+roll/flatten and roll/none (also of the frame tokens' attention alone: 1/T for roll/flatten).
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vatt_jax import cli
-from vatt_jax.models.summary import summarize
+from vatt_jax.models.summary import check_supported, summarize, summarize_allinone
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:variant]).')
 _DROP = flags.DEFINE_float('drop_token_rate', 0.0, 'DropToken rate applied for the FLOP count.')
@@ -57,10 +68,72 @@ def _sweep(model_cfg) -> dict:
   }
 
 
+def _allinone_table(summary: dict) -> str:
+  shape, params = summary['shape'], summary['params']
+  height, width = shape['frame_size']
+  rows = [
+    f'All-in-one: {shape["layers"]} blocks of width {shape["width"]} ({shape["heads"]} heads, MLP '
+    f'{shape["mlp_dim"]}); {shape["frames"]} frames of {height}×{width} in '
+    f'{shape["patch_size"]}² patches ({shape["frame_tokens"]} tokens each); {shape["text_tokens"]} '
+    f'text tokens; temporal {summary["temporal"]!r}',
+    '',
+    f'{"parameters":<34}{"(M)":>10}',
+  ]
+  names = [
+    ('vocab', 'word table (text vocabulary)'),
+    ('embeddings', 'embeddings (positions, patches, …)'),
+    ('blocks', 'transformer blocks + final norm'),
+    ('heads', 'heads'),
+    ('pooler', '  pooler'),
+    ('vtm', '  VTM'),
+    ('mlm', '  MLM'),
+    ('projections', '  projections (unimodal space)'),
+    ('total', 'total'),
+    ('without_vocab', 'total without the word table'),
+  ]
+  rows += [f'{label:<34}{params[key] / 1e6:>10.3f}' for key, label in names]
+  rows += [
+    '',
+    'joint pass per video–text pair',
+    f'{"temporal":<10}{"sequences × tokens":>20}{"params (M)":>12}{"attention GFLOPs":>18}'
+    f'{"frame-token attn.":>19}{"total GFLOPs":>14}',
+  ]
+  for temporal, j in summary['joint'].items():
+    layout = f'{j["sequences"]} × {j["tokens_per_sequence"]}'
+    rows.append(
+      f'{temporal:<10}{layout:>20}{j["params"] / 1e6:>12.3f}{j["attention_gflops"]:>18.3f}'
+      f'{j["frame_attention_gflops"]:>19.3f}{j["gflops"]:>14.3f}'
+    )
+  rows += ['', f'{"ratio":<16}{"attention":>12}{"frame-token attn.":>19}{"total":>10}']
+  ratios = summary['ratios']
+  for pair in ('roll/flatten', 'roll/none'):
+    rows.append(
+      f'{pair:<16}{ratios["attention"][pair]:>12.3f}{ratios["frame_attention"][pair]:>19.3f}'
+      f'{ratios["total"][pair]:>10.3f}'
+    )
+  rows += [
+    '',
+    f'attention: {summary["attention_formula"]}; frame-token attn.: frame tokens with frame '
+    'tokens only;',
+    "total: XLA's cost analysis of AllInOne.joint (evaluation mode; embeddings, the frames' "
+    'rolling and the pooler included).',
+  ]
+  return '\n'.join(rows)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   model_cfg = _CONFIG.value.model
+  if check_supported(model_cfg) == 'allinone':
+    if _SWEEP.value or _DROP.value:
+      raise ValueError(
+        "--sweep and --drop_token_rate are VATT's DropToken (config model.name vatt); "
+        'model allinone has no DropToken'
+      )
+    summary = summarize_allinone(model_cfg)
+    print(json.dumps(summary) if _JSON.value else _allinone_table(summary))
+    return
   if _SWEEP.value:
     sweep = _sweep(model_cfg)
     if _JSON.value:
