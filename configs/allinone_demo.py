@@ -55,7 +55,7 @@ def get_config(arg=None):
     learning_rate=1e-3, end_learning_rate=1e-5, warmup_steps=100, weight_decay=0.01
   )
   config.data.path = 'demo/shards'
-  config.data.split_folders = {'train': 'segments_train', 'test': 'segments_test'}
+  config.data.split_folders = {'train': 'segments_train'}  # train on the segment records
   config.data.fps = 10.0
   config.data.sample_rate = 8000
   config.data.shuffle_buffer = 256
@@ -63,24 +63,27 @@ def get_config(arg=None):
   # At 64 px the paper's 8–100 % crops would often miss the digit.
   config.data.crop_area_range = (0.5, 1.0)
   config.data.crop_aspect_range = (0.75, 1.33)
-  mc = dict(type='multiple_choice', split='test', batch_size=32, use_score=True, log_steps=500)
+  # Evaluations read the segment folders by name, in evaluation mode (a split named 'train' is
+  # read as training data).
+  mc = dict(
+    type='multiple_choice', split='segments_test', batch_size=32, use_score=True, log_steps=500
+  )
+  retrieval = dict(type='retrieval', split='segments_test', num_clips=1, log_steps=500)
   config.evals = dict(
     mc_direction=dict(mc, questions='demo/media/mc_direction_test.json'),
     mc_appearance=dict(mc, questions='demo/media/mc_appearance_test.json'),
-    retrieval=dict(type='retrieval', split='test', num_clips=1, score='cosine', log_steps=500),
-    retrieval_rerank=dict(
-      type='retrieval', split='test', num_clips=1, score='pairs', rerank_top_k=8, log_steps=500
-    ),
+    retrieval=dict(retrieval, score='cosine'),
+    retrieval_rerank=dict(retrieval, score='pairs', rerank_top_k=8),
     linear_probe=dict(
       type='linear_probe',
-      train_split='train',
-      test_split='test',
+      train_split='segments_train',
+      test_split='segments_test',
       num_classes=10,
       steps=2000,
       num_clips=1,
       modality='video',
       log_steps=500,
-    ),  # fmt: skip
+    ),
   )
   allinone_base.apply_variants(config, args)
   if 'runlocal' in args:
