@@ -514,12 +514,9 @@ class AllInOneModel(contract.FlaxModel):
 
     def embed(variables, x):
       rep = module.apply(variables, x, method=encode)
-      out = {}
-      if 'agg' in levels:
-        out['agg'] = rep
-      if 'vt' in levels:
-        out['vt'] = module.apply(variables, rep, method=project)
-      return out
+      return contract.agg_and_projected(
+        levels, rep, lambda: module.apply(variables, rep, method=project)
+      )
 
     return embed
 

@@ -178,6 +178,18 @@ def forward_objective(
   return objective
 
 
+def agg_and_projected(levels: Sequence[str], representation, project: Callable[[], Any]) -> dict:
+  """{'agg': representation, 'vt': project()} restricted to `levels`: the two pooled levels of a
+  dual-encoder-style model (its representation, and its projection to the shared space, computed
+  only when asked for)."""
+  out = {}
+  if 'agg' in levels:
+    out['agg'] = representation
+  if 'vt' in levels:
+    out['vt'] = project()
+  return out
+
+
 def describe_problems(problems: Sequence[str], limit: int = 8) -> str:
   """The first `limit` problems joined, and how many more there are."""
   shown = '; '.join(problems[:limit])

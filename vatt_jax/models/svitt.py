@@ -365,12 +365,9 @@ class SvittModel(contract.FlaxModel):
         hidden, mask = module.apply(variables, x, method=Svitt.encode_text)
         rep = module.apply(variables, hidden, mask, method=Svitt.text_representation)
         project = Svitt.embed_text
-      out = {}
-      if 'agg' in levels:
-        out['agg'] = rep
-      if 'vt' in levels:
-        out['vt'] = module.apply(variables, rep, method=project)
-      return out
+      return contract.agg_and_projected(
+        levels, rep, lambda: module.apply(variables, rep, method=project)
+      )
 
     return embed
 
