@@ -59,7 +59,7 @@ from vatt_jax import losses
 from vatt_jax.losses import matching
 from vatt_jax.losses.allinone import NEGATIVES, reference_negatives
 from vatt_jax.models import contract
-from vatt_jax.models.svitt import add_special_tokens, pretraining_samples, special_ids
+from vatt_jax.models.svitt import add_special_tokens, media_inputs, pretraining_samples, special_ids
 from vatt_jax.models.svitt_video import SvittBlock, patchify
 from vatt_jax.models.transformer import REMAT_POLICIES, EncoderSize, norm
 from vatt_jax.models.vatt import DTYPES
@@ -470,17 +470,6 @@ def build_module(cfg: ml_collections.ConfigDict) -> AllInOne:
     remat=cfg.get('remat', 'none'),
     dtype=DTYPES[cfg.get('dtype', 'float32')],
   )
-
-
-def media_inputs(cfg: ml_collections.ConfigDict) -> dict[str, contract.InputSpec]:
-  return {
-    'video': contract.InputSpec(
-      (cfg.video.num_frames, *frame_hw(cfg.video.frame_size), 3), 'float32', -1.0, 1.0
-    ),
-    'text': contract.InputSpec(
-      (cfg.text.max_words,), 'int32', 0, cfg.text.vocab_size - 1, padding_id=0
-    ),
-  }
 
 
 # ---- the contract ---------------------------------------------------------------------------------
