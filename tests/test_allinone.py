@@ -13,8 +13,8 @@ from scipy.special import erf
 
 from tests.conftest import ROOT, load_config
 from vatt_jax import losses
-from vatt_jax.losses.allinone import allinone_loss, matching_loss, reference_negatives
-from vatt_jax.losses.matching import IGNORE
+from vatt_jax.losses.allinone import allinone_loss, reference_negatives
+from vatt_jax.losses.matching import IGNORE, matching_loss
 from vatt_jax.models import allinone, build_model, contract
 
 # ------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from vatt_jax.losses.egonce import infonce
-from vatt_jax.losses.matching import mlm_loss
+from vatt_jax.losses.matching import matching_loss, mlm_loss
 
 NEGATIVES = ('reference', 'hard')
 
@@ -64,31 +64,6 @@ def reference_negatives(rng: jax.Array, valid: jax.Array) -> tuple[jax.Array, ja
   index = jnp.where(labels == 1, jnp.arange(num, dtype=jnp.int32), other)
   counted = valid & ((labels == 1) | has)
   return index, labels, counted.astype(jnp.float32)
-
-
-def matching_loss(
-  logits: jax.Array, labels: jax.Array, weights: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted 2-way cross-entropy of pair logits.
-
-  Args:
-    logits: [P, 2] (column 1 = "matches"); labels: [P] int 0/1; weights: [P] 0/1.
-  Returns:
-    (mean cross-entropy over counted pairs (0 when none), {'vtm_accuracy', 'vtm_pairs'}).
-  """
-  if logits.ndim != 2 or logits.shape[1] != 2 or labels.shape != logits.shape[:1]:
-    raise ValueError(f'matching_loss wants logits [P, 2] and labels [P]; got {logits.shape}, '
-                     f'{labels.shape}')  # fmt: skip
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, labels.astype(jnp.int32)[:, None], axis=1)[:, 0]
-  weights = weights.astype(jnp.float32)
-  pairs = jnp.sum(weights)
-  count = jnp.maximum(pairs, 1.0)
-  right = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-  return jnp.sum(nll * weights) / count, {
-    'vtm_accuracy': jnp.sum(right * weights) / count,
-    'vtm_pairs': pairs,
-  }
 
 
 def allinone_loss(

@@ -65,6 +65,31 @@ def sample_negatives(
   return jnp.where(has, index, 0), has
 
 
+def matching_loss(
+  logits: jax.Array, labels: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted 2-way cross-entropy of pair logits.
+
+  Args:
+    logits: [P, 2] (column 1 = "matches"); labels: [P] int 0/1; weights: [P] 0/1.
+  Returns:
+    (mean cross-entropy over counted pairs (0 when none), {'vtm_accuracy', 'vtm_pairs'}).
+  """
+  if logits.ndim != 2 or logits.shape[1] != 2 or labels.shape != logits.shape[:1]:
+    raise ValueError(f'matching_loss wants logits [P, 2] and labels [P]; got {logits.shape}, '
+                     f'{labels.shape}')  # fmt: skip
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels.astype(jnp.int32)[:, None], axis=1)[:, 0]
+  weights = weights.astype(jnp.float32)
+  pairs = jnp.sum(weights)
+  count = jnp.maximum(pairs, 1.0)
+  right = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return jnp.sum(nll * weights) / count, {
+    'vtm_accuracy': jnp.sum(right * weights) / count,
+    'vtm_pairs': pairs,
+  }
+
+
 def vtm_loss(logits: jax.Array, weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Video–text matching cross-entropy over the 3M pairs [positives; text–negative video;
   negative text–video].
@@ -81,12 +106,8 @@ def vtm_loss(logits: jax.Array, weights: jax.Array) -> tuple[jax.Array, dict[str
     raise ValueError(f'vtm_loss wants logits [3M, 2]; got {logits.shape}')
   m = three_m // 3
   labels = jnp.concatenate([jnp.ones((m,), jnp.int32), jnp.zeros((2 * m,), jnp.int32)])
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
-  weights = weights.astype(jnp.float32)
-  count = jnp.maximum(jnp.sum(weights), 1.0)
-  right = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-  return jnp.sum(nll * weights) / count, {'vtm_accuracy': jnp.sum(right * weights) / count}
+  loss, terms = matching_loss(logits, labels, weights)
+  return loss, {'vtm_accuracy': terms['vtm_accuracy']}
 
 
 def mask_tokens(
