@@ -45,13 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vatt_jax.losses.matching import l2_normalize
+
 # Large but finite: a fully masked row stays finite (and NaN-free under differentiation) before it
 # is weighted out. |s| ≤ 1 / temperature, far below this for any sensible temperature.
 _MASKED = -1e9
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 def _shares(tags: jax.Array) -> jax.Array:
@@ -156,8 +154,8 @@ def egonce(
       raise ValueError(f'egonce: valid must have shape ({num},); got {valid.shape}')
     valid = valid.astype(bool)
   pos = positive_mask(noun, verb, use_noun=use_noun, use_verb=use_verb, num=num)
-  text = _l2_normalize(text.astype(jnp.float32))
-  video = _l2_normalize(video.astype(jnp.float32))
+  text = l2_normalize(text.astype(jnp.float32))
+  video = l2_normalize(video.astype(jnp.float32))
   logits = (text @ video.T) / jnp.asarray(temperature, jnp.float32)  # [text i, video j]
   loss_t2v = _direction(logits, pos, valid)
   loss_v2t = _direction(logits.T, pos.T, valid)

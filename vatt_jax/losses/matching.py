@@ -34,6 +34,17 @@ import jax.numpy as jnp
 IGNORE = -1  # label of a position without an MLM target
 
 
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """Rows of x scaled to unit L2 norm (a zero row stays zero)."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def cosine_logits(text: jax.Array, video: jax.Array, temperature: float) -> jax.Array:
+  """[M, D] text and video embeddings → [M, M] cosine similarities / τ, [text i, video j]: the
+  logits the hard negatives are drawn from."""
+  return l2_normalize(text) @ l2_normalize(video).T / temperature
+
+
 def sample_negatives(
   rng: jax.Array, similarity: jax.Array, positives: jax.Array, valid: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:

@@ -301,12 +301,10 @@ class AllInOne(nn.Module):
     [B, D] float32."""
     frames = self.embed_frames(video, train)
     batch, num_frames, tokens, width = frames.shape
-    if self.temporal == 'flatten':
-      x = self.encode(frames.reshape(batch, num_frames * tokens, width), train=train)
-      x = x.reshape(batch, num_frames, tokens, width)
-    else:
-      x = self.encode(frames.reshape(-1, tokens, width), train=train)
-      x = x.reshape(batch, num_frames, tokens, width)
+    # 'flatten': one sequence of every frame per example; else one sequence per frame.
+    sequences = (batch, -1, width) if self.temporal == 'flatten' else (-1, tokens, width)
+    x = self.encode(frames.reshape(sequences), train=train)
+    x = x.reshape(batch, num_frames, tokens, width)
     return x[:, :, 0].mean(axis=1).astype(jnp.float32)
 
   # ---- heads -----------------------------------------------------------------------------------
@@ -365,11 +363,7 @@ class AllInOne(nn.Module):
       index, labels, weights = reference_negatives(rng, valid)
       pair_video, pair_text = video[index], ids
     else:
-
-      def unit(x):
-        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
-
-      similarity = unit(text_vt) @ unit(video_vt).T / temperature  # [text i, video j]
+      similarity = matching.cosine_logits(text_vt, video_vt, temperature)
       eye = jnp.eye(num, dtype=bool)
       text_rng, video_rng = jax.random.split(rng)
       video_neg, has_video = matching.sample_negatives(video_rng, similarity, eye, valid)

@@ -178,10 +178,7 @@ class Svitt(nn.Module):
     video_vt = self.embed_video(representation)
     text_vt = self.embed_text(self.text_representation(hidden, mask))
 
-    def unit(x):
-      return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
-
-    similarity = unit(text_vt) @ unit(video_vt).T / temperature  # [text i, video j]
+    similarity = matching.cosine_logits(text_vt, video_vt, temperature)
     text_rng, video_rng = jax.random.split(self.make_rng('negatives'))
     video_neg, has_video_neg = matching.sample_negatives(video_rng, similarity, positives, valid)
     text_neg, has_text_neg = matching.sample_negatives(text_rng, similarity.T, positives.T, valid)
