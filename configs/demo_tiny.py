@@ -9,7 +9,7 @@ Adam 1e-3 with 30 warm-up steps and a quarter-period cosine over 1500 steps; NCE
   python scripts/report.py --workdir=demo/run      # pretrained vs. random init
 
 Arguments: `ma` (one shared tiny backbone, as VATT-MA), and the gradient harmonization switches
-`gr`, `cl`, `monitor` (docs/HARMONIZATION.md; scripts/experiments/gradient_harmonization.py
+`gr`, `cl`, `monitor` (docs/HARMONIZATION.md; scripts/experiments/noisy_correspondence.py
 compares them on the demo with injected misalignment).
 
 Data: the bundled real-media demo (scripts/make_demo_data.py → prepare_data.py at 64 px and 8 kHz →

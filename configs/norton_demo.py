@@ -10,7 +10,7 @@ demo videos every paragraph names 8 of the same 10 digits and paragraphs are har
 
   python scripts/make_demo_data.py --output_dir=demo/long --segments=4,4 \
       --caption_shift=0.3 --caption_irrelevant=0.15      # long videos with noisy captions
-  python scripts/prepare_data.py ...                       # (scripts/experiments/norton.py does it)
+  python scripts/prepare_data.py ...   # (scripts/experiments/noisy_correspondence.py does it all)
   python scripts/train.py --config=configs/norton_demo.py --workdir=demo/norton \
       --config.data.path=demo/long/shards --config.init_from=demo/run
 

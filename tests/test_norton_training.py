@@ -14,6 +14,7 @@ import data_pipelines
 from tests.conftest import ROOT, load_config
 from tests.test_finetune import _pretraining_workdir
 from vatt_jax import workdir as workdir_lib
+from vatt_jax.models import vatt as vatt_lib
 from vatt_jax.optim import TRAINABLE, build_optimizer, trainable_labels
 from vatt_jax.train import sharding, trainer
 
@@ -106,3 +107,25 @@ def test_milnce_baseline_steps_without_an_audio_term():
   metrics = jax.device_get(metrics)
   assert np.isfinite(metrics['loss']) and metrics['loss_va'] == 0.0
   np.testing.assert_allclose(metrics['loss'], metrics['loss_vt'], rtol=1e-6)
+
+
+def test_post_training_on_video_and_text_only_loads_a_vatt_pretrained_with_audio(pretrained):
+  # Long-video shards carry no audio (data.modalities video, text): the model is built without the
+  # audio head projections, which the pretraining checkpoint has. They are unused, not an error.
+  config, program, batch = _program(
+    'runlocal', init_from=pretrained, keep=lambda k: not k.startswith('audio')
+  )
+  assert not any(k.startswith('audio') for k in _paths(program.abstract.params['head']))
+  state = trainer.init_from_pretrained(program.init(jax.random.key(0)), program, str(pretrained))
+  _, _, stored = workdir_lib.load_model(str(pretrained))
+  have, want = _paths(jax.device_get(state.params)), _paths(stored['params'])
+  assert have.keys() < want.keys()
+  for path, value in have.items():
+    np.testing.assert_array_equal(value, want[path])
+  # Anything else of the head must still match: a head leaf of another shape is refused.
+  params = jax.device_get(program.abstract.params)
+  bad = dict(stored['params'], head=dict(stored['params']['head']))
+  bad['head']['video_vt_bn'] = {'scale': np.zeros(3), 'bias': np.zeros(3)}
+  with pytest.raises(ValueError, match='head/video_vt_bn'):
+    program.model.load_pretrained(params, bad)
+  assert vatt_lib.head_of_built_modalities(stored['params'], {}) is stored['params']

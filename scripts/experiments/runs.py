@@ -1,5 +1,4 @@
-"""What the demo experiment scripts share: running a repository script, naming a noise level,
-formatting a table cell."""
+"""What the demo experiment scripts share: running a repository script, formatting a table cell."""
 
 from __future__ import annotations
 
@@ -16,11 +15,6 @@ def run(args: list[str]) -> None:
   """Runs `python ARGS…` from the repository root with this interpreter; raises on failure."""
   logging.info('$ %s', ' '.join(args))
   subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
-
-
-def tag(noise: float) -> str:
-  """A noise level's directory name: 0.3 → noise30."""
-  return f'noise{round(100 * noise):02d}'
 
 
 def cell(values: list[float], fmt: str = '.1f') -> str:

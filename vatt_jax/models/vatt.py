@@ -516,6 +516,21 @@ def resize_positions(
   return params
 
 
+def head_of_built_modalities(pretrained: dict, params: dict) -> dict:
+  """`pretrained` without the common-space head's parts for a modality this model has none of.
+
+  A model built for fewer modalities (Norton post-training reads video and text only) has no head
+  projections for the others: flax creates only what init calls. Those parts of a pretraining
+  checkpoint are not another architecture of the head, only unused; anything else of the head
+  still has to match (contract.load_by_name)."""
+  head, have = pretrained.get('head'), params.get('head', {})
+  if not head or not have:
+    return pretrained
+  unbuilt = [m for m in ('video', 'audio', 'text') if not any(k.startswith(f'{m}_') for k in have)]
+  kept = {k: v for k, v in head.items() if not any(k.startswith(f'{m}_') for m in unbuilt)}
+  return {**pretrained, 'head': kept}
+
+
 def adapt_positions(pretrained: dict, params: dict) -> tuple[dict, dict]:
   """contract.load_by_name's `adapt`: the pretrained position tables resized (cubically) to the
   shapes `params` has, where the patch grid changed (fine-tuning at 320², another clip length or
@@ -599,4 +614,5 @@ class VattModel(contract.FlaxModel):
     return embed
 
   def load_pretrained(self, params: dict, pretrained: dict) -> tuple[dict, dict]:
-    return contract.load_by_name(params, pretrained, adapt=adapt_positions)
+    return contract.load_by_name(params, head_of_built_modalities(pretrained, params),
+                                 adapt=adapt_positions)  # fmt: skip
