@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from absl import flags
 
 from tests.conftest import ROOT
 
@@ -19,7 +20,12 @@ _spec = importlib.util.spec_from_file_location(
 )
 nc = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = nc  # dataclasses look their module up
+_before = set(flags.FLAGS)
 _spec.loader.exec_module(nc)
+# The script's flags (--workdir, …) leave the global registry: other tests load scripts that
+# define flags of the same names in this process. The functions tested here read none of them.
+for _name in set(flags.FLAGS) - _before:
+  delattr(flags.FLAGS, _name)
 
 
 def test_grid_runs_whole_seeds_first_and_the_baseline_before_post_training():
