@@ -68,6 +68,7 @@ def _copy(trained, tmp_path):
   return workdir
 
 
+@pytest.mark.slow  # a 4-step run as fixture, then resumes (~30 s with the next test)
 def test_refused_or_failing_resume_leaves_the_workdir_as_it_was(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   before = _snapshot(workdir)
@@ -140,6 +141,7 @@ def _damage(step_dir):
     f.truncate(largest.stat().st_size // 3)
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(trained, tmp_path, caplog):
   workdir = _copy(trained, tmp_path)
   _damage(workdir / 'checkpoints' / '4')
@@ -161,6 +163,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(trained, tmp_path,
   assert _snapshot(workdir / 'checkpoints' / '4.damaged') == damaged_bytes
 
 
+@pytest.mark.slow
 def test_no_restorable_checkpoint_is_one_line_and_touches_nothing(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   for step in ('2', '4'):
