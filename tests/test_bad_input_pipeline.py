@@ -172,6 +172,7 @@ def test_fatal_corrupted_shard_is_one_line(tmp_path, tokenizer_path):  # noqa: F
   assert '\n' not in str(error.value)
 
 
+@pytest.mark.slow  # builds a TFDS dataset (~12 s)
 def test_tfds_split_without_examples():
   from tests import test_classification
 

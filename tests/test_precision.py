@@ -270,6 +270,7 @@ def _relative_error(got, want):
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
+@pytest.mark.slow  # ~10 s; the fast tier keeps the remat checks
 def test_bfloat16_compute_with_float32_parameters_and_outputs():
   config = runlocal('vatt_bbs')
   batch = make_batch(config.model)

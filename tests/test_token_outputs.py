@@ -47,6 +47,7 @@ def tiny():
   return Tiny()
 
 
+@pytest.mark.slow  # ~10 s
 def test_token_outputs_leave_the_other_outputs_unchanged(tiny):
   with_tokens = tiny.variant(token_outputs=True)
   out = jax.jit(lambda v, b: with_tokens.apply(v, b, train=False))(tiny.variables, tiny.batch)
