@@ -89,16 +89,8 @@ def matching_loss(
   if logits.ndim != 2 or logits.shape[1] != 2 or labels.shape != logits.shape[:1]:
     raise ValueError(f'matching_loss wants logits [P, 2] and labels [P]; got {logits.shape}, '
                      f'{labels.shape}')  # fmt: skip
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, labels.astype(jnp.int32)[:, None], axis=1)[:, 0]
-  weights = weights.astype(jnp.float32)
-  pairs = jnp.sum(weights)
-  count = jnp.maximum(pairs, 1.0)
-  right = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-  return jnp.sum(nll * weights) / count, {
-    'vtm_accuracy': jnp.sum(right * weights) / count,
-    'vtm_pairs': pairs,
-  }
+  loss, accuracy, pairs = _weighted_cross_entropy(logits, labels.astype(jnp.int32), weights)
+  return loss, {'vtm_accuracy': accuracy, 'vtm_pairs': pairs}
 
 
 def vtm_loss(logits: jax.Array, weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -168,14 +160,17 @@ def mlm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str,
   if logits.shape[:2] != labels.shape:
     raise ValueError(f'mlm_loss: logits {logits.shape} and labels {labels.shape} disagree')
   chosen = labels != IGNORE
+  loss, accuracy, tokens = _weighted_cross_entropy(logits, jnp.where(chosen, labels, 0), chosen)
+  return loss, {'mlm_accuracy': accuracy, 'mlm_tokens': tokens}
+
+
+def _weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+  """(mean cross-entropy, argmax accuracy, Σ weights) over the rows of logits [..., C] with integer
+  targets [...], each row weighted (0: ignored); the means divide by max(Σ weights, 1)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  target = jnp.where(chosen, labels, 0)
-  nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-  weights = chosen.astype(jnp.float32)
-  tokens = jnp.sum(weights)
-  count = jnp.maximum(tokens, 1.0)
-  right = (jnp.argmax(logits, axis=-1) == target).astype(jnp.float32)
-  return jnp.sum(nll * weights) / count, {
-    'mlm_accuracy': jnp.sum(right * weights) / count,
-    'mlm_tokens': tokens,
-  }
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  weights = weights.astype(jnp.float32)
+  total = jnp.sum(weights)
+  count = jnp.maximum(total, 1.0)
+  right = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return jnp.sum(nll * weights) / count, jnp.sum(right * weights) / count, total
