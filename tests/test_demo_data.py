@@ -378,7 +378,7 @@ def _check_egomcq(questions: dict, videos: list[dict]) -> None:
 
 
 def test_egomcq_questions_ask_about_every_segment(tmp_path):
-  from vatt_jax.evaluation.multiple_choice import read_questions
+  from vatt_jax.evaluation.mc_questions import read_questions
 
   videos = demo.plan({'test': 7}, seed=1, num_segments=(4, 6))['test'][0]
   questions = demo.egomcq_questions(videos, seed=1, split='test')

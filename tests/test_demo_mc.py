@@ -20,7 +20,7 @@ from tests import toy_models
 from tests.conftest import ROOT
 from tests.test_pipeline import tokenizer_path  # noqa: F401 (a fixture)
 from vatt_jax.evaluation import build_evaluator
-from vatt_jax.evaluation import multiple_choice as mc
+from vatt_jax.evaluation import mc_questions as mcq
 from vatt_jax.models import build_model
 
 # What each direction and digit may be called: the captions' vocabulary, written out here.
@@ -120,8 +120,8 @@ def test_the_evaluator_reads_them_as_video_queries(videos, tmp_path):
     questions = demo.caption_mc_questions(videos, seed=5, split='test', kind=kind)
     path = tmp_path / f'{kind}.json'
     path.write_text(json.dumps(questions))
-    loaded = mc.read_questions(str(path))
-    assert all(isinstance(q, mc.VideoQuestion) and q.kind == kind for q in loaded)
+    loaded = mcq.read_questions(str(path))
+    assert all(isinstance(q, mcq.VideoQuestion) and q.kind == kind for q in loaded)
     assert [(q.clip.video_uid, q.clip.start, q.answer) for q in loaded] == [
       (q['query']['video_uid'], q['query']['clip_start'], q['answer']) for q in questions.values()
     ]

@@ -21,6 +21,7 @@ from tests import toy_models
 from tests.conftest import ROOT
 from tests.test_pipeline import WORDS, _write, tokenizer_path  # noqa: F401 (a fixture)
 from vatt_jax.evaluation import build_evaluator
+from vatt_jax.evaluation import mc_questions as mcq
 from vatt_jax.evaluation import multiple_choice as mc
 from vatt_jax.models import build_model
 
@@ -103,19 +104,19 @@ def test_released_format_loads_strings_numbers_and_extra_keys(tmp_path):
       '1': _egomcq_item('#C C closes it', clips, 0, 2),
     },
   )
-  questions = mc.read_questions(path)
+  questions = mcq.read_questions(path)
   assert [q.key for q in questions] == ['0', '1']
   first = questions[0]
   assert first.text == '#C C opens the door' and (first.answer, first.kind) == (3, 1)
-  assert first.choices[0] == mc.Clip('a', 1.5, 2.25) and first.choices[4] == mc.Clip('e', -0.5, 1)
+  assert first.choices[0] == mcq.Clip('a', 1.5, 2.25) and first.choices[4] == mcq.Clip('e', -0.5, 1)
   assert (questions[1].answer, questions[1].kind) == (0, 2)
-  assert [q.key for q in mc.read_questions(path, max_questions=1)] == ['0']
+  assert [q.key for q in mcq.read_questions(path, max_questions=1)] == ['0']
   # Choices as a list, and keys out of order, are the same choices.
   item = _egomcq_item('x', clips, 1, 1)
   item['choices'] = dict(reversed(list(item['choices'].items())))
-  assert mc.read_questions(_dump(tmp_path / 'r.json', {'k': item}))[0].choices == first.choices
+  assert mcq.read_questions(_dump(tmp_path / 'r.json', {'k': item}))[0].choices == first.choices
   item['choices'] = [_choice(*c) for c in clips]
-  assert mc.read_questions(_dump(tmp_path / 'l.json', {'k': item}))[0].choices == first.choices
+  assert mcq.read_questions(_dump(tmp_path / 'l.json', {'k': item}))[0].choices == first.choices
 
 
 def _broken(item, mutate):
@@ -144,35 +145,35 @@ def test_malformed_questions_name_the_file_and_question(tmp_path, mutate, messag
   good = _egomcq_item('text', clips, 0, 1)
   path = _dump(tmp_path / 'bad.json', {'q1': good, 'q7': _broken(good, mutate)})
   with pytest.raises(ValueError, match=message) as error:
-    mc.read_questions(path)
+    mcq.read_questions(path)
   assert f'questions file {path}' in str(error.value) and '\n' not in str(error.value)
 
 
 def test_unreadable_files_and_unequal_choice_counts(tmp_path):
   (tmp_path / 'not.json').write_text('{"0": {"query": ')
   with pytest.raises(ValueError, match='not.json: not a JSON file'):
-    mc.read_questions(str(tmp_path / 'not.json'))
+    mcq.read_questions(str(tmp_path / 'not.json'))
   with pytest.raises(ValueError, match='missing.json: cannot read it'):
-    mc.read_questions(str(tmp_path / 'missing.json'))
+    mcq.read_questions(str(tmp_path / 'missing.json'))
   with pytest.raises(ValueError, match='expected an object of questions'):
-    mc.read_questions(_dump(tmp_path / 'empty.json', {}))
+    mcq.read_questions(_dump(tmp_path / 'empty.json', {}))
   mixed = {
     '0': _egomcq_item('t', [('a', 1, 2)] * 5, 0, 1),
     '1': _egomcq_item('t', [('a', 1, 2)] * 4, 0, 1),
   }
   with pytest.raises(ValueError, match="question '1' has 4 choices, question '0' 5"):
-    mc.read_questions(_dump(tmp_path / 'mixed.json', mixed))
+    mcq.read_questions(_dump(tmp_path / 'mixed.json', mixed))
 
 
 # ---- question videos ↔ records ---------------------------------------------------------------------
 def test_video_ids_match_records_by_the_documented_rule():
   ids = ['media/x.mp4', 'videos/y.mp4', 'z.mkv', 'w.mp4#t=600,1200', 'w.mp4#t=0,600', 'u']
-  got = mc.match_videos(['media/x.mp4', 'media/x', 'x', 'y', 'z', 'w', 'u', 'absent'], ids)
+  got = mcq.match_videos(['media/x.mp4', 'media/x', 'x', 'y', 'z', 'w', 'u', 'absent'], ids)
   assert got == {'media/x.mp4': [0], 'media/x': [0], 'x': [0], 'y': [1], 'z': [2], 'w': [3, 4],
                  'u': [5]}  # fmt: skip
   # The first rule that names a record wins: 'x' is a whole media path of its own here.
-  assert mc.match_videos(['x'], ['x', 'x.mp4', 'a/x.mp4']) == {'x': [0]}
-  assert mc.match_videos(['x'], ['x.mp4', 'a/x.mp4']) == {'x': [0]}
+  assert mcq.match_videos(['x'], ['x', 'x.mp4', 'a/x.mp4']) == {'x': [0]}
+  assert mcq.match_videos(['x'], ['x.mp4', 'a/x.mp4']) == {'x': [0]}
   for records in (
     ['a/x.mp4', 'b/x.mp4'],  # two files called x
     ['x.mp4', 'x.mkv'],
@@ -181,22 +182,22 @@ def test_video_ids_match_records_by_the_documented_rule():
     ['a/x.mp4#t=0,600', 'b/x.mp4#t=600,1200'],  # windows of two files
   ):
     with pytest.raises(ValueError, match="1 video ids match more than one record .*'x'"):
-      mc.match_videos(['x', 'other'], records)
+      mcq.match_videos(['x', 'other'], records)
 
 
 def test_clips_are_located_in_their_record():
   videos = [
-    mc.StoredVideo('w.mp4#t=0,600', 600.0, 0.0),
-    mc.StoredVideo('w.mp4#t=590,1200', 610.0, 590.0),
-    mc.StoredVideo('v.mp4', 10.0),
+    mcq.StoredVideo('w.mp4#t=0,600', 600.0, 0.0),
+    mcq.StoredVideo('w.mp4#t=590,1200', 610.0, 590.0),
+    mcq.StoredVideo('v.mp4', 10.0),
   ]
-  assert mc.locate(mc.Clip('w', 595, 598), [1, 0], videos) == (0, 595, 598)  # earliest window
-  assert mc.locate(mc.Clip('w', 599, 603), [0, 1], videos) == (1, 9, 13)  # crosses 600: later one
-  assert mc.locate(mc.Clip('v', -0.5, 2), [2], videos) == (2, 0, 2)  # read from 0, as EgoVLP
-  assert mc.locate(mc.Clip('v', 9, 10 + mc.CLIP_END_TOLERANCE_S), [2], videos) is not None
-  assert mc.locate(mc.Clip('v', 9, 10.01 + mc.CLIP_END_TOLERANCE_S), [2], videos) is None
-  assert mc.locate(mc.Clip('v', 10, 10.5), [2], videos) is None  # starts at the end
-  assert mc.locate(mc.Clip('w', 1300, 1301), [0, 1], videos) is None
+  assert mcq.locate(mcq.Clip('w', 595, 598), [1, 0], videos) == (0, 595, 598)  # earliest window
+  assert mcq.locate(mcq.Clip('w', 599, 603), [0, 1], videos) == (1, 9, 13)  # crosses 600: later one
+  assert mcq.locate(mcq.Clip('v', -0.5, 2), [2], videos) == (2, 0, 2)  # read from 0, as EgoVLP
+  assert mcq.locate(mcq.Clip('v', 9, 10 + mcq.CLIP_END_TOLERANCE_S), [2], videos) is not None
+  assert mcq.locate(mcq.Clip('v', 9, 10.01 + mcq.CLIP_END_TOLERANCE_S), [2], videos) is None
+  assert mcq.locate(mcq.Clip('v', 10, 10.5), [2], videos) is None  # starts at the end
+  assert mcq.locate(mcq.Clip('w', 1300, 1301), [0, 1], videos) is None
 
 
 # ---- the evaluator end to end ----------------------------------------------------------------------
@@ -496,16 +497,16 @@ def test_video_query_format_loads_free_and_missing_types(tmp_path):
       'd': _video_item(('v2', 0, 1), ['a', 'b', 'c', 'd'], 3),
     },
   )
-  questions = mc.read_questions(path)
-  assert all(isinstance(q, mc.VideoQuestion) for q in questions)
+  questions = mcq.read_questions(path)
+  assert all(isinstance(q, mcq.VideoQuestion) for q in questions)
   a, b, c, d = questions
-  assert a.clip == mc.Clip('v0', 0.5, 1.5) and a.choices == ('red x', 'green', 'blue', 'cyan')
+  assert a.clip == mcq.Clip('v0', 0.5, 1.5) and a.choices == ('red x', 'green', 'blue', 'cyan')
   assert (a.answer, a.kind) == (2, 'direction')
   assert b.kind == c.kind == '7' and d.kind is None  # 7 and " 7 " are one type; d has none
   # Choices as a list are the same choices.
   item = _video_item(('v0', 0.5, 1.5), ['red x', 'green', 'blue', 'cyan'], 2, 'direction')
   item['choices'] = list(item['choices'].values())
-  assert mc.read_questions(_dump(tmp_path / 'l.json', [item]))[0].choices == a.choices
+  assert mcq.read_questions(_dump(tmp_path / 'l.json', [item]))[0].choices == a.choices
 
 
 def test_a_file_of_both_kinds_is_refused_naming_the_first_of_the_other(tmp_path):
@@ -513,7 +514,7 @@ def test_a_file_of_both_kinds_is_refused_naming_the_first_of_the_other(tmp_path)
   video_query = _video_item(('a', 1, 2), ['w', 'x', 'y', 'z'], 0)
   path = _dump(tmp_path / 'mixed.json', {'t0': text_query, 't1': text_query, 'v7': video_query})
   with pytest.raises(ValueError) as error:
-    mc.read_questions(path)
+    mcq.read_questions(path)
   assert str(error.value) == (
     f"questions file {path}: question 'v7' asks with a video clip (its choices are captions), "
     "question 't0' with a text (its choices are video clips): a file holds questions of one kind "
@@ -521,9 +522,9 @@ def test_a_file_of_both_kinds_is_refused_naming_the_first_of_the_other(tmp_path)
   )
   path = _dump(tmp_path / 'mixed2.json', {'v0': video_query, 't3': text_query, 't4': text_query})
   with pytest.raises(ValueError, match="question 't3' asks with a text .*question 'v0' with a vid"):
-    mc.read_questions(path)
+    mcq.read_questions(path)
   # max_questions reads only the first ones: one kind.
-  assert len(mc.read_questions(path, max_questions=1)) == 1
+  assert len(mcq.read_questions(path, max_questions=1)) == 1
 
 
 @pytest.mark.parametrize(
@@ -551,7 +552,7 @@ def test_malformed_video_query_questions_name_the_file_and_question(tmp_path, mu
   good = _video_item(('a', 1, 2), ['w', 'x', 'y', 'z'], 0, 'direction')
   path = _dump(tmp_path / 'bad.json', {'q1': good, 'q7': _broken(good, mutate)})
   with pytest.raises(ValueError, match=message) as error:
-    mc.read_questions(path)
+    mcq.read_questions(path)
   assert f'questions file {path}' in str(error.value) and '\n' not in str(error.value)
 
 
