@@ -23,7 +23,7 @@ machine). Hardware and time of a full run: expected, not measured (8 × 12 GB GP
 
 Temporal sparse expansion (SViTT): continue a 4-frame run at 8 frames and keep rate 0.6
 (`:frames8`, with --config.init_from=<the 4-frame run>): the relative position tables are
-expanded (svitt_video.expand_temporal) and 1568 patch tokens go 941 → 565 → 339.
+expanded (svitt_position.expand_temporal) and 1568 patch tokens go 941 → 565 → 339.
 
 Arguments (comma-separated): dense (no edge or node sparsity), edge (edge sparsity only), node
 (node sparsity only), infonce (InfoNCE instead of EgoNCE, no scene negatives), frames8 (the

@@ -28,15 +28,15 @@ from flax import traverse_util
 from tests.test_models import random_variables
 from vatt_jax.models import transformer
 from vatt_jax.models.sparse_attention import block_sparse_attention, random_block_index
-from vatt_jax.models.svitt_video import (
-  SvittBlock,
+from vatt_jax.models.svitt_blocks import SvittBlock
+from vatt_jax.models.svitt_position import (
   SvittRelativePositionBias,
   expand_temporal,
   relative_bias_fn,
   relative_position_bias,
-  svitt_video_encoder,
   temporal_offset_source,
 )
+from vatt_jax.models.svitt_video import svitt_video_encoder
 from vatt_jax.models.token_pruning import kept_counts
 from vatt_jax.models.transformer import Encoder, EncoderSize
 

@@ -60,7 +60,8 @@ from vatt_jax.losses import matching
 from vatt_jax.losses.allinone import NEGATIVES, reference_negatives
 from vatt_jax.models import contract
 from vatt_jax.models.svitt import add_special_tokens, media_inputs, pretraining_samples, special_ids
-from vatt_jax.models.svitt_video import SvittBlock, patchify
+from vatt_jax.models.svitt_blocks import SvittBlock
+from vatt_jax.models.svitt_video import patchify
 from vatt_jax.models.transformer import REMAT_POLICIES, EncoderSize, norm
 from vatt_jax.models.vatt import DTYPES
 

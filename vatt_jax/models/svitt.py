@@ -50,8 +50,9 @@ from vatt_jax import losses
 from vatt_jax.losses import matching
 from vatt_jax.losses.egonce import positive_mask
 from vatt_jax.models import contract
+from vatt_jax.models.svitt_position import expand_temporal
 from vatt_jax.models.svitt_text import SvittTextEncoder
-from vatt_jax.models.svitt_video import SvittVideoEncoder, expand_temporal, svitt_video_encoder
+from vatt_jax.models.svitt_video import SvittVideoEncoder, svitt_video_encoder
 from vatt_jax.models.transformer import REMAT_POLICIES, get_size
 from vatt_jax.models.vatt import DTYPES
 
@@ -314,7 +315,7 @@ def _offset_tables(tree: dict) -> dict[str, tuple[int, ...]]:
 
 def adapt_frames(pretrained: dict, params: dict) -> tuple[dict, dict]:
   """contract.load_by_name's `adapt`: the video encoder's relative position tables expanded
-  (svitt_video.expand_temporal, 'replicate') when this model has another frame count than the
+  (svitt_position.expand_temporal, 'replicate') when this model has another frame count than the
   checkpoint (SViTT's temporal sparse expansion: a 4-frame run continued at 8 frames)."""
   new, old = _offset_tables(params), _offset_tables(pretrained)
   if not new or not old:
