@@ -67,16 +67,27 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from data_pipelines.demo_media import DIGIT_TONES, make_video
+from data_pipelines.demo_questions import (
+  MC_KINDS,
+  MCQ_CHOICES,
+  caption_mc_questions,
+  egomcq_questions,
+)
+from data_pipelines.demo_vocab import (
+  DIGIT_WORDS,
+  DIRECTIONS,
+  IRRELEVANT,
+  SPLITS,
+  caption_form,
+  caption_tags,
+  caption_text,
+  taxonomy,
+)
 from data_pipelines.manifest import check_output_dir
 from vatt_jax import cli
 
-SPLITS = ('train', 'val', 'test')
 DEFAULT_NUM_VIDEOS = {'train': 96, 'val': 24, 'test': 24}
-DIRECTIONS = ('left', 'right', 'up', 'down')
-DIGIT_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
-# Three tones per digit on three disjoint ladders: every one of the 30 tones is ≥ 50 Hz from any
-# other (separable after AAC and a 1.5 s FFT), and all sit below 3 kHz, which AAC keeps intact.
-DIGIT_TONES = tuple((250 + 50 * d, 900 + 70 * d, 1800 + 110 * d) for d in range(10))
 # Segments per video, an inclusive range; with ~2 s segments a video lasts 5.4–8.8 s. plan() and
 # generate() take another (num_segments; make_demo_data.py --segments=LO,HI), e.g. (8, 8) for
 # long-video (video–paragraph) training; the default's files are byte-identical to before it.
@@ -86,70 +97,12 @@ NUM_SEGMENTS = (3, 4)
 # most 10 segments.
 MAX_SEGMENTS = 10
 SEGMENT_SECONDS = (1.8, 2.2)  # inclusive range, rounded to whole frames
-FADE_SECONDS = 0.02
 NUM_BACKGROUNDS = 8  # textures shared by all videos (so no video is recognisable by its own)
 _SEGMENT_KEYS = ('start', 'end', 'digit', 'direction')  # a segment as the manifest shows it
 _RETRIEVAL_KEYS = ('start', 'end', 'caption', 'digit', 'direction')
 # Written first and removed last: an output folder holding it is an unfinished run of generate().
 MARKER_NAME = 'make_demo_data.unfinished.json'
 TAXONOMY_NAME = 'taxonomy.json'
-MCQ_CHOICES = 5  # EgoMCQ's
-# Caption multiple-choice question sets (mc_{kind}_{split}.json) → candidates per question.
-MC_KINDS = {'direction': len(DIRECTIONS), 'appearance': 5}
-
-_DIRECTION_PHRASES = {
-  'left': ('to the left', 'left', 'leftwards'),
-  'right': ('to the right', 'right', 'rightwards'),
-  'up': ('up', 'upwards', 'towards the top'),
-  'down': ('down', 'downwards', 'towards the bottom'),
-}
-_VERBS = (('moves', 'moving'), ('drifts', 'drifting'), ('slides', 'sliding'), ('glides', 'gliding'))
-_TEMPLATES = (
-  '{a} {word} {verb} {dir}',
-  'the digit {num} {verb} {dir}',
-  '{word} {verbing} {dir}',
-  'a handwritten {word} {verb} {dir} over a textured background',
-  'the number {word} {verb} {dir}',
-  'we see {a} {word} {verbing} {dir}',
-)
-# Irrelevant captions name no digit, number or direction (caption_irrelevant noise).
-_IRRELEVANT = (
-  'chop the onions and fry them gently in butter',
-  'the soup simmers slowly on the stove',
-  'whisk the eggs with a pinch of salt',
-  'heavy rain is expected along the coast tonight',
-  'the sky clears in the afternoon with a light breeze',
-  'knead the dough and let it rest for an hour',
-  'a warm front brings humid air and scattered showers',
-  'season the sauce with pepper and fresh basil',
-  'fog lingers over the valley this morning',
-  'bake the bread until the crust turns golden',
-  'strong winds are forecast for the weekend',
-  'slice the tomatoes thinly and drizzle with olive oil',
-)
-
-
-def taxonomy() -> dict[str, dict[str, list[str]]]:
-  """The demo's noun and verb classes with their synonyms (module docstring): what taxonomy.json
-  holds. Class index = key order: noun d is digit d, verb i is DIRECTIONS[i]."""
-  return {
-    'nouns': {word: [word, str(d)] for d, word in enumerate(DIGIT_WORDS)},
-    'verbs': {
-      f'move {direction}': [
-        f'{verb} {phrase}' for phrase in _DIRECTION_PHRASES[direction] for verb in _motion_verbs()
-      ]
-      for direction in DIRECTIONS
-    },
-  }
-
-
-def _motion_verbs() -> list[str]:
-  return [form for forms in _VERBS for form in forms]
-
-
-def _tags(digit: int, direction: str) -> dict[str, list[int]]:
-  """A clean caption's classes in taxonomy(): its digit and its direction's index."""
-  return {'nouns': [int(digit)], 'verbs': [DIRECTIONS.index(direction)]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,19 +121,6 @@ class NoiseConfig:
         raise ValueError(f'--{field.name} must be a fraction in [0, 1], got {value}')
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear (corner-aligned) resize of [h, w] or [h, w, C] to [height, width(, C)]."""
-  h, w = image.shape[:2]
-  ys, xs = np.linspace(0, h - 1, height), np.linspace(0, w - 1, width)
-  y0, x0 = np.minimum(ys.astype(int), h - 2), np.minimum(xs.astype(int), w - 2)
-  wy, wx = (ys - y0)[:, None], (xs - x0)[None, :]
-  if image.ndim == 3:
-    wy, wx = wy[..., None], wx[..., None]
-  top = image[y0][:, x0] * (1 - wx) + image[y0][:, x0 + 1] * wx
-  bottom = image[y0 + 1][:, x0] * (1 - wx) + image[y0 + 1][:, x0 + 1] * wx
-  return top * (1 - wy) + bottom * wy
-
-
 def _digit_pools() -> tuple[np.ndarray, dict[str, list[np.ndarray]]]:
   """Images [1797, 8, 8] in 0..16 and, per split and digit, the indices that split may use."""
   from sklearn.datasets import load_digits  # slow import: only the planning process needs it
@@ -196,28 +136,6 @@ def _digit_pools() -> tuple[np.ndarray, dict[str, list[np.ndarray]]]:
   return digits.images, pools
 
 
-def _caption_form(rng: np.random.Generator) -> tuple[int, int, int]:
-  """A caption's wording, drawn: indices into _VERBS, _TEMPLATES and a direction's 3 phrases."""
-  verb = int(rng.integers(len(_VERBS)))
-  template = int(rng.integers(len(_TEMPLATES)))
-  return verb, template, int(rng.integers(3))
-
-
-def _caption_text(digit: int, direction: str, form: tuple[int, int, int]) -> str:
-  """The caption of `digit` moving `direction` in the wording `form` (_caption_form): captions of
-  one form differ only in the digit (its word or numeral, with its article) and the direction
-  phrase (the phrase of the same index)."""
-  verb, template, phrase = form
-  return _TEMPLATES[template].format(
-    a='an' if digit == 8 else 'a',
-    word=DIGIT_WORDS[digit],
-    num=digit,
-    verb=_VERBS[verb][0],
-    verbing=_VERBS[verb][1],
-    dir=_DIRECTION_PHRASES[direction][phrase],
-  )
-
-
 def _plan_video(
   seed: int, split: str, index: int, fps: int, pools, images, segment_range=NUM_SEGMENTS
 ) -> dict:
@@ -231,7 +149,7 @@ def _plan_video(
     num_frames = int(rng.integers(lo, hi + 1))
     pool = pools[split][digit]
     direction = DIRECTIONS[rng.integers(4)]
-    form = _caption_form(rng)
+    form = caption_form(rng)
     segments.append(
       dict(
         start=round(frame / fps, 4),
@@ -239,7 +157,7 @@ def _plan_video(
         digit=digit,
         direction=direction,
         num_frames=num_frames,
-        caption=_caption_text(digit, direction, form),
+        caption=caption_text(digit, direction, form),
         caption_form=form,  # for the caption multiple-choice questions' candidates
         pixels=images[pool[rng.integers(len(pool))]],
         cross=float(rng.random()),  # position across the motion axis, as a fraction of the room
@@ -286,7 +204,7 @@ def _apply_noise(videos: list[dict], rows: list[dict], noise: NoiseConfig, seed:
   for i in sorted(_pick(streams['caption_irrelevant'], len(flat), noise.caption_irrelevant)):
     v, c = flat[i]
     caption = rows[v]['captions'][c]
-    caption['text'] = _IRRELEVANT[streams['caption_irrelevant'].integers(12)]
+    caption['text'] = IRRELEVANT[streams['caption_irrelevant'].integers(12)]
     if 'nouns' in caption:  # it names no digit and no motion
       caption['nouns'], caption['verbs'] = [], []
     rows[v]['noise'].setdefault('caption_irrelevant', []).append(c)
@@ -374,7 +292,7 @@ def plan(
               start=s['start'],
               end=s['end'],
               text=s['caption'],
-              **(_tags(s['digit'], s['direction']) if tags else {}),
+              **(caption_tags(s['digit'], s['direction']) if tags else {}),
             )
             for s in segs
           ],
@@ -386,91 +304,6 @@ def plan(
     _apply_noise(videos, rows, noise, seed, split)
     result[split] = (videos, rows)
   return result
-
-
-def _background(seed: int, size: int) -> np.ndarray:
-  """A smooth colour texture [size, size, 3] in [25, 135]: two octaves of bilinear value noise."""
-  rng = np.random.default_rng(seed)
-  texture = sum(w * _resize(rng.random((n, n, 3)), size, size) for n, w in ((4, 1.0), (9, 0.5)))
-  texture = (texture - texture.min()) / (np.ptp(texture) + 1e-6)
-  return 25.0 + 110.0 * texture
-
-
-def render_frames(video: dict, size: int) -> np.ndarray:
-  """Frames [T, size, size, 3] uint8 of a planned video: the digit crosses the frame per segment."""
-  background = _background(video['background_seed'], size)
-  d = size * 3 // 8
-  lo, hi = size // 16, size - d - size // 16  # the digit's top-left corner stays in [lo, hi]
-  frames = []
-  for seg in video['segments']:
-    alpha = np.clip(_resize(seg['pixels'] / 16.0, d, d) * 1.5, 0.0, 1.0)[..., None]
-    cross = round(lo + seg['cross'] * (hi - lo))
-    for progress in np.linspace(0.0, 1.0, seg['num_frames']):
-      if seg['direction'] in ('left', 'up'):
-        progress = 1.0 - progress
-      main = round(lo + progress * (hi - lo))
-      y, x = (cross, main) if seg['direction'] in ('left', 'right') else (main, cross)
-      frame = background.copy()
-      patch = frame[y : y + d, x : x + d]
-      frame[y : y + d, x : x + d] = patch * (1 - alpha) + seg['colour'] * alpha
-      frames.append(frame)
-  return np.clip(np.stack(frames) + 0.5, 0, 255).astype(np.uint8)
-
-
-def synthesize_audio(video: dict, sample_rate: int, num_samples: int) -> np.ndarray:
-  """Mono waveform [num_samples] float32 in [-1, 1]: each segment's digit chord, tiled if short."""
-  rng = np.random.default_rng(video['audio_seed'])
-  total = int(round(video['duration'] * sample_rate))
-  wave = np.zeros(total)
-  fade = int(FADE_SECONDS * sample_rate)
-  ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(fade) / fade)  # raised cosine: no clicks at edges
-  gain = rng.uniform(0.4, 0.6)
-  for seg in video['segments']:
-    a, b = int(round(seg['start'] * sample_rate)), int(round(seg['end'] * sample_rate))
-    t = np.arange(b - a) / sample_rate
-    chord = sum(
-      np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi)) for f in DIGIT_TONES[seg['digit']]
-    )
-    envelope = np.ones(b - a)
-    envelope[:fade], envelope[-fade:] = ramp, ramp[::-1]
-    wave[a:b] = gain * chord / 3 * envelope
-  wave += rng.normal(0.0, 0.01, total)
-  return np.clip(np.resize(wave, num_samples), -1, 1).astype(np.float32)
-
-
-def _encode(path: str, frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int) -> None:
-  """Writes H.264 (yuv420p, crf 18) + mono AAC (96 kb/s) mp4; via a temp file so never half-written."""
-  import av
-
-  tmp = path + '.part'
-  with av.open(tmp, 'w', format='mp4') as container:
-    # One x264 thread: parallelism comes from encoding many videos at once.
-    video = container.add_stream(
-      'libx264', rate=fps, options={'crf': '18', 'preset': 'veryfast', 'threads': '1'}
-    )
-    video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
-    sound = container.add_stream('aac', rate=sample_rate, layout='mono')
-    sound.bit_rate = 96_000
-    for i, image in enumerate(frames):
-      frame = av.VideoFrame.from_ndarray(image, format='rgb24')
-      frame.pts = i
-      container.mux(video.encode(frame))
-    container.mux(video.encode())
-    for start in range(0, len(audio), 1024):  # AAC's frame size
-      frame = av.AudioFrame.from_ndarray(
-        audio[None, start : start + 1024], format='fltp', layout='mono'
-      )
-      frame.sample_rate, frame.pts = sample_rate, start
-      container.mux(sound.encode(frame))
-    container.mux(sound.encode())
-  os.replace(tmp, path)
-
-
-def _make_video(job: tuple[str, dict, int, int]) -> None:
-  path, video, size, sample_rate = job
-  num_samples = int(round(video['duration'] * sample_rate))
-  audio = synthesize_audio(video.get('audio_source', video), sample_rate, num_samples)
-  _encode(path, render_frames(video, size), audio, video['fps'], sample_rate)
 
 
 def _noise_counts(rows: list[dict]) -> dict[str, int]:
@@ -511,7 +344,7 @@ def _manifests(planned: dict, tags: bool) -> dict[str, str]:
             'start': seg['start'],
             'end': seg['end'],
             'text': seg['caption'],
-            **(_tags(seg['digit'], seg['direction']) if tags else {}),
+            **(caption_tags(seg['digit'], seg['direction']) if tags else {}),
           }
         ],
         'label': seg['digit'],
@@ -521,110 +354,6 @@ def _manifests(planned: dict, tags: bool) -> dict[str, str]:
     ]
     texts[f'retrieval_{split}.jsonl'] = ''.join(json.dumps(p) + '\n' for p in pairs)
   return texts
-
-
-def _mcq_clip(video: dict, segment: dict, tags: bool) -> dict:
-  """A segment as an EgoMCQ clip: EgoClip's fields, tags as its "[i, …]" strings."""
-  clip = dict(
-    video_uid=video['media'],
-    video_dur=video['duration'],
-    clip_start=segment['start'],
-    clip_end=segment['end'],
-    clip_text=segment['caption'],
-  )
-  if tags:
-    classes = _tags(segment['digit'], segment['direction'])
-    clip.update(tag_noun=str(classes['nouns']), tag_verb=str(classes['verbs']))
-  return clip
-
-
-def egomcq_questions(videos: list[dict], *, seed: int, split: str, tags: bool = True) -> dict:
-  """EgoMCQ-format questions (module docstring) about the planned `videos` of `split` (plan()'s
-  render specs), drawn from their own stream of (seed, split): {"0": question, …}.
-
-  Raises ValueError naming the flags when the split has too few videos for inter-video questions
-  (one per choice).
-  """
-  rng = np.random.default_rng([seed, SPLITS.index(split), 2000])
-  questions = {}
-
-  def ask(kind: int, video: dict, segment: dict, others: list[tuple[dict, dict]]):
-    clips = [(video, segment), *others]
-    order = rng.permutation(len(clips))  # choice i shows clips[order[i]]
-    questions[str(len(questions))] = dict(
-      query=_mcq_clip(video, segment, tags),
-      choices={str(i): _mcq_clip(*clips[j], tags) for i, j in enumerate(order.tolist())},
-      answer=int(np.flatnonzero(order == 0)[0]),
-      types=kind,
-    )
-
-  for v, video in enumerate(videos):
-    for k, segment in enumerate(video['segments']):
-      # Inter-video: one segment of each of 4 other videos, none showing what the query says.
-      said = (segment['digit'], segment['direction'])
-      others = [
-        (o, [s for s in videos[o]['segments'] if (s['digit'], s['direction']) != said])
-        for o in range(len(videos))
-        if o != v
-      ]
-      others = [(o, candidates) for o, candidates in others if candidates]
-      if len(others) < MCQ_CHOICES - 1:
-        raise ValueError(
-          f'--egomcq_splits={split}: an inter-video question needs {MCQ_CHOICES} videos, and '
-          f'{video["id"]} has only {len(others)} others with a segment unlike its segment {k} '
-          f'(--num_{split}={len(videos)}, --segments)'
-        )
-      picked = rng.choice(len(others), MCQ_CHOICES - 1, replace=False)
-      distractors = []
-      for i in picked.tolist():
-        o, candidates = others[i]
-        distractors.append((videos[o], candidates[int(rng.integers(len(candidates)))]))
-      ask(1, video, segment, distractors)
-      # Intra-video: 4 other segments of the same video (its digits are distinct).
-      segments = video['segments']
-      if len(segments) >= MCQ_CHOICES:
-        rest = [j for j in range(len(segments)) if j != k]
-        picked = rng.choice(rest, MCQ_CHOICES - 1, replace=False)
-        ask(2, video, segment, [(video, segments[j]) for j in picked.tolist()])
-  return questions
-
-
-def caption_mc_questions(videos: list[dict], *, seed: int, split: str, kind: str) -> dict:
-  """Video-query multiple-choice questions of `kind` (MC_KINDS; module docstring) about the planned
-  `videos` of `split` (plan()'s render specs), one per segment in video and segment order, drawn
-  from their own stream of (seed, split, kind): {"0": question, …}.
-
-  The candidates are the segment's clean caption and its wording (_caption_form) with another
-  direction phrase ('direction': one candidate per direction) or another digit ('appearance': 4
-  other digits drawn without replacement), in random order; the answer is the clean caption.
-  """
-  if kind not in MC_KINDS:
-    raise ValueError(f'caption question kind must be one of {list(MC_KINDS)}, got {kind!r}')
-  rng = np.random.default_rng([seed, SPLITS.index(split), 3000 + list(MC_KINDS).index(kind)])
-  questions = {}
-  for video in videos:
-    for segment in video['segments']:
-      digit, direction, form = segment['digit'], segment['direction'], segment['caption_form']
-      if kind == 'direction':
-        candidates = [_caption_text(digit, d, form) for d in DIRECTIONS]
-        right = DIRECTIONS.index(direction)
-      else:
-        others = rng.choice([d for d in range(10) if d != digit], MC_KINDS[kind] - 1, replace=False)
-        candidates = [_caption_text(d, direction, form) for d in [digit, *others.tolist()]]
-        right = 0
-      order = rng.permutation(len(candidates))  # choice i is candidates[order[i]]
-      questions[str(len(questions))] = dict(
-        query=dict(
-          video_uid=video['media'],
-          video_dur=video['duration'],
-          clip_start=segment['start'],
-          clip_end=segment['end'],
-        ),
-        choices={str(i): dict(clip_text=candidates[j]) for i, j in enumerate(order.tolist())},
-        answer=int(np.flatnonzero(order == right)[0]),
-        types=kind,
-      )
-  return questions
 
 
 def _output_state(out: pathlib.Path, paths: list[pathlib.Path], info: dict) -> str:
@@ -824,10 +553,10 @@ def generate(
     # spawn, not fork: the caller may hold threads (JAX, TF) that a forked child would inherit.
     context = multiprocessing.get_context('spawn')
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      list(pool.map(_make_video, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+      list(pool.map(make_video, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
   else:
     for job in jobs:
-      _make_video(job)
+      make_video(job)
   # Manifests after the media, so none ever names a file that is not there yet.
   for name, text in texts.items():
     if not (out / name).exists():

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipelines import demo, ingest, schema, validate
+from data_pipelines import demo, demo_media, ingest, schema, validate
 from data_pipelines.manifest import read_manifest
 from tests.test_ingest import OPTIONS, RED, _write_jsonl, _write_video
 from vatt_jax import cli
@@ -327,7 +327,7 @@ def test_demo_rerun_leaves_a_finished_dataset_and_finishes_an_interrupted_one(
   tmp_path, monkeypatch
 ):
   # Interrupted after the first video (Ctrl-C): the marker tells the rerun the files are its own.
-  make_video = demo._make_video
+  make_video = demo_media.make_video
   made = []
 
   def interrupted(job):
@@ -336,10 +336,10 @@ def test_demo_rerun_leaves_a_finished_dataset_and_finishes_an_interrupted_one(
     made.append(job[0])
     make_video(job)
 
-  monkeypatch.setattr(demo, '_make_video', interrupted)
+  monkeypatch.setattr(demo, 'make_video', interrupted)
   with pytest.raises(KeyboardInterrupt):
     demo.generate(tmp_path, **TINY)
-  monkeypatch.setattr(demo, '_make_video', make_video)
+  monkeypatch.setattr(demo, 'make_video', make_video)
   assert sorted(_files(tmp_path)) == [demo.MARKER_NAME, 'media/train/train_00000.mp4']
   first = _files(tmp_path)['media/train/train_00000.mp4']
   summary = demo.generate(tmp_path, **TINY)  # the rerun writes only what is missing

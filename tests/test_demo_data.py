@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from data_pipelines import demo
+from data_pipelines import demo, demo_media, demo_questions, demo_vocab
 from data_pipelines.manifest import read_manifest
 from tests.conftest import ROOT
 
@@ -62,12 +62,12 @@ def _assert_chord(spectrum: np.ndarray, digit: int) -> None:
     return spectrum[f - 3 : f + 4].max()
 
   floor = np.median(spectrum[100:4000])
-  for f in demo.DIGIT_TONES[digit]:
+  for f in demo_media.DIGIT_TONES[digit]:
     assert level(f) > 30 * floor, (digit, f)
-  scores = [sum(level(f) for f in tones) for tones in demo.DIGIT_TONES]
+  scores = [sum(level(f) for f in tones) for tones in demo_media.DIGIT_TONES]
   assert int(np.argmax(scores)) == digit
   peak = 100 + int(np.argmax(spectrum[100:4000]))
-  assert min(abs(peak - f) for f in demo.DIGIT_TONES[digit]) <= 3
+  assert min(abs(peak - f) for f in demo_media.DIGIT_TONES[digit]) <= 3
 
 
 @pytest.fixture(scope='module')
@@ -79,7 +79,7 @@ def clean(tmp_path_factory):
 
 def test_media_are_h264_aac_mp4s(clean):
   root, _ = clean
-  for split in demo.SPLITS:
+  for split in demo_vocab.SPLITS:
     for row in _rows(root, f'{split}.jsonl'):
       media = _decode(root / row['media'])
       assert media['video_codec'] == 'h264' and media['pix_fmt'] == 'yuv420p'
@@ -96,7 +96,7 @@ def test_media_are_h264_aac_mp4s(clean):
 
 def test_manifests_and_captions(clean):
   root, summary = clean
-  for split in demo.SPLITS:
+  for split in demo_vocab.SPLITS:
     rows, pairs = _rows(root, f'{split}.jsonl'), _rows(root, f'retrieval_{split}.jsonl')
     assert len(rows) == TINY[split] == summary['splits'][split]['videos']
     assert len(pairs) == sum(len(r['segments']) for r in rows)
@@ -114,8 +114,8 @@ def test_manifests_and_captions(clean):
         assert (cap['start'], cap['end']) == (seg['start'], seg['end'])
         assert 1.7 < seg['end'] - seg['start'] < 2.3
         words = _words(cap['text'])
-        assert {demo.DIGIT_WORDS[seg['digit']], str(seg['digit'])} & words, cap['text']
-        others = {demo.DIGIT_WORDS[d] for d in range(10) if d != seg['digit']}
+        assert {demo_vocab.DIGIT_WORDS[seg['digit']], str(seg['digit'])} & words, cap['text']
+        others = {demo_vocab.DIGIT_WORDS[d] for d in range(10) if d != seg['digit']}
         assert not others & words
         direction = {'left': {'left', 'leftwards'}, 'right': {'right', 'rightwards'}}
         direction |= {'up': {'up', 'upwards', 'top'}, 'down': {'down', 'downwards', 'bottom'}}
@@ -166,7 +166,7 @@ def test_irrelevant_captions_and_audio_swap(tmp_path):
   summary = demo.generate(tmp_path, num_videos={'train': 3}, noise=noise, workers=1)
   rows = _rows(tmp_path, 'train.jsonl')
   by_media = {r['media']: r for r in rows}
-  names = set(demo.DIGIT_WORDS) | {str(d) for d in range(10)} | {'digit', 'number'}
+  names = set(demo_vocab.DIGIT_WORDS) | {str(d) for d in range(10)} | {'digit', 'number'}
   for row in rows:
     assert row['noise']['caption_irrelevant'] == list(range(len(row['captions'])))
     for caption in row['captions']:
@@ -209,7 +209,10 @@ def test_same_seed_same_data_and_other_seed_differs(clean, tmp_path):
   root, _ = clean
   again = tmp_path / 'again'
   demo.generate(again, num_videos=TINY, seed=0, workers=2)  # also: workers don't matter
-  for name in [f'{s}.jsonl' for s in demo.SPLITS] + ['retrieval_val.jsonl', 'dataset_info.json']:
+  for name in [f'{s}.jsonl' for s in demo_vocab.SPLITS] + [
+    'retrieval_val.jsonl',
+    'dataset_info.json',
+  ]:
     assert (root / name).read_bytes() == (again / name).read_bytes(), name
   for row in _rows(root, 'val.jsonl'):
     a, b = _decode(root / row['media']), _decode(again / row['media'])
@@ -292,36 +295,36 @@ def _project_tagger(taxonomy: dict, tmp_path: pathlib.Path):
 
 
 def test_taxonomy_tags_every_clean_caption_with_its_digit_and_direction(tmp_path):
-  taxonomy = demo.taxonomy()
-  assert list(taxonomy['nouns']) == list(demo.DIGIT_WORDS)
-  assert list(taxonomy['verbs']) == [f'move {d}' for d in demo.DIRECTIONS]
+  taxonomy = demo_vocab.taxonomy()
+  assert list(taxonomy['nouns']) == list(demo_vocab.DIGIT_WORDS)
+  assert list(taxonomy['verbs']) == [f'move {d}' for d in demo_vocab.DIRECTIONS]
   taggers = [lambda text: _tag(taxonomy, text)]
   project = _project_tagger(taxonomy, tmp_path)
   taggers += [project] if project else []
   checked = 0
-  for digit, word in enumerate(demo.DIGIT_WORDS):
-    for d, direction in enumerate(demo.DIRECTIONS):
-      for template in demo._TEMPLATES:  # every caption _caption can write
-        for phrase in demo._DIRECTION_PHRASES[direction]:
-          for verb, verbing in demo._VERBS:
+  for digit, word in enumerate(demo_vocab.DIGIT_WORDS):
+    for d, direction in enumerate(demo_vocab.DIRECTIONS):
+      for template in demo_vocab.TEMPLATES:  # every caption _caption can write
+        for phrase in demo_vocab.DIRECTION_PHRASES[direction]:
+          for verb, verbing in demo_vocab.VERBS:
             text = template.format(a='an' if digit == 8 else 'a', word=word, num=digit,
                                    verb=verb, verbing=verbing, dir=phrase)  # fmt: skip
             for tagger in taggers:
               assert tagger(text) == ([digit], [d]), text
             checked += 1
   assert checked == 10 * 4 * 6 * 3 * 4
-  for text in demo._IRRELEVANT:
+  for text in demo_vocab.IRRELEVANT:
     assert all(tagger(text) == ([], []) for tagger in taggers), text
 
 
 def test_caption_tags_are_the_classes_the_text_names():
   noise = demo.NoiseConfig(caption_swap=1.0, caption_irrelevant=0.3, caption_shift=0.5)
-  taxonomy = demo.taxonomy()
+  taxonomy = demo_vocab.taxonomy()
   clean_rows = demo.plan({'train': 12}, seed=4)['train'][1]
   for row in clean_rows:
     for caption, segment in zip(row['captions'], row['segments'], strict=True):
       assert caption['nouns'] == [segment['digit']]
-      assert caption['verbs'] == [demo.DIRECTIONS.index(segment['direction'])]
+      assert caption['verbs'] == [demo_vocab.DIRECTIONS.index(segment['direction'])]
   # Under noise the tags travel with the text (swapped) or vanish with it (irrelevant).
   rows = demo.plan({'train': 12}, seed=4, noise=noise)['train'][1]
   tags = [(c['nouns'], c['verbs']) for r in rows for c in r['captions']]
@@ -337,15 +340,15 @@ def test_caption_tags_are_the_classes_the_text_names():
 
 def test_written_taxonomy_and_tags(clean):
   root, summary = clean
-  assert json.loads((root / 'taxonomy.json').read_text()) == demo.taxonomy()
+  assert json.loads((root / 'taxonomy.json').read_text()) == demo_vocab.taxonomy()
   assert summary['taxonomy'] == dict(file='taxonomy.json', nouns=10, verbs=4)
   assert 'taxonomy.json' in (root / 'README.txt').read_text()
-  for split in demo.SPLITS:
+  for split in demo_vocab.SPLITS:
     for pair in _rows(root, f'retrieval_{split}.jsonl'):
       (caption,) = pair['captions']
       assert (caption['nouns'], caption['verbs']) == (
         [pair['digit']],
-        [demo.DIRECTIONS.index(pair['direction'])],
+        [demo_vocab.DIRECTIONS.index(pair['direction'])],
       )
     for row in _rows(root, f'{split}.jsonl'):
       assert all('nouns' in c and 'verbs' in c for c in row['captions'])
@@ -372,7 +375,7 @@ def _check_egomcq(questions: dict, videos: list[dict]) -> None:
       assert clip['clip_text'] == segment['caption']
       assert clip['video_dur'] == by_media[clip['video_uid']]['duration']
       assert clip['tag_noun'] == f'[{segment["digit"]}]'
-      assert clip['tag_verb'] == f'[{demo.DIRECTIONS.index(segment["direction"])}]'
+      assert clip['tag_verb'] == f'[{demo_vocab.DIRECTIONS.index(segment["direction"])}]'
       if i != q['answer']:  # one right answer: the others show something else
         assert (clip['tag_noun'], clip['tag_verb']) != said
 
@@ -381,15 +384,15 @@ def test_egomcq_questions_ask_about_every_segment(tmp_path):
   from vatt_jax.evaluation.mc_questions import read_questions
 
   videos = demo.plan({'test': 7}, seed=1, num_segments=(4, 6))['test'][0]
-  questions = demo.egomcq_questions(videos, seed=1, split='test')
+  questions = demo_questions.egomcq_questions(videos, seed=1, split='test')
   _check_egomcq(questions, videos)
   kinds = [q['types'] for q in questions.values()]
   assert kinds.count(1) == sum(len(v['segments']) for v in videos)
   assert kinds.count(2) == sum(len(v['segments']) for v in videos if len(v['segments']) >= 5)
   assert 0 < kinds.count(2) < kinds.count(1)  # the 4-segment videos ask no intra question
   assert len({q['answer'] for q in questions.values()}) == 5  # answers at every position
-  assert demo.egomcq_questions(videos, seed=1, split='test') == questions
-  assert demo.egomcq_questions(videos, seed=2, split='test') != questions
+  assert demo_questions.egomcq_questions(videos, seed=1, split='test') == questions
+  assert demo_questions.egomcq_questions(videos, seed=2, split='test') != questions
   # The evaluator reads the file as EgoMCQ's own.
   (tmp_path / 'egomcq.json').write_text(json.dumps(questions))
   loaded = read_questions(str(tmp_path / 'egomcq.json'))
@@ -397,7 +400,7 @@ def test_egomcq_questions_ask_about_every_segment(tmp_path):
     (q['answer'], q['types'], q['query']['clip_text']) for q in questions.values()
   ]
   with pytest.raises(ValueError, match='--egomcq_splits=test: an inter-video question needs 5'):
-    demo.egomcq_questions(videos[:4], seed=1, split='test')
+    demo_questions.egomcq_questions(videos[:4], seed=1, split='test')
 
 
 def test_script_writes_egomcq_questions_and_no_tags(tmp_path):
@@ -409,7 +412,7 @@ def test_script_writes_egomcq_questions_and_no_tags(tmp_path):
   )
   videos = demo.plan({'test': 5}, num_segments=(4, 5), tags=False)['test'][0]
   questions = json.loads((tmp_path / 'egomcq_test.json').read_text())
-  assert questions == demo.egomcq_questions(videos, seed=0, split='test', tags=False)
+  assert questions == demo_questions.egomcq_questions(videos, seed=0, split='test', tags=False)
   inter = sum(len(v['segments']) for v in videos)
   intra = sum(len(v['segments']) for v in videos if len(v['segments']) >= 5)
   assert f'egomcq_test.json: {inter} inter-video, {intra} intra-video questions' in done.stdout

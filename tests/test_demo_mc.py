@@ -15,7 +15,7 @@ import ml_collections
 import pytest
 
 from configs import common
-from data_pipelines import demo
+from data_pipelines import demo, demo_questions, demo_vocab
 from tests import toy_models
 from tests.conftest import ROOT
 from tests.test_pipeline import tokenizer_path  # noqa: F401 (a fixture)
@@ -66,7 +66,7 @@ def _segments(videos):
 
 @pytest.mark.parametrize('kind', ['direction', 'appearance'])
 def test_one_question_per_segment_with_one_right_caption(videos, kind):
-  questions = demo.caption_mc_questions(videos, seed=5, split='test', kind=kind)
+  questions = demo_questions.caption_mc_questions(videos, seed=5, split='test', kind=kind)
   segments = _segments(videos)
   assert list(questions) == [str(i) for i in range(len(segments))]
   choices = {'direction': 4, 'appearance': 5}[kind]
@@ -82,7 +82,7 @@ def test_one_question_per_segment_with_one_right_caption(videos, kind):
     parts = _differing_parts(captions)
     if kind == 'direction':
       said = [DIRECTION_PHRASES[p] for p in parts]
-      assert sorted(said) == sorted(demo.DIRECTIONS)  # one candidate per direction
+      assert sorted(said) == sorted(demo_vocab.DIRECTIONS)  # one candidate per direction
       assert said[question['answer']] == segment['direction']
     else:
       said = [_digit(p) for p in parts]
@@ -92,8 +92,8 @@ def test_one_question_per_segment_with_one_right_caption(videos, kind):
 
 
 def test_answers_and_candidates_are_spread_and_deterministic(videos):
-  direction = demo.caption_mc_questions(videos, seed=5, split='test', kind='direction')
-  appearance = demo.caption_mc_questions(videos, seed=5, split='test', kind='appearance')
+  direction = demo_questions.caption_mc_questions(videos, seed=5, split='test', kind='direction')
+  appearance = demo_questions.caption_mc_questions(videos, seed=5, split='test', kind='appearance')
   n = len(_segments(videos))
   assert n >= 30
   for questions, choices in ((direction, 4), (appearance, 5)):
@@ -108,16 +108,18 @@ def test_answers_and_candidates_are_spread_and_deterministic(videos):
   assert set(distractors) == set(range(10))
   # Wording varies across questions (templates, verbs, phrases).
   assert len({q['choices']['0']['clip_text'].split(' ')[0] for q in direction.values()}) >= 3
-  again = demo.caption_mc_questions(videos, seed=5, split='test', kind='direction')
+  again = demo_questions.caption_mc_questions(videos, seed=5, split='test', kind='direction')
   assert json.dumps(again) == json.dumps(direction)
-  assert demo.caption_mc_questions(videos, seed=6, split='test', kind='direction') != direction
+  assert (
+    demo_questions.caption_mc_questions(videos, seed=6, split='test', kind='direction') != direction
+  )
   with pytest.raises(ValueError, match="kind must be one of \\['direction', 'appearance'\\]"):
-    demo.caption_mc_questions(videos, seed=5, split='test', kind='colour')
+    demo_questions.caption_mc_questions(videos, seed=5, split='test', kind='colour')
 
 
 def test_the_evaluator_reads_them_as_video_queries(videos, tmp_path):
-  for kind in demo.MC_KINDS:
-    questions = demo.caption_mc_questions(videos, seed=5, split='test', kind=kind)
+  for kind in demo_questions.MC_KINDS:
+    questions = demo_questions.caption_mc_questions(videos, seed=5, split='test', kind=kind)
     path = tmp_path / f'{kind}.json'
     path.write_text(json.dumps(questions))
     loaded = mcq.read_questions(str(path))
@@ -136,11 +138,12 @@ def test_script_writes_the_question_sets_only_when_asked(tmp_path):
   )  # fmt: skip
   videos = demo.plan({'test': 2})['test'][0]
   n = len(_segments(videos))
-  for kind in demo.MC_KINDS:
+  for kind in demo_questions.MC_KINDS:
     written = (tmp_path / 'mc' / f'mc_{kind}_test.json').read_text()
     assert (
       written
-      == json.dumps(demo.caption_mc_questions(videos, seed=0, split='test', kind=kind)) + '\n'
+      == json.dumps(demo_questions.caption_mc_questions(videos, seed=0, split='test', kind=kind))
+      + '\n'
     )
   assert (
     f'mc_direction_test.json: {n} direction questions, mc_appearance_test.json: {n} appearance '
@@ -182,7 +185,7 @@ def test_the_demo_sets_are_answered_from_the_demo_shards(tmp_path, tokenizer_pat
   batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in model.example_batch(2).items()}
   variables = model.init(jax.random.key(0), batch)
   segments = sum(len(v['segments']) for v in demo.plan({'test': 2})['test'][0])
-  for kind, choices in demo.MC_KINDS.items():
+  for kind, choices in demo_questions.MC_KINDS.items():
     eval_cfg = dict(type='multiple_choice', questions=str(media / f'mc_{kind}_test.json'),
                     split='test', batch_size=4)  # fmt: skip
     evaluator = build_evaluator(ml_collections.ConfigDict(eval_cfg), config, model)
