@@ -25,94 +25,39 @@ turns each record's label list into a multi-hot float32 [num_classes] "label" (o
 label, or −1); `split_folders` maps a split name to its folder under `path` (e.g. train →
 segments_train).
 
-EgoVLP / SViTT-Ego options (config.data; docs/DATA.md):
-  num_nouns, num_verbs (0: off): the batch carries `noun` [B, num_nouns] and `verb` [B, num_verbs]
-    float32 multi-hots of the chosen caption's class tags (the first narration when K > 1). A
-    record with a class index >= num_* is data that disagrees with the config: skipped and
-    counted (noun_out_of_range / verb_out_of_range), or fatal with on_bad_input='fatal'. When the
-    shards' folder holds the converter's taxonomy.json, a config whose sizes differ is refused.
-  caption_clips (False): a clip is anchored on ONE caption, drawn uniformly among the record's
-    non-empty captions (records without one: skipped, counted as no_captions): T frames spread over
-    the caption's [start, end], one at a random point of each of T equal segments in training, at
-    the segment centres in evaluation (EgoVLP's 'rand' / 'uniform'), whatever data.fps says; then
-    the usual crop, flip and jitter. Text: that caption first, then (K > 1) the captions nearest
-    it in time order. Evaluation gives one such clip per record (data.eval_clips is not used) in
-    data.eval_crops crops. Audio is not cut over caption spans: refused with 'audio' in
-    data.modalities.
-  scene_negative_window (0: off; EgoVLP: 60 s; needs caption_clips; training only): the batch also
-    carries the clip of another caption j of the same record whose time ((start + end) / 2, close to
-    EgoClip's narration_time) lies within ±window of the chosen caption's, j drawn uniformly among
-    those: neg_video [B, T, S, S, 3], neg_text [B, K, W], neg_noun / neg_verb, neg_mask [B] float32
-    (0, with zeros in the other neg_ fields, where the record has no such caption). As in
-    vatt_jax.losses.egonce.scene_negative_index.
-Every draw is a stateless function of (seed, element index), like the rest of this pipeline.
+EgoVLP / SViTT-Ego options (num_nouns, num_verbs, caption_clips, scene_negative_window):
+data_pipelines/caption_clips.py.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import glob
-import json
 import os
-import struct
 import threading
 import weakref
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from data_pipelines import audio as audio_ops
 from data_pipelines import labels as labels_ops
-from data_pipelines import options, schema, taxonomy
+from data_pipelines import options, schema
 from data_pipelines import text as text_ops
 from data_pipelines import video as video_ops
+from data_pipelines.caption_clips import (
+  NOUN_OUT_OF_RANGE,
+  REJECT_REASONS,
+  VERB_OUT_OF_RANGE,
+  CaptionClips,
+)
+from data_pipelines.shards import ShardReader, shard_files
 from vatt_jax.cli import UserError
 
 tf.config.set_visible_devices([], 'GPU')  # TensorFlow never takes an accelerator from JAX
 
 MODALITIES = ('video', 'audio', 'text')
-# Why _process rejects an element (its '_reject' code), as named in `counts`; 0 keeps it.
-REJECT_REASONS = {1: 'noun_out_of_range', 2: 'verb_out_of_range', 3: 'no_captions'}
-_NOUN_OUT_OF_RANGE, _VERB_OUT_OF_RANGE, _NO_CAPTIONS = 1, 2, 3
-
-
-class NoShardsError(UserError, FileNotFoundError):
-  """A split's folder holds no shard file."""
-
-
-def shard_files(path: str, split: str, process_index: int, process_count: int) -> list[str]:
-  """This host's shards: every process_count-th file of `{path}/{split}/*.tfrecord`."""
-  if not path:
-    raise UserError(
-      'config data.path is empty: set --config.data.path=DIR, a folder of {split}/*.tfrecord '
-      'shards made by scripts/prepare_data.py'
-    )
-  directory = os.path.join(path, split)
-  files = sorted(glob.glob(os.path.join(directory, '*.tfrecord')))
-  if not files:
-    raise NoShardsError(
-      f'split {split!r}: no shards in {directory} (no *.tfrecord file; config data.path={path} '
-      f'must hold a {split}/ folder made by scripts/prepare_data.py)'
-    )
-  mine = files[process_index::process_count]
-  if not mine:
-    raise UserError(f'{len(files)} shards in {directory} cannot feed {process_count} hosts')
-  return mine
-
-
-def done_counts(path: str) -> dict | None:
-  """The converter's counts stored beside a shard (`shard-….done.json`, data_pipelines/ingest.py:
-  written, with_video, with_audio, with_captions, rows, skipped, schema_version, options), or None
-  when there are none (shards made another way)."""
-  try:
-    with open(path[: -len('.tfrecord')] + '.done.json', encoding='utf-8') as f:
-      counts = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return counts if isinstance(counts, dict) else None
 
 
 # Sources still open at exit are closed while Python is alive: TensorFlow cannot finalize an iterator
@@ -121,29 +66,7 @@ _OPEN_SOURCES = weakref.WeakSet()
 atexit.register(lambda: [source.close() for source in list(_OPEN_SOURCES)])
 
 
-def framing(path: str) -> tuple[int, int | None]:
-  """(complete records, byte offset where the file ends mid-record or None) of a TFRecord file.
-
-  TensorFlow's reader takes a cut-off last record for the end of the file; walking the length
-  headers (8-byte length, 4-byte CRC, data, 4-byte CRC) finds the cut with one seek per record.
-  """
-  size = os.path.getsize(path)
-  offset = records = 0
-  with open(path, 'rb') as f:
-    while offset < size:
-      header = f.read(12)
-      if len(header) < 12:
-        return records, offset
-      (length,) = struct.unpack('<Q', header[:8])
-      if offset + 12 + length + 4 > size:
-        return records, offset
-      offset += 12 + length + 4
-      records += 1
-      f.seek(offset)
-  return records, None
-
-
-class ShardSource:
+class ShardSource(ShardReader, CaptionClips):
   """Iterator of numpy batch dicts read from record shards; see the module docstring.
 
   Train batch: video [B, T, S, S, 3] f32 in [-1, 1], audio [B, N] f32, text [B, K, W] int32,
@@ -262,27 +185,6 @@ class ShardSource:
       self.min_captions = max(self.min_captions, 1)
     self._may_reject = bool(self.num_nouns or self.num_verbs or self.caption_clips)
 
-  def _check_taxonomy(self) -> None:
-    """Refuses num_nouns / num_verbs that differ from the sizes of the taxonomy the converter
-    copied beside the shards (scripts/prepare_data.py --taxonomy), when there is one."""
-    if not (self.num_nouns or self.num_verbs):
-      return
-    shard_dir = os.path.dirname(self.files[0])
-    stored = taxonomy.stored_taxonomy(shard_dir)
-    if stored is None:
-      return
-    where = os.path.join(shard_dir, taxonomy.TAXONOMY_FILENAME)
-    for name, wanted, found in (
-      ('num_nouns', self.num_nouns, stored.num_nouns),
-      ('num_verbs', self.num_verbs, stored.num_verbs),
-    ):
-      if wanted and wanted != found:
-        kind = name[len('num_') :]
-        raise UserError(
-          f'{self.where}: its taxonomy {where} has {found} {kind}, config data.{name}={wanted}: '
-          f'set --config.data.{name}={found} or convert with the taxonomy the config expects'
-        )
-
   def _load_tokenizer(self) -> None:
     cfg = self.cfg
     self.tokenizer = text_ops.Tokenizer(options.tokenizer_path(cfg))
@@ -290,117 +192,6 @@ class ShardSource:
       raise ValueError(
         f'tokenizer {self.tokenizer.model_path} has {self.tokenizer.vocab_size} pieces, more than the '
         f'model vocabulary (config model.text.vocab_size={cfg.vocab_size})'
-      )
-
-  # ---- shards against the config, before anything is read -----------------------------------
-  def _check_shards(self) -> None:
-    """Fails now, naming the split, on shards this config cannot use: a training stream repeats
-    forever and would otherwise wait for its first batch without end (no record, none with what
-    the model reads), or train on masked audio (another sample rate). Reads the converter's
-    counts beside the shards when every shard has them, and the first records of a few shards."""
-    stored = [done_counts(path) for path in self.files]
-    rate_checked = False
-    if all(stored):
-      rate_checked = self._check_counts(stored)
-    if all(os.path.getsize(path) == 0 for path in self.files):
-      raise UserError(f'{self.where}: no record in its {len(self.files)} shards (all empty files)')
-    self._check_first_records(check_rate='audio' in self.modalities and not rate_checked)
-
-  def _check_counts(self, stored: list[dict]) -> bool:
-    """Checks the converter's per-shard counts; True when they told the audio sample rate."""
-
-    def total(key):
-      return sum(int(counts.get(key) or 0) for counts in stored)
-
-    versions = {int(counts.get('schema_version', 1)) for counts in stored}
-    if versions - {schema.SCHEMA_VERSION}:
-      raise UserError(
-        f'{self.where}: shards hold records of format version '
-        f'{min(versions - {schema.SCHEMA_VERSION})}, this code reads version '
-        f'{schema.SCHEMA_VERSION}: convert the media again with scripts/prepare_data.py'
-      )
-    records = total('written')
-    if records == 0:
-      raise UserError(
-        f'{self.where}: no record in its {len(self.files)} shards (the converter skipped all '
-        f'{total("rows")} rows of the manifest; its report.jsonl says why)'
-      )
-    missing = []
-    if 'video' in self.modalities and 'with_video' in stored[0] and not total('with_video'):
-      missing.append(('without video frames', 'the model reads video'))
-    if self.min_captions and 'with_captions' in stored[0] and not total('with_captions'):
-      missing.append(('without captions', self._captions_needed()))
-    if missing:
-      raise UserError(
-        f'{self.where}: no usable record in {records} records ('
-        + ', '.join(f'{records} {what}' for what, _ in missing)
-        + '); '
-        + '; '.join(why for _, why in missing)
-      )
-    if 'audio' not in self.modalities:
-      return True
-    rates = [
-      (counts.get('options') or {}).get('sample_rate') if counts.get('with_audio') else 0
-      for counts in stored
-    ]
-    if any(rate is None for rate in rates):
-      return False
-    for rate in rates:
-      self._check_rate(int(rate))
-    return True
-
-  def _check_rate(self, rate: int) -> None:
-    """`rate`: the Hz a shard stores its audio at (0: a record without audio, which is masked)."""
-    cfg = self.cfg
-    if rate in (0, cfg.sample_rate):
-      return
-    also = ''
-    if 'video' in self.modalities:
-      samples = round(self.clip_seconds * rate)
-      also = f' (and num_samples={samples} for the same {self.clip_seconds:g} s clips)'
-    raise UserError(
-      f'shards of {self.where} store audio at {rate} Hz, config data.sample_rate='
-      f'{cfg.sample_rate}: set --config.data.sample_rate={rate}{also} or convert the media again '
-      f'with scripts/prepare_data.py --sample_rate={cfg.sample_rate}'
-    )
-
-  def _check_first_records(self, check_rate: bool) -> None:
-    """The format version of the first record, and (check_rate) the sample rate of the first
-    record with audio among the first 4 records of the first 4 shards."""
-    errors, version_checked = [], False
-    for path in self.files[:4]:
-      record = None
-      try:
-        for record in tf.data.TFRecordDataset(path).take(4 if check_rate else 1):
-          ex = schema.parse(record)
-          if not version_checked:
-            version = int(ex['version'])
-            if version != schema.SCHEMA_VERSION:
-              raise UserError(
-                f'{self.where}: {os.path.basename(path)} holds records of format version '
-                f'{version}, this code reads version {schema.SCHEMA_VERSION}: convert the media '
-                'again with scripts/prepare_data.py'
-              )
-            version_checked = True
-          if check_rate and int(ex['sample_rate']) > 0:
-            self._check_rate(int(ex['sample_rate']))
-            check_rate = False
-          if not check_rate:
-            return
-      except tf.errors.OpError as e:  # unreadable or not our records; a damaged shard may follow
-        stored = None if record is None else schema.record_version(record.numpy())
-        if stored is not None and stored[0] != schema.SCHEMA_VERSION:
-          raise UserError(
-            f'{self.where}: {os.path.basename(path)} holds records of format version '
-            f'{stored[0]}, this code reads version {schema.SCHEMA_VERSION}: convert the media '
-            'again with scripts/prepare_data.py'
-          ) from None
-        errors.append(f'{os.path.basename(path)}: {e.message.strip().splitlines()[0][:200]}')
-    if errors and not version_checked:
-      raise UserError(
-        f'{self.where}: no readable vatt-jax record at the start of the first shards (made by '
-        f'another tool, or a format older than version {schema.SCHEMA_VERSION}? '
-        'scripts/prepare_data.py makes them): ' + '; '.join(errors)
       )
 
   def _captions_needed(self) -> str:
@@ -416,95 +207,6 @@ class ShardSource:
   def set_state(self, state: dict) -> None:
     self._position = int(state['position'])
     self._iterator = None
-
-  # ---- the stream ---------------------------------------------------------------------------
-  def _records(self) -> tf.data.Dataset:
-    """Serialized records, round-robin over `cycle_length` open shards; forever in training.
-
-    Read in the graph (TFRecordDataset checks every CRC). A shard that ends early, at a corrupted
-    record or cut off mid-record, keeps the records before the damage; when each shard has been
-    read, `_end_of_shard` compares the count with the file's framing and reports the damage.
-    """
-    files = tf.data.Dataset.from_tensor_slices(self.files)
-    if self.train:  # a new shard order every epoch, the same for the same seed
-      files = files.shuffle(len(self.files), seed=self.seed, reshuffle_each_iteration=True)
-      files = files.repeat()
-      # Ends the endless stream when it can yield nothing (asked once per shard opened).
-      files = files.take_while(lambda path: tf.py_function(self._keep_reading, [], tf.bool))
-
-    def read(path):
-      records = tf.data.TFRecordDataset(path, buffer_size=4 << 20)
-      if self.cfg.on_bad_input == 'skip':
-        records = records.ignore_errors()  # the shard ends at a corrupted record
-      marker = tf.data.Dataset.from_tensors(('', True))
-      records = records.map(lambda r: (r, False)).concatenate(marker)
-      # (record, is the end marker, records read before it)
-      return records.scan(tf.constant(0, tf.int64), lambda n, x: (n + 1, (x[0], x[1], n))).filter(
-        lambda record, end, n: tf.cond(
-          end,
-          lambda: tf.py_function(self._end_of_shard, [path, n], tf.bool),
-          lambda: tf.constant(True),
-        )
-      )
-
-    records = files.interleave(
-      read,
-      cycle_length=self.cfg.cycle_length,
-      block_length=1,
-      num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=True,
-    )
-    return records.map(lambda record, end, n: record)
-
-  def _end_of_shard(self, path, read) -> bool:
-    """Runs once per shard read (the end marker): counts it, checks its framing; always False."""
-    path, read = path.numpy().decode(), int(read)
-    with self._lock:
-      self._records_read += read
-      self._shard_records[path] = read
-    complete, cut = framing(path)
-    if cut is not None:
-      self._bad_shard(path, f'truncated at byte {cut}; the {read} complete records were read')
-    elif read < complete:
-      self._bad_shard(
-        path, f'corrupted record {read} of {complete}; the {read} before it were read'
-      )
-    return False
-
-  def _keep_reading(self) -> bool:
-    """Whether the endless training stream may open another shard: False once it has read its
-    way past any usable record (_hopeless); the stream then ends and __next__ says why."""
-    with self._lock:
-      return not self._hopeless()
-
-  def _hopeless(self) -> bool:
-    """Whether no record read can come out of _process (lock held).
-
-    Once every shard has been read, an epoch is known to hold R records; if 3·R + shuffle_buffer
-    + 256 records (past the restored position) were read since an element last came out of
-    _process (`_passed`), none will: the stream would spin for ever. A valid stream pays a
-    variable increment per element and a few integer compares per shard opened."""
-    if len(self._shard_records) < len(self.files):
-      return False
-    records = sum(self._shard_records.values())
-    passed = int(self._passed.numpy())
-    if passed != self._progress[0]:
-      self._progress = (passed, self._records_read)
-      return False
-    slack = 3 * records + self.cfg.shuffle_buffer + 256
-    return records == 0 or self._records_read - self._progress[1] >= slack
-
-  def _bad_shard(self, path: str, what: str) -> None:
-    if path not in self._bad_shards:  # once per shard, not once per epoch
-      self._bad_shards.add(path)
-      logging.warning('shard %s: %s', path, what)
-    self.counts['corrupt_shards'] = len(self._bad_shards)
-    if self.cfg.on_bad_input == 'fatal':
-      self._stop = UserError(
-        f'{self.where}: corrupted shard {os.path.basename(path)}: {what} '
-        '(config data.on_bad_input=fatal)'
-      )
-      raise self._stop
 
   def _process(self, index, serialized):
     cfg = self.cfg
@@ -540,25 +242,6 @@ class ShardSource:
       out['media_id'] = ex['media_id']
     return out
 
-  def _rejection(self, ex):
-    """'_reject' (a REJECT_REASONS code, 0: keep) and '_reject_value' (the class index past the
-    config, or −1) of a record: a tag class past data.num_nouns / num_verbs on any caption, or
-    (caption_clips) no non-empty caption to anchor a clip on. Checked in that order."""
-    reject, value = tf.constant(0), tf.constant(-1, tf.int64)
-    checks = []
-    if self.num_nouns:
-      checks.append((_NOUN_OUT_OF_RANGE, ex['caption_noun'], self.num_nouns))
-    if self.num_verbs:
-      checks.append((_VERB_OUT_OF_RANGE, ex['caption_verb'], self.num_verbs))
-    if self.caption_clips:
-      nonempty = tf.strings.length(tf.strings.strip(ex['captions'])) > 0
-      reject = tf.where(tf.reduce_any(nonempty), reject, _NO_CAPTIONS)
-    for code, tags, limit in reversed(checks):  # the first check that fails names the reason
-      largest = tf.reduce_max(tf.concat([tf.reshape(tags, [-1]), tf.constant([-1], tf.int64)], 0))
-      reject = tf.where(largest >= limit, code, reject)
-      value = tf.where(largest >= limit, largest, value)
-    return {'_reject': reject, '_reject_value': value, '_media_id': ex['media_id']}
-
   def _captions(self, ex):
     """The record's non-empty captions, in stored order: ({captions [n], caption_start [n],
     caption_end [n], caption_noun [n, L], caption_verb [n, L]}, n, nonempty [C] bool), with one
@@ -581,20 +264,6 @@ class ShardSource:
       }
 
     return tf.cond(count > 0, lambda: found, placeholder), count, nonempty
-
-  def _tags(self, caps, chosen, present, prefix: str = ''):
-    """noun [num_nouns] / verb [num_verbs] f32 multi-hots of caption `chosen` (zeros unless
-    `present`), for the sizes that are > 0."""
-    out = {}
-    for key, size in (('noun', self.num_nouns), ('verb', self.num_verbs)):
-      if size:
-        row = caps[f'caption_{key}'][chosen]
-        # Records with a class past `size` are rejected (_rejection); clipped here only so that
-        # one_hot never sees them.
-        hot = tf.one_hot(tf.boolean_mask(row, (row >= 0) & (row < size)), size, dtype=tf.float32)
-        hot = tf.reduce_max(tf.concat([hot, tf.zeros([1, size])], 0), axis=0)
-        out[prefix + key] = hot * tf.cast(present, tf.float32)
-    return out
 
   def _label(self, labels):
     """The record's label list → its first label (−1: none), or multi-hot [num_classes]."""
@@ -687,108 +356,6 @@ class ShardSource:
       out['_empty_captions'] = tf.reduce_sum(tf.cast(~nonempty, tf.int32))
     return out
 
-  # ---- caption-anchored clips and scene negatives (data.caption_clips) ----------------------
-  def _caption_clip(self, ex, seeds):
-    """The fields of a clip anchored on one caption, drawn uniformly (module docstring), and of
-    its scene negative (training, data.scene_negative_window > 0)."""
-    caps, count, nonempty = self._captions(ex)
-    present = count > 0  # records without a caption are rejected (_rejection)
-    # seeds[0] (the clip start's outside this mode) is split for this mode's draws; seeds[1]
-    # augments the clip as in the other mode. Not stateless_fold_in: its seeds [u, 1], [u, 2], …
-    # differ only in the counter word, and Philox's first draws from them are correlated.
-    choice, offsets, negative_choice, negative_offsets, negative_augment = tf.unstack(
-      tf.random.experimental.stateless_split(seeds[0], 5), num=5
-    )
-    chosen = tf.random.stateless_uniform([], choice, 0, tf.maximum(count, 1), dtype=tf.int32)
-    out = self._anchored(ex, caps, count, chosen, offsets, seeds[1], present)
-    out['_empty_captions'] = tf.reduce_sum(tf.cast(~nonempty, tf.int32))
-    if self.train and self.scene_negative_window > 0:
-      other, has_other = self._scene_negative(caps, count, chosen, negative_choice)
-      negative = self._anchored(
-        ex, caps, count, other, negative_offsets, negative_augment, has_other, prefix='neg_'
-      )
-      for key in ('text_mask', 'video_mask'):
-        negative.pop('neg_' + key, None)
-      out.update(negative)
-      out['neg_mask'] = tf.cast(has_other, tf.float32)
-    return out
-
-  def _anchored(self, ex, caps, count, chosen, offset_seed, augment_seed, present, prefix=''):
-    """video (train [T, S, S, 3], eval [c, T, S, S, 3]) over caption `chosen`'s span, its text
-    [K] (the caption, then the captions nearest it in time order) and tags; zeros and '' unless
-    `present` (the video is then not decoded)."""
-    cfg = self.cfg
-    out = self._tags(caps, chosen, present, prefix)
-    if 'video' in self.modalities:
-      crops = 1 if self.train else self.eval_crops
-      shape = [cfg.num_frames, cfg.frame_size, cfg.frame_size, 3]
-      shape = shape if self.train else [crops, *shape]
-      start, end = caps['caption_start'][chosen], caps['caption_end'][chosen]
-      out[prefix + 'video'] = tf.cond(
-        present,
-        lambda: self._span_clip(ex, start, end, offset_seed, augment_seed),
-        lambda: tf.zeros(shape, tf.float32),
-      )
-      out[prefix + 'video_mask'] = tf.ones([], tf.float32)
-    if 'text' in self.modalities:
-      text = tf.gather(caps['captions'], self._nearest_captions(caps, count, chosen))
-      out[prefix + 'text'] = tf.where(present, text, '')
-      out[prefix + 'text_mask'] = tf.cast(present, tf.float32)
-    return out
-
-  def _nearest_captions(self, caps, count, chosen):
-    """[K] caption indices: `chosen`, then the others nearest it in time order (start times;
-    the earlier first on a tie), `chosen` repeated when there are fewer than K."""
-    order = tf.argsort(caps['caption_start'], stable=True)  # time position → caption
-    position = tf.argmax(tf.cast(tf.equal(order, chosen), tf.int32), output_type=tf.int32)
-    positions = tf.range(tf.shape(order)[0])
-    key = 2 * tf.abs(positions - position) - tf.cast(positions < position, tf.int32)
-    nearest = tf.argsort(key, stable=True)  # nearest[0] is `position` (key 0)
-    k = tf.range(self.cfg.num_narrations)
-    return tf.gather(order, tf.gather(nearest, tf.where(k < count, k, 0)))
-
-  def _span_clip(self, ex, start, end, offset_seed, augment_seed):
-    """T frames over [start, end] s: frame k at a random point (train) or the centre (eval) of the
-    k-th of T equal segments, shown as stored at that time; then augmented (train) or the
-    data.eval_crops crops (eval, [c, T, S, S, 3])."""
-    cfg = self.cfg
-    num_stored = tf.shape(ex['frames'])[0]
-    # A record without frames fails here: dropped and counted, as _video does.
-    tf.debugging.assert_greater(num_stored, 0, message='record without frames')
-    start = tf.clip_by_value(start, 0.0, ex['duration'])
-    length = tf.maximum(tf.clip_by_value(end, 0.0, ex['duration']) - start, 0.0)
-    if self.train:
-      within = tf.random.stateless_uniform([cfg.num_frames], offset_seed)
-    else:
-      within = tf.fill([cfg.num_frames], 0.5)
-    segment = tf.range(cfg.num_frames, dtype=tf.float32)
-    times = start + (segment + within) * length / cfg.num_frames
-    index = tf.cast(tf.floor(times * ex['frame_rate']), tf.int32)
-    jpegs = tf.gather(ex['frames'], tf.clip_by_value(index, 0, num_stored - 1))
-    if self.train:
-      return video_ops.decode_clip(
-        jpegs, cfg.frame_size, augment_seed, train=True, area_range=cfg.crop_area_range,
-        aspect_range=cfg.crop_aspect_range, flip=self.random_flip,
-      )  # fmt: skip
-    windows = video_ops.eval_windows(tf.image.extract_jpeg_shape(jpegs[0]), self.eval_crops)
-    return tf.stack([
-      video_ops.decode_clip(jpegs, cfg.frame_size, augment_seed, train=False, window=windows[c])
-      for c in range(self.eval_crops)
-    ])  # fmt: skip
-
-  def _scene_negative(self, caps, count, chosen, seed):
-    """(j, whether there is one): another caption of the record whose time ((start + end) / 2)
-    lies within ±scene_negative_window of caption `chosen`'s, drawn uniformly among them."""
-    times = tf.cast(caps['caption_start'], tf.float64) + tf.cast(caps['caption_end'], tf.float64)
-    times = times / 2
-    others = tf.range(tf.shape(times)[0]) != chosen
-    near = others & (tf.abs(times - times[chosen]) <= self.scene_negative_window) & (count > 0)
-    candidates = tf.cast(tf.where(near)[:, 0], tf.int32)
-    num = tf.shape(candidates)[0]
-    pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(num, 1), dtype=tf.int32)
-    # Without a candidate: `chosen` itself as a placeholder, masked by the caller.
-    return tf.concat([candidates, [chosen]], 0)[pick], num > 0
-
   def _dataset(self) -> tf.data.Dataset:
     cfg = self.cfg
     ds = self._records()
@@ -835,9 +402,9 @@ class ShardSource:
     """Runs once per rejected element, as the filter reaches it; always False. A tag class past
     the config stops the stream with data.on_bad_input='fatal'."""
     reason, value = int(reason), int(value)
-    if self.cfg.on_bad_input == 'fatal' and reason in (_NOUN_OUT_OF_RANGE, _VERB_OUT_OF_RANGE):
+    if self.cfg.on_bad_input == 'fatal' and reason in (NOUN_OUT_OF_RANGE, VERB_OUT_OF_RANGE):
       kind, limit = (
-        ('noun', self.num_nouns) if reason == _NOUN_OUT_OF_RANGE else ('verb', self.num_verbs)
+        ('noun', self.num_nouns) if reason == NOUN_OUT_OF_RANGE else ('verb', self.num_verbs)
       )
       error = UserError(
         f'{self.where}: record {media_id.numpy().decode("utf-8", "replace")} has {kind} class '
@@ -923,68 +490,3 @@ class ShardSource:
     self.counts['audio_rate_mismatch'] += int(batch.pop('_audio_rate_mismatch').sum())
     self.counts['empty_captions'] += int(batch.pop('_empty_captions').sum())
     return batch
-
-  # ---- why a stream gave nothing ------------------------------------------------------------
-  def _no_usable_record(self) -> UserError:
-    """The error of a split none of whose records can be used: the records by reason (one pass
-    over the shards; only a stream that yielded nothing pays it)."""
-    records = sum(self._shard_records.values())
-    if records == 0:
-      damaged = len(self._bad_shards)
-      why = f'{damaged} corrupted or cut off: see the warnings above' if damaged else 'all empty'
-      return UserError(f'{self.where}: no readable record in its {len(self.files)} shards ({why})')
-    parsed, no_video, few_captions, tags_past = self._survey()
-    other = parsed - no_video - few_captions - tags_past
-    parts, needs = [], []
-    if records > parsed:
-      parts.append(f'{records - parsed} not vatt-jax records')
-      needs.append('scripts/prepare_data.py makes the records')
-    if no_video:
-      parts.append(f'{no_video} without video frames')
-      needs.append('the model reads video')
-    if few_captions:
-      parts.append(f'{few_captions} with fewer than {self.min_captions} non-empty captions')
-      needs.append(self._captions_needed())
-    if tags_past:
-      parts.append(
-        f'{tags_past} with noun / verb classes past data.num_nouns={self.num_nouns} / '
-        f'data.num_verbs={self.num_verbs}'
-      )
-      needs.append("the config's taxonomy sizes must cover the shards' tags")
-    if other:
-      parts.append(f'{other} that fail to decode')
-      needs.append(
-        f'scripts/validate_shards.py --input_dir={os.path.dirname(self.files[0])} --decode_all '
-        'names them'
-      )
-    return UserError(
-      f'{self.where}: no usable record in {records} records ({", ".join(parts)}); '
-      + '; '.join(needs)
-    )
-
-  def _survey(self) -> tuple[int, int, int, int]:
-    """(records that parse, of them without video frames when the model reads video, of the
-    others with fewer than min_captions non-empty captions, of the others with a noun / verb
-    class past data.num_nouns / num_verbs) over this host's shards."""
-
-    def reasons(serialized):
-      ex = schema.parse(serialized)
-      no_video = tf.size(ex['frames']) == 0 if 'video' in self.modalities else tf.constant(False)
-      nonempty = tf.strings.length(tf.strings.strip(ex['captions'])) > 0
-      few = tf.reduce_sum(tf.cast(nonempty, tf.int32)) < self.min_captions
-      past = tf.constant(False)
-      for key, limit in (('caption_noun', self.num_nouns), ('caption_verb', self.num_verbs)):
-        if limit:
-          past = past | tf.reduce_any(ex[key] >= limit)
-      fine = ~no_video & ~few
-      return tf.cast(tf.stack([True, no_video, ~no_video & few, fine & past]), tf.int64)
-
-    files = tf.data.Dataset.from_tensor_slices(self.files)
-    records = files.interleave(
-      lambda path: tf.data.TFRecordDataset(path).ignore_errors(),
-      cycle_length=4,
-      num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    counts = records.map(reasons, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    parsed, no_video, few, past = counts.reduce(tf.zeros([4], tf.int64), tf.add).numpy()
-    return int(parsed), int(no_video), int(few), int(past)

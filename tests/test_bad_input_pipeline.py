@@ -15,7 +15,8 @@ import tensorflow_datasets.testing.mocking  # noqa: F401 (at collection; see tes
 import data_pipelines
 from data_pipelines import ingest
 from data_pipelines.decode import Options
-from data_pipelines.pretrain import NoShardsError, ShardSource
+from data_pipelines.pretrain import ShardSource
+from data_pipelines.shards import NoShardsError
 from tests import test_long_video
 from tests.conftest import ROOT
 from tests.test_ingest import _write_wav

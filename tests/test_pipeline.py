@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from data_pipelines import schema
 from data_pipelines import text as text_ops
-from data_pipelines.pretrain import ShardSource, shard_files
+from data_pipelines.pretrain import ShardSource
+from data_pipelines.shards import shard_files
 
 FPS, SAMPLE_RATE, DURATION = 5.0, 8000, 4.0  # stored: 5 fps (resampled to 10), 8 kHz, 4 s
 WORDS = ['red', 'green', 'blue', 'cyan', 'pink', 'gold', 'gray', 'navy']

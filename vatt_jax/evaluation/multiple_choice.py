@@ -165,11 +165,11 @@ class MultipleChoiceEvaluator:
     and `query_text` [Q], video-query: `query_clip` [Q] and `choice_text` [Q, C], indices into
     them; `answer`, `types` [Q] and `type_names` (multiple_choice_accuracy's). Raises one
     ValueError for all questions that cannot be answered."""
-    from data_pipelines import pretrain  # (TensorFlow)
+    from data_pipelines import shards  # (TensorFlow)
 
     self.video_query = isinstance(self.questions[0], VideoQuestion)
     folder = dict(self.data.get('split_folders', {})).get(self.split, self.split)
-    self.files = pretrain.shard_files(self.data.path, folder, 0, 1)
+    self.files = shards.shard_files(self.data.path, folder, 0, 1)
     self.where = os.path.join(self.data.path, folder)
     videos = read_videos(self.files)
     asked = [(q.clip,) if self.video_query else q.choices for q in self.questions]

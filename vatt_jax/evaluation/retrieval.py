@@ -50,10 +50,10 @@ def read_captions(path: str, split: str) -> dict[str, list[str]]:
   """{media_id: [captions]} of the records under {path}/{split}/*.tfrecord (empty ones dropped)."""
   import tensorflow as tf
 
-  from data_pipelines import pretrain  # (TensorFlow)
+  from data_pipelines import shards  # (TensorFlow)
 
   out = {}
-  for shard in pretrain.shard_files(path, split, 0, 1):
+  for shard in shards.shard_files(path, split, 0, 1):
     for record in tf.data.TFRecordDataset(shard):
       ex = schema.parse(record)
       texts = [t.decode('utf-8', 'replace') for t in ex['captions'].numpy()]
