@@ -1,6 +1,6 @@
 r"""One benchmark for noisy correspondence: every method on the same data, budget, seeds and order.
 
-  python scripts/experiments/noisy_correspondence.py                 # the full grid (~7 h, 2 CPUs)
+  python scripts/experiments/noisy_correspondence.py                 # the full grid (< 4 h, 2 CPUs)
   python scripts/experiments/noisy_correspondence.py --quick         # caption swap, 0 / 60 %, 2 seeds
   python scripts/experiments/noisy_correspondence.py --only_report   # tables of what has finished
 
