@@ -16,7 +16,8 @@ import tensorflow as tf
 
 from data_pipelines import schema
 from data_pipelines.decode import _hide_gpus_from_tensorflow
-from data_pipelines.ingest import _error_text, old_format
+from data_pipelines.ingest import old_format
+from data_pipelines.ingest_shard import error_text
 
 _hide_gpus_from_tensorflow()
 
@@ -98,7 +99,7 @@ def inspect_shards(input_dir: str, decode_all: bool = False) -> dict:
         except (tf.errors.OpError, ValueError) as e:
           stored = schema.record_version(serialized.numpy())
           if stored is None or stored[0] == schema.SCHEMA_VERSION:
-            error = _error_text(e)
+            error = error_text(e)
             bad.append({'shard': name, 'index': index, 'media_id': None, 'error': error})
             continue
         version, media_id = stored
@@ -142,7 +143,7 @@ def inspect_shards(input_dir: str, decode_all: bool = False) -> dict:
           rate_hist[rate] = rate_hist.get(rate, 0) + 1
     except tf.errors.OpError as e:  # DataLossError: truncated or corrupted file
       unreadable.append(
-        {'shard': name, 'records_read': index + 1, 'error': _error_text(e).splitlines()[0]}
+        {'shard': name, 'records_read': index + 1, 'error': error_text(e).splitlines()[0]}
       )
   total = float(sum(durations))
   return {

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipelines import demo, demo_media, ingest, schema, validate
+from data_pipelines import demo, demo_media, ingest, ingest_shard, schema, validate
 from data_pipelines.manifest import read_manifest
 from tests.test_ingest import OPTIONS, RED, _write_jsonl, _write_video
 from vatt_jax import cli
@@ -222,7 +222,7 @@ def test_full_disk_is_one_line_and_does_not_mark_the_file(
       if where == 'record':
         m.setattr(tf.io, 'TFRecordWriter', _FullWriter)
       else:
-        m.setattr(ingest, 'open', _FullDisk(path + '.tmp'), raising=False)
+        m.setattr(ingest_shard, 'open', _FullDisk(path + '.tmp'), raising=False)
       line = _one_line(lambda argv: _convert(manifest, out), monkeypatch, capsys)
     assert line == (
       f'error: no space left on the device: {out / path} (0 of 1 shards are finished and kept; '
@@ -252,9 +252,9 @@ def test_a_dead_workers_marker_counts_only_once_the_converter_confirmed_it(media
   assert 'died 2 times' in (tmp_path / 'report.jsonl').read_text()
   # _confirm_death marks a marker so, and returns the row it names.
   marker.write_text(json.dumps({'row': 1, 'worker_deaths': 0, 'in_pool': True}))
-  assert ingest._confirm_death(str(tmp_path), 0, 1) == 1
+  assert ingest_shard.confirm_death(str(tmp_path), 0, 1) == 1
   assert json.loads(marker.read_text())['confirmed'] is True
-  assert ingest._confirm_death(str(tmp_path / 'nowhere'), 0, 1) is None
+  assert ingest_shard.confirm_death(str(tmp_path / 'nowhere'), 0, 1) is None
 
 
 def test_failed_shards_end_in_one_line():
@@ -359,14 +359,14 @@ def test_demo_rerun_leaves_a_finished_dataset_and_finishes_an_interrupted_one(
 
 # ---- workers end with the converter --------------------------------------------------------------
 def test_watchdog_ends_a_worker_whose_parent_is_gone(monkeypatch):
-  monkeypatch.setattr(ingest.os, 'getppid', lambda: 1)
+  monkeypatch.setattr(ingest_shard.os, 'getppid', lambda: 1)
 
   def exit_(code):
     raise SystemExit(code)
 
-  monkeypatch.setattr(ingest.os, '_exit', exit_)
+  monkeypatch.setattr(ingest_shard.os, '_exit', exit_)
   with pytest.raises(SystemExit):
-    ingest._watch_parent(parent_pid=12345)
+    ingest_shard._watch_parent(parent_pid=12345)
 
 
 def _stat(pid: int) -> list[str] | None:
