@@ -131,3 +131,17 @@ def test_quick_setting_at_runlocal_size_runs_resumes_and_reports(tmp_path):
   assert summary.stat().st_mtime_ns == before
   again = json.loads((tmp_path / 'results.json').read_text())
   assert again['entries'] == results['entries']
+
+
+def test_a_run_stopped_by_a_signal_ends_the_grid_with_one_line_and_no_summary(
+  tmp_path, monkeypatch
+):
+  grid = nc.Grid(('caption_swap',), (0.0,), ('baseline',), (0,), runlocal=True)
+  total = nc.run_config(grid, str(tmp_path), 0, 'clean', 'baseline').total_steps
+  # What trainer.train returns when SIGTERM arrived at step 3: the records it logged.
+  monkeypatch.setattr(nc.trainer, 'train', lambda config, workdir: [{'step': 1}, {'step': 3}])
+  with pytest.raises(SystemExit, match=rf'stopped by a signal at step 3 of {total} in .*rerun'):
+    nc.train(grid, str(tmp_path), 0, 'clean', 'baseline')
+  assert not os.path.exists(
+    os.path.join(nc.run_dir(str(tmp_path), 0, 'clean', 'baseline'), 'summary.json')
+  )

@@ -256,7 +256,13 @@ def train(grid: Grid, workdir: str, seed: int, name: str, method: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  trainer.train(run_config(grid, workdir, seed, name, method), run)
+  config = run_config(grid, workdir, seed, name, method)
+  steps = [r['step'] for r in trainer.train(config, run) if 'step' in r]
+  if steps and max(steps) < config.total_steps:  # SIGTERM / Ctrl-C: its checkpoint is saved
+    sys.exit(
+      f'stopped by a signal at step {max(steps)} of {config.total_steps} in {run} (checkpoint '
+      'saved): rerun the same command to resume'
+    )
   summary = summarise(run)
   with open(path + '.tmp', 'w') as f:
     json.dump(summary, f, indent=1)
