@@ -82,19 +82,23 @@ def test_entries_pair_each_method_with_the_baseline_of_its_seed_and_condition():
 
 def test_tables_and_plots_of_the_results(tmp_path):
   rng = np.random.default_rng(1)
-  grid = nc.Grid(('caption_swap',), (0.0, 0.6), ('baseline', 'gr', 'norton'), (0, 1, 2))
+  grid = nc.Grid(('caption_swap',), (0.0, 0.6), ('baseline', 'gr', 'cl', 'norton'), (0, 1, 2))
   found = {}
   for name in grid.conditions():
     for seed in grid.seeds:
       base = _summary(rng)
       base['conflict_fraction'] = 0.2
       found.setdefault((name, 'baseline'), {})[seed] = base
-      found.setdefault((name, 'gr'), {})[seed] = {k: v + 10 for k, v in base.items()}
+      # GR: 10, 10.5, 11 above the baseline (10.5 ± 4.30 · 0.5 / √3 = ± 1.2); CL: exactly 2 above
+      # on every seed, a difference without spread, which is not called.
+      found.setdefault((name, 'gr'), {})[seed] = {k: v + 10 + 0.5 * seed for k, v in base.items()}
+      found.setdefault((name, 'cl'), {})[seed] = {k: v + 2 for k, v in base.items()}
       found.setdefault((name, 'norton'), {})[seed] = _summary(rng)
   results = {'command': 'python x', 'setup': 'Setup.', 'entries': nc.entries(grid, found)}
   text = nc.markdown(grid, results)
   assert text.startswith('Command: `python x`')
-  assert '| GR | **+10.0 ± 0.0 ▲** | **+10.0 ± 0.0 ▲** |' in text
+  assert '| GR | **+10.5 ± 1.2 ▲** | **+10.5 ± 1.2 ▲** |' in text
+  assert '| CL | +2.0 ± 0.0 | +2.0 ± 0.0 |' in text
   assert '| method | clean | captions swapped 60 % |' in text
   assert '(n=3)' in text and 'Steps with conflicting gradients' in text
   paths = nc.plot(grid, results, str(tmp_path))

@@ -72,6 +72,20 @@ def test_the_call_needs_an_interval_that_excludes_zero(diffs, higher, expected):
   assert got['call'] == expected
 
 
+@pytest.mark.parametrize('n', [2, 3])
+def test_identical_differences_are_not_called_whatever_their_sign(n):
+  # Recalls over 96 items: every seed 1/96 below its baseline (differences equal to rounding).
+  base = [20 / 96 * 100, 31 / 96 * 100, 7 / 96 * 100][:n]
+  method = [b - 100 / 96 for b in base]
+  got = statistics.paired_difference(method, base)
+  assert got['call'] == 'no spread'
+  np.testing.assert_allclose(got['ci95'], [-100 / 96] * 2, atol=1e-9)  # the interval is reported
+  assert statistics.paired_difference([x + 1.0 for x in base], base)['call'] == 'no spread'
+  # The smallest real spread is called as usual.
+  method[0] -= 100 / 96
+  assert statistics.paired_difference(method, base)['call'] in ('worse', 'no difference')
+
+
 def test_an_interval_touching_zero_is_no_difference():
   assert statistics.call([0.0, 1.0]) == 'no difference'
   assert statistics.call([-1.0, 0.0]) == 'no difference'

@@ -6,6 +6,12 @@ sample standard deviation s (ddof 1). With one seed there is no interval (None).
 is the same interval over the per-seed differences `method − baseline`; `call` says 'better' or
 'worse' only when that interval excludes 0 (for metrics where lower is better, such as a median
 rank, 'better' means a negative difference), else 'no difference'.
+
+Identical differences on every seed (a zero sample deviation, to rounding) give an interval of
+zero width around them, which would call any nonzero difference. With metrics that move in steps
+(a recall over 96 items moves by 1.04 points) two or three seeds often differ by the same step
+by chance: such a difference is not called ('no spread'), whatever its sign. With three seeds a
+sign test could not call it either (all three of one sign: p = 0.25).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Sequence
 from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
+# Differences whose sample deviation is below this (relative to their mean) count as identical.
+SPREAD_TOLERANCE = 1e-9
 
 
 def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
@@ -41,13 +49,18 @@ def paired_difference(
 ) -> dict:
   """interval() of the per-seed differences values[i] − baseline[i] (the same seeds, in order),
   with 'values' (the differences) and 'call': 'better' / 'worse' when the interval excludes 0,
-  'no difference' when it holds 0, 'too few seeds' with one seed."""
+  'no difference' when it holds 0, 'too few seeds' with one seed, 'no spread' when the
+  differences are identical (module docstring)."""
   if len(values) != len(baseline):
     raise ValueError(f'paired difference of {len(values)} against {len(baseline)} values')
   diffs = [float(a) - float(b) for a, b in zip(values, baseline, strict=True)]
   result = interval(diffs, confidence)
   result['values'] = diffs
-  result['call'] = call(result['ci95'], higher_is_better)
+  spread = result['std']
+  if spread is not None and spread <= SPREAD_TOLERANCE * max(1.0, abs(result['mean'])):
+    result['call'] = 'no spread'
+  else:
+    result['call'] = call(result['ci95'], higher_is_better)
   return result
 
 
