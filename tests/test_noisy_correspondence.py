@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -149,3 +150,35 @@ def test_a_run_stopped_by_a_signal_ends_the_grid_with_one_line_and_no_summary(
   assert not os.path.exists(
     os.path.join(nc.run_dir(str(tmp_path), 0, 'clean', 'baseline'), 'summary.json')
   )
+
+
+def test_a_second_process_waits_for_what_the_first_holds(tmp_path):
+  order = []
+
+  def second():
+    with nc.locked(str(tmp_path), 'clean_gr_seed0'):
+      order.append('second')
+
+  with nc.locked(str(tmp_path), 'clean_gr_seed0'):
+    thread = threading.Thread(target=second)
+    thread.start()
+    thread.join(timeout=0.5)  # it cannot get in, however long it is given
+    order.append('first')
+  thread.join()
+  assert order == ['first', 'second']
+
+
+def test_post_training_has_its_baseline_finished_first(tmp_path, monkeypatch):
+  grid = nc.Grid(('caption_swap',), (0.0,), ('baseline', 'norton'), (0,), runlocal=True)
+  trained = []
+
+  def fake_train(config, workdir):
+    trained.append(os.path.relpath(workdir, tmp_path))
+    os.makedirs(workdir)  # as the trainer makes it
+    return [{'step': config.total_steps}]
+
+  monkeypatch.setattr(nc.trainer, 'train', fake_train)
+  monkeypatch.setattr(nc, 'summarise', lambda run: {'steps': 1})
+  nc.train(grid, str(tmp_path), 0, 'clean', 'norton')  # the baseline is not there yet
+  nc.train(grid, str(tmp_path), 0, 'clean', 'norton')  # both finished: only read
+  assert trained == [os.path.join('runs', 'clean', m, 'seed0') for m in ('baseline', 'norton')]

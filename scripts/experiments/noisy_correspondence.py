@@ -38,7 +38,9 @@ at test size in a few minutes (tests/test_noisy_correspondence.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shlex
@@ -249,8 +251,30 @@ def summarise(run: str) -> dict:
   return summary
 
 
+@contextlib.contextmanager
+def locked(workdir: str, what: str):
+  """Holds WORKDIR/locks/WHAT.lock (an flock, released when the process ends, however): a second
+  process of the grid on the same workdir waits here instead of writing the same files."""
+  os.makedirs(os.path.join(workdir, 'locks'), exist_ok=True)
+  with open(os.path.join(workdir, 'locks', f'{what}.lock'), 'w') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info('waiting for another process of the grid to finish %s', what)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    yield
+
+
 def train(grid: Grid, workdir: str, seed: int, name: str, method: str) -> dict:
-  """Trains (or resumes) one run and returns its summary; a finished run is only read."""
+  """Trains (or resumes) one run and returns its summary; a finished run is only read. A run
+  another process is training is waited for; post-training first has its baseline finished."""
+  if method in POST:
+    train(grid, workdir, seed, name, 'baseline')
+  with locked(workdir, f'{name}_{method}_seed{seed}'):
+    return _train(grid, workdir, seed, name, method)
+
+
+def _train(grid: Grid, workdir: str, seed: int, name: str, method: str) -> dict:
   run = run_dir(workdir, seed, name, method)
   path = os.path.join(run, 'summary.json')
   if os.path.exists(path):
@@ -481,10 +505,11 @@ def main(argv):
       jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
       jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-    for name in (
-      grid.conditions() if 'clean' in grid.conditions() else ['clean', *grid.conditions()]
-    ):
-      make_data(workdir, name, grid.runlocal)
+    with locked(workdir, 'data'):
+      for name in (
+        grid.conditions() if 'clean' in grid.conditions() else ['clean', *grid.conditions()]
+      ):
+        make_data(workdir, name, grid.runlocal)
     run_grid(grid, workdir)
   report(grid, workdir)
 
