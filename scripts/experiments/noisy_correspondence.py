@@ -52,6 +52,7 @@ from absl import flags, logging
 
 from configs import noisy_correspondence as nc_config
 from data_pipelines import decode, demo, ingest, manifest, text
+from data_pipelines.ingest_shard import write_json_atomic
 from data_pipelines.options import TOKENIZER_FILENAME
 from vatt_jax import cli, plots
 from vatt_jax.evaluation import statistics
@@ -288,9 +289,7 @@ def _train(grid: Grid, workdir: str, seed: int, name: str, method: str) -> dict:
       'saved): rerun the same command to resume'
     )
   summary = summarise(run)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(summary, f, indent=1)
-  os.replace(path + '.tmp', path)
+  write_json_atomic(path, summary)
   jax.clear_caches()  # each run compiles its own programs; the next one needs none of them
   return summary
 
