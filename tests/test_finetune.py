@@ -26,7 +26,7 @@ from vatt_jax.evaluation.finetune import average_views
 from vatt_jax.losses import build_loss
 from vatt_jax.losses.classification import inverse_frequency_weights
 from vatt_jax.models import build_model
-from vatt_jax.models.vatt import resize_positions
+from vatt_jax.models.vatt_pretrained import resize_positions
 from vatt_jax.optim import build_optimizer
 from vatt_jax.train import checkpoint as ckpt
 from vatt_jax.train import sharding, trainer

@@ -14,7 +14,7 @@ import data_pipelines
 from tests.conftest import ROOT, load_config
 from tests.test_finetune import _pretraining_workdir
 from vatt_jax import workdir as workdir_lib
-from vatt_jax.models import vatt as vatt_lib
+from vatt_jax.models import vatt_pretrained
 from vatt_jax.optim import TRAINABLE, build_optimizer, trainable_labels
 from vatt_jax.train import sharding, trainer
 
@@ -128,4 +128,4 @@ def test_post_training_on_video_and_text_only_loads_a_vatt_pretrained_with_audio
   bad['head']['video_vt_bn'] = {'scale': np.zeros(3), 'bias': np.zeros(3)}
   with pytest.raises(ValueError, match='head/video_vt_bn'):
     program.model.load_pretrained(params, bad)
-  assert vatt_lib.head_of_built_modalities(stored['params'], {}) is stored['params']
+  assert vatt_pretrained.head_of_built_modalities(stored['params'], {}) is stored['params']

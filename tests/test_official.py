@@ -28,7 +28,7 @@ from vatt_jax import workdir as workdir_lib
 from vatt_jax.cli import UserError
 from vatt_jax.models import build_model
 from vatt_jax.models.contract import abstract_variables
-from vatt_jax.models.vatt import ADDED_FIELDS
+from vatt_jax.models.vatt_config import ADDED_FIELDS
 from vatt_jax.train import checkpoint as ckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -330,7 +330,7 @@ def test_the_frozen_word_table_gets_no_gradient():
 
 def test_runs_written_before_the_new_model_fields_still_resume(tmp_path):
   """A run's config.json from before model.pre_projection, text.use_bias, … existed describes the
-  same model as a config with their defaults (vatt_jax.models.vatt.ADDED_FIELDS)."""
+  same model as a config with their defaults (vatt_jax.models.vatt_config.ADDED_FIELDS)."""
   config = vatt_bbs.get_config('runlocal')
   stored = json.loads(config.to_json_best_effort())
   for name in ADDED_FIELDS:

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT, load_config
 from vatt_jax.models import build_model
 from vatt_jax.models.tokenizers import interpolate_positions
-from vatt_jax.models.vatt import resize_positions
+from vatt_jax.models.vatt_pretrained import resize_positions
 
 
 def _reference(table: np.ndarray, length: int) -> np.ndarray:

@@ -63,7 +63,7 @@ from vatt_jax.models.svitt import add_special_tokens, media_inputs, pretraining_
 from vatt_jax.models.svitt_blocks import SvittBlock
 from vatt_jax.models.svitt_video import patchify
 from vatt_jax.models.transformer import REMAT_POLICIES, EncoderSize, norm
-from vatt_jax.models.vatt import DTYPES
+from vatt_jax.models.vatt_config import DTYPES
 
 Dtype = Any
 NUM_SPECIAL = 3  # [CLS], [SEP], [MASK] after the tokenizer's vocabulary

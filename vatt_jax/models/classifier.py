@@ -22,17 +22,16 @@ import ml_collections
 
 from vatt_jax.models import contract
 from vatt_jax.models.transformer import EncoderSize
-from vatt_jax.models.vatt import (
+from vatt_jax.models.vatt import make_encoder, make_tower
+from vatt_jax.models.vatt_config import (
   AudioSpec,
   VideoSpec,
-  adapt_positions,
   audio_spec,
-  make_encoder,
-  make_tower,
   media_inputs,
   shared_size,
   video_spec,
 )
+from vatt_jax.models.vatt_pretrained import adapt_positions
 
 MODALITIES = ('video', 'audio', 'image')
 HEAD = 'classifier'

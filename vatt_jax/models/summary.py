@@ -18,7 +18,8 @@ import jax
 import ml_collections
 
 from vatt_jax.models.allinone import TEMPORAL, AllInOne, AllInOneModel
-from vatt_jax.models.vatt import MODALITIES, VATT, VattModel
+from vatt_jax.models.vatt import VATT, VattModel
+from vatt_jax.models.vatt_config import MODALITIES
 
 SUPPORTED = ('allinone', 'vatt')  # config model.name values the summary reads
 VOCABULARY_PATH = ('text_tower', 'tokenizer', 'vocabulary')

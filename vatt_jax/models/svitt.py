@@ -54,7 +54,7 @@ from vatt_jax.models.svitt_position import expand_temporal
 from vatt_jax.models.svitt_text import SvittTextEncoder
 from vatt_jax.models.svitt_video import SvittVideoEncoder, svitt_video_encoder
 from vatt_jax.models.transformer import REMAT_POLICIES, get_size
-from vatt_jax.models.vatt import DTYPES
+from vatt_jax.models.vatt_config import DTYPES
 
 Dtype = Any
 NUM_SPECIAL = 3  # [CLS], [SEP], [MASK] after the tokenizer's vocabulary

@@ -17,88 +17,36 @@ common-space embeddings) is float32, so the losses are computed in float32.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from data_pipelines.options import frame_hw
 from vatt_jax.models import contract
-from vatt_jax.models.attention import ATTENTION, RelativePositionBias
+from vatt_jax.models.attention import RelativePositionBias
 from vatt_jax.models.heads import CommonSpace
-from vatt_jax.models.tokenizers import (
-  VoxelTokenizer,
-  WaveformTokenizer,
-  WordTokenizer,
-  interpolate_positions,
-)
+from vatt_jax.models.tokenizers import VoxelTokenizer, WaveformTokenizer, WordTokenizer
 from vatt_jax.models.tower import Tower
-from vatt_jax.models.transformer import REMAT_POLICIES, Encoder, EncoderSize, get_size
+from vatt_jax.models.transformer import Encoder, EncoderSize
+from vatt_jax.models.vatt_config import (
+  DTYPES,
+  MODALITIES,
+  AudioSpec,
+  TextSpec,
+  VideoSpec,
+  added_field,
+  audio_spec,
+  check_model_config,
+  media_inputs,
+  shared_size,
+  text_spec,
+  video_spec,
+)
+from vatt_jax.models.vatt_pretrained import adapt_positions, head_of_built_modalities
 
 Dtype = Any
-MODALITIES = ('video', 'audio', 'text')
-
-
-# Every spec's pre_projection / post_projection: the official modality-agnostic model's
-# per-modality Dense + GELU after the patch (word) embedding, and Dense(post_projection) + GELU
-# after the encoder whose AGG row is the representation (0: none). See configs/common.py.
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoSpec:
-  size: EncoderSize
-  patch_size: Sequence[int] = (4, 16, 16)
-  grid: Sequence[int] = (8, 14, 14)
-  drop_token_rate: float = 0.5
-  position_layernorm: bool = False
-  attention: str = 'dense'
-  pre_projection: bool = False
-  post_projection: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class AudioSpec:
-  size: EncoderSize
-  patch_size: int = 128
-  num_patches: int = 1200
-  drop_token_rate: float = 0.5
-  position_layernorm: bool = False
-  attention: str = 'dense'
-  pre_projection: bool = False
-  post_projection: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class TextSpec:
-  """The text tower. positions: 'relative' (T5 bias, every tower's default) or 'absolute' (a
-  learned table of max_words rows, with position_layernorm: the official modality-agnostic
-  model). embedding_dim / trainable_embedding: the word table (0 = the width, trainable; official:
-  300-d frozen word2vec). norm_type / mlp_norm_type / use_bias / scale_logits: the encoder's
-  (official T5: 'rmsnorm' / 'layernorm' / no biases / no scaling)."""
-
-  size: EncoderSize
-  vocab_size: int = 2**16
-  num_buckets: int = 32
-  max_distance: int = 64
-  bias_all_layers: bool = False
-  norm_type: str = 'layernorm'
-  mlp_norm_type: str = ''
-  use_bias: bool = True
-  scale_logits: bool = True
-  attention: str = 'dense'
-  embedding_dim: int = 0
-  trainable_embedding: bool = True
-  positions: str = 'relative'
-  max_words: int = 16
-  position_layernorm: bool = False
-  pre_projection: bool = False
-  post_projection: int = 0
 
 
 def frame_means(
@@ -318,133 +266,12 @@ def make_tower(owner, modality: str, spec) -> Tower:
   )
 
 
-# ---- from config.model --------------------------------------------------------------------------
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-BACKBONES = ('modality_specific', 'modality_agnostic')
-NORMS = ('layernorm', 'rmsnorm')
-
-# config.model fields added after runs were first written, with the value a config without them
-# means (what those runs trained with): read with these defaults, and not a difference of model
-# when an older run is resumed (vatt_jax/train/checkpoint.py check_resume_config).
-ADDED_FIELDS = {
-  'pre_projection': False,
-  'post_projection': 0,
-  'text.mlp_norm_type': '',
-  'text.use_bias': True,
-  'text.embedding_dim': 0,
-  'text.trainable_embedding': True,
-  'text.positions': 'relative',
-  'head.audio_text_bn': True,
-}
-
-
-def _added(cfg: ml_collections.ConfigDict, name: str):
-  """config.model.<name> (dotted), or ADDED_FIELDS[name] when the config predates it."""
-  *sections, field = name.split('.')
-  for section in sections:
-    cfg = cfg.get(section, ml_collections.ConfigDict())
-  return cfg.get(field, ADDED_FIELDS[name])
-
-
-def _check(cfg: ml_collections.ConfigDict) -> None:
-  backbone = cfg.get('backbone', 'modality_specific')
-  if backbone not in BACKBONES:
-    raise ValueError(f'config model.backbone must be one of {BACKBONES}, got {backbone!r}')
-  if cfg.dtype not in DTYPES:
-    raise ValueError(f'config model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}')
-  remat = cfg.get('remat', 'none')
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f'config model.remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}')
-  for tower in ('video', 'audio', 'text'):
-    attention = cfg[tower].get('attention', 'dense')
-    if attention not in ATTENTION:
-      raise ValueError(
-        f'config model.{tower}.attention must be one of {sorted(ATTENTION)}, got {attention!r}'
-      )
-  text = cfg.get('text', ml_collections.ConfigDict())
-  checks = {
-    'text.positions': (_added(cfg, 'text.positions'), ('relative', 'absolute')),
-    'text.norm_type': (text.get('norm_type', 'layernorm'), NORMS),
-    'text.mlp_norm_type': (_added(cfg, 'text.mlp_norm_type'), ('', *NORMS)),
-  }
-  for name, (value, allowed) in checks.items():
-    if value not in allowed:
-      raise ValueError(f'config model.{name} must be one of {allowed}, got {value!r}')
-  for name, value in (
-    ('text.embedding_dim', _added(cfg, 'text.embedding_dim')),
-    ('post_projection', _added(cfg, 'post_projection')),
-  ):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-      raise ValueError(f'config model.{name} must be an integer >= 0 (0: none), got {value!r}')
-
-
-def _projections(cfg: ml_collections.ConfigDict) -> dict:
-  """Every tower's pre_projection / post_projection (config model.pre_projection and
-  model.post_projection; absent in configs written before they existed: off)."""
-  return dict(
-    pre_projection=bool(_added(cfg, 'pre_projection')),
-    post_projection=int(_added(cfg, 'post_projection')),
-  )
-
-
-def video_spec(cfg: ml_collections.ConfigDict) -> VideoSpec:
-  v = cfg.video
-  dims = (v.num_frames, *frame_hw(v.frame_size))
-  return VideoSpec(
-    size=get_size(v.size),
-    patch_size=tuple(v.patch_size),
-    grid=tuple(math.ceil(d / p) for d, p in zip(dims, v.patch_size, strict=True)),
-    drop_token_rate=v.drop_token_rate,
-    position_layernorm=cfg.position_layernorm,
-    attention=v.get('attention', 'dense'),
-    **_projections(cfg),
-  )
-
-
-def audio_spec(cfg: ml_collections.ConfigDict) -> AudioSpec:
-  a = cfg.audio
-  return AudioSpec(
-    size=get_size(a.size),
-    patch_size=a.patch_size,
-    num_patches=math.ceil(a.num_samples / a.patch_size),
-    drop_token_rate=a.drop_token_rate,
-    position_layernorm=cfg.position_layernorm,
-    attention=a.get('attention', 'dense'),
-    **_projections(cfg),
-  )
-
-
-def text_spec(cfg: ml_collections.ConfigDict) -> TextSpec:
-  t = cfg.text
-  return TextSpec(
-    size=get_size(t.size),
-    vocab_size=t.vocab_size,
-    num_buckets=t.relative_buckets,
-    max_distance=t.relative_max_distance,
-    bias_all_layers=t.bias_all_layers,
-    norm_type=t.norm_type,
-    mlp_norm_type=_added(cfg, 'text.mlp_norm_type'),
-    use_bias=_added(cfg, 'text.use_bias'),
-    scale_logits=t.scale_logits,
-    attention=t.get('attention', 'dense'),
-    embedding_dim=int(_added(cfg, 'text.embedding_dim')),
-    trainable_embedding=bool(_added(cfg, 'text.trainable_embedding')),
-    positions=_added(cfg, 'text.positions'),
-    max_words=t.max_words,
-    position_layernorm=cfg.position_layernorm,
-    **_projections(cfg),
-  )
-
-
-def shared_size(cfg: ml_collections.ConfigDict) -> EncoderSize | None:
-  """The shared encoder's size of the modality-agnostic backbone, None for modality-specific."""
-  return get_size(cfg.shared_size) if cfg.get('backbone') == 'modality_agnostic' else None
+# ---- from config.model ---------------------------------------------------------------------------
 
 
 def build_module(cfg: ml_collections.ConfigDict, *, token_outputs: bool | None = None) -> VATT:
   """config.model → the VATT flax module (token_outputs overrides the config's)."""
-  _check(cfg)
+  check_model_config(cfg)
   return VATT(
     video=video_spec(cfg),
     audio=audio_spec(cfg),
@@ -453,7 +280,7 @@ def build_module(cfg: ml_collections.ConfigDict, *, token_outputs: bool | None =
       va_dim=cfg.head.va_dim,
       vt_dim=cfg.head.vt_dim,
       relu_before_vt=cfg.head.relu_before_vt,
-      audio_text_bn=_added(cfg, 'head.audio_text_bn'),
+      audio_text_bn=added_field(cfg, 'head.audio_text_bn'),
       bn_momentum=cfg.head.bn_momentum,
       bn_epsilon=cfg.head.bn_epsilon,
     ),
@@ -465,95 +292,6 @@ def build_module(cfg: ml_collections.ConfigDict, *, token_outputs: bool | None =
     dtype=DTYPES[cfg.dtype],
     token_outputs=cfg.get('token_outputs', False) if token_outputs is None else token_outputs,
   )
-
-
-def media_inputs(cfg: ml_collections.ConfigDict, modalities=MODALITIES) -> dict:
-  """The InputSpecs of config.model's video / audio / text inputs."""
-  specs = {
-    'video': contract.InputSpec(
-      (cfg.video.num_frames, *frame_hw(cfg.video.frame_size), 3), 'float32', -1.0, 1.0
-    ),
-    'audio': contract.InputSpec((cfg.audio.num_samples,), 'float32', -1.0, 1.0),
-    'text': contract.InputSpec(
-      (cfg.text.max_words,), 'int32', 0, cfg.text.vocab_size - 1, padding_id=0
-    ),
-  }
-  return {m: specs[m] for m in modalities}
-
-
-# ---- position tables for another input size ----------------------------------------------------
-
-# Where each tower's learned position tables are, in VATT's and the classifier's parameter trees.
-POSITION_TABLES = {
-  'video_tower': ('temporal_position', 'horizontal_position', 'vertical_position'),
-  'audio_tower': ('position',),
-}
-
-
-def resize_positions(
-  params: dict, *, video_grid: Sequence[int] | None = None, audio_patches: int | None = None
-) -> dict:
-  """A copy of a VATT (or classifier) parameter tree whose position tables fit another input size.
-
-  video_grid: the new (t, h, w) patch grid (e.g. (8, 20, 20) for 32 × 320² with 4×16×16 patches);
-  audio_patches: the new number of waveform patches. Tables are resized with
-  `interpolate_positions`; everything else is shared, not copied.
-  """
-  params = dict(params)
-  new = {
-    'video_tower': video_grid,
-    'audio_tower': None if audio_patches is None else [audio_patches],
-  }
-  if video_grid is not None and len(video_grid) != 3:
-    raise ValueError(f'video_grid must be (t, h, w), got {video_grid!r}')
-  for tower, lengths in new.items():
-    if lengths is None:
-      continue
-    tokenizer = dict(params[tower]['tokenizer'])
-    for name, length in zip(POSITION_TABLES[tower], lengths, strict=True):
-      tokenizer[name] = interpolate_positions(tokenizer[name], int(length))
-    params[tower] = {**params[tower], 'tokenizer': tokenizer}
-  return params
-
-
-def head_of_built_modalities(pretrained: dict, params: dict) -> dict:
-  """`pretrained` without the common-space head's parts for a modality this model has none of.
-
-  A model built for fewer modalities (Norton post-training reads video and text only) has no head
-  projections for the others: flax creates only what init calls. Those parts of a pretraining
-  checkpoint are not another architecture of the head, only unused; anything else of the head
-  still has to match (contract.load_by_name)."""
-  head, have = pretrained.get('head'), params.get('head', {})
-  if not head or not have:
-    return pretrained
-  unbuilt = [m for m in ('video', 'audio', 'text') if not any(k.startswith(f'{m}_') for k in have)]
-  kept = {k: v for k, v in head.items() if not any(k.startswith(f'{m}_') for m in unbuilt)}
-  return {**pretrained, 'head': kept}
-
-
-def adapt_positions(pretrained: dict, params: dict) -> tuple[dict, dict]:
-  """contract.load_by_name's `adapt`: the pretrained position tables resized (cubically) to the
-  shapes `params` has, where the patch grid changed (fine-tuning at 320², another clip length or
-  waveform length). Returns (pretrained, {path: (old shape, new shape)})."""
-
-  def shape(tree, tower, table):
-    leaf = tree.get(tower, {}).get('tokenizer', {}).get(table)
-    return None if leaf is None else tuple(np.shape(leaf))
-
-  resized, lengths = {}, {}
-  for tower, tables in POSITION_TABLES.items():
-    for table in tables:
-      new, old = shape(params, tower, table), shape(pretrained, tower, table)
-      if new is not None and old is not None and new != old:
-        resized[f'{tower}/tokenizer/{table}'] = (old, new)
-        lengths[tower] = [shape(params, tower, t)[0] for t in tables]
-  if lengths:
-    pretrained = resize_positions(
-      pretrained,
-      video_grid=lengths.get('video_tower'),
-      audio_patches=lengths['audio_tower'][0] if 'audio_tower' in lengths else None,
-    )
-  return pretrained, resized
 
 
 # ---- the contract ---------------------------------------------------------------------------------

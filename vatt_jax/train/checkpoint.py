@@ -34,7 +34,7 @@ from absl import logging
 from vatt_jax import cli
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.models.contract import check_variables, flat_paths
-from vatt_jax.models.vatt import ADDED_FIELDS
+from vatt_jax.models.vatt_config import ADDED_FIELDS
 from vatt_jax.train.state import TrainState
 
 _TRAIN_FIELDS = ('step', 'opt_state', 'rng', 'nonfinite_steps', 'nonfinite_run')
@@ -373,7 +373,7 @@ def check_resume_config(config: ml_collections.ConfigDict, config_path: str) -> 
   """Refuses to resume a run whose stored config describes another model (names the fields).
 
   Other sections (steps, optimizer, data, logging) may change between a run and its resumption.
-  A field the stored run predates (vatt_jax.models.vatt.ADDED_FIELDS) counts as its default.
+  A field the stored run predates (vatt_jax.models.vatt_config.ADDED_FIELDS) counts as its default.
   """
   with open(config_path) as f:
     stored = json.load(f).get('model', {})
