@@ -481,8 +481,7 @@ def report(grid: Grid, workdir: str) -> dict:
     },  # fmt: skip
     'entries': entries(grid, collect(grid, workdir)),
   }
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=1)
+  write_json_atomic(os.path.join(workdir, 'results.json'), results)
   text_ = markdown(grid, results)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(text_)
