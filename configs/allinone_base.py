@@ -37,7 +37,7 @@ def model_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
     dict(
       name='allinone',
-      size='base',  # allinone.SIZES: 'tiny' (ViT-Ti), 'small' (ViT-S), 'base' (ViT-B)
+      size='base',  # allinone_config.SIZES: 'tiny' (ViT-Ti), 'small' (ViT-S), 'base' (ViT-B)
       num_layers=0,  # 0: the size's (overrides for small demos)
       width=0,
       mlp_dim=0,

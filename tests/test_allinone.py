@@ -15,7 +15,8 @@ from tests.conftest import ROOT, load_config
 from vatt_jax import losses
 from vatt_jax.losses.allinone import allinone_loss, reference_negatives
 from vatt_jax.losses.matching import IGNORE, matching_loss
-from vatt_jax.models import allinone, build_model, contract
+from vatt_jax.models import build_model, contract
+from vatt_jax.models.temporal_roll import temporal_roll
 
 # ------------------------------------------------------------------------------------------------
 # Temporal token rolling
@@ -43,7 +44,7 @@ def test_temporal_roll_the_issues_example():
   value = 100 * np.arange(frames)[:, None] + np.arange(length)[None, :]  # [T, l]
   clips = np.stack([value, value + 1000])  # clip 1 offset by 1000: clips never mix
   x = np.broadcast_to(clips[..., None], (2, frames, length, channels)).astype(np.float32)
-  out = np.asarray(allinone.temporal_roll(jnp.asarray(x.reshape(6, length, channels)), frames))
+  out = np.asarray(temporal_roll(jnp.asarray(x.reshape(6, length, channels)), frames))
   out = out.reshape(2, frames, length, channels)
   middle = list(range(3, 15))
   want = np.array(
@@ -76,7 +77,7 @@ def test_temporal_roll_the_issues_example():
 def test_temporal_roll_matches_the_reference(batch, frames, length, n_div):
   rng = np.random.default_rng(length * 10 + n_div)
   x = rng.normal(size=(batch * frames, length, 3))
-  got = np.asarray(allinone.temporal_roll(jnp.asarray(x, jnp.float32), frames, n_div))
+  got = np.asarray(temporal_roll(jnp.asarray(x, jnp.float32), frames, n_div))
   want = np_temporal_roll(x, frames, n_div)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   if length // n_div == 0 or frames == 1:  # no token to roll, or no other frame
@@ -84,13 +85,13 @@ def test_temporal_roll_matches_the_reference(batch, frames, length, n_div):
   # T rolls bring every token back.
   y = jnp.asarray(x, jnp.float32)
   for _ in range(frames):
-    y = allinone.temporal_roll(y, frames, n_div)
+    y = temporal_roll(y, frames, n_div)
   np.testing.assert_array_equal(np.asarray(y), x.astype(np.float32))
 
 
 def test_temporal_roll_refuses_rows_not_a_multiple_of_the_frames():
   with pytest.raises(ValueError, match='not a multiple of 3 frames'):
-    allinone.temporal_roll(jnp.zeros((4, 17, 2)), 3)
+    temporal_roll(jnp.zeros((4, 17, 2)), 3)
 
 
 @pytest.mark.parametrize('length,n_div', [(4, 2), (10, 2), (5, 1)])
@@ -98,7 +99,7 @@ def test_temporal_roll_keeps_the_token_count_or_refuses(length, n_div):
   x = jnp.zeros((3, length, 2))
   # The two rolled slices would overlap (2·fold + 1 > l): refused, naming n_div.
   with pytest.raises(ValueError, match='n_div'):
-    allinone.temporal_roll(x, 3, n_div)
+    temporal_roll(x, 3, n_div)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,9 +26,8 @@ Pair score (Model.score; retrieval re-ranking, multiple choice): the VTM head on
 copies the ITM head's row 1) or the log-odds logit₁ − logit₀ ('log_odds').
 
 Differences from the reference code (showlab/all-in-one), on purpose:
-  * temporal_roll with fold = l // 8 = 0 (fewer than 8 frame tokens): the reference's
-    `out[:, :, -0:]` selects EVERY token and rolls the whole frame (CLS included) to the next
-    frame; here nothing is rolled (no tokens to roll).
+  * temporal_roll with fold = 0 (fewer than 8 frame tokens) rolls nothing
+    (vatt_jax/models/temporal_roll.py).
   * The reference's ViLT patch embedding (`visual_embed`, max_image_len=-1) samples the patches of
     each frame in a random order every step (torch.multinomial without replacement over all
     valid patches); attention does not care, but rolling then moves a random, per-frame different
@@ -45,7 +44,6 @@ Differences from the reference code (showlab/all-in-one), on purpose:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -59,53 +57,16 @@ from vatt_jax import losses
 from vatt_jax.losses import matching
 from vatt_jax.losses.allinone import NEGATIVES, reference_negatives
 from vatt_jax.models import contract
+from vatt_jax.models.allinone_config import check_model_config, get_size
 from vatt_jax.models.svitt import add_special_tokens, media_inputs, pretraining_samples, special_ids
 from vatt_jax.models.svitt_blocks import SvittBlock
 from vatt_jax.models.svitt_video import patchify
+from vatt_jax.models.temporal_roll import temporal_roll
 from vatt_jax.models.transformer import REMAT_POLICIES, EncoderSize, norm
 from vatt_jax.models.vatt_config import DTYPES
 
 Dtype = Any
 NUM_SPECIAL = 3  # [CLS], [SEP], [MASK] after the tokenizer's vocabulary
-TEMPORAL = ('roll', 'none', 'flatten')
-PAIR_SCORES = ('match_logit', 'log_odds')
-
-# All-in-one-Ti / -S / -B: the ViT-Ti/16, ViT-S/16 and ViT-B/16 transformers (DeiT's Ti and S).
-SIZES: dict[str, EncoderSize] = {
-  'tiny': EncoderSize(num_layers=12, width=192, mlp_dim=768, num_heads=3),
-  'small': EncoderSize(num_layers=12, width=384, mlp_dim=1536, num_heads=6),
-  'base': EncoderSize(num_layers=12, width=768, mlp_dim=3072, num_heads=12),
-}
-
-
-def temporal_roll(x: jax.Array, num_frames: int, n_div: int = 8) -> jax.Array:
-  """All-in-one's temporal token rolling of frame tokens.
-
-  Args:
-    x: [B·T, l, c], the T frames of each example consecutive (row b·T + t); token 0 of each
-      frame is its CLS.
-    num_frames: T. n_div: fold = l // n_div tokens roll each way.
-  Returns:
-    [B·T, l, c]: in frame t, tokens 1 … fold are frame t−1's, the last fold tokens frame t+1's
-    (circular in time); the CLS and the middle tokens stay. fold = 0: x unchanged. A fold whose
-    two slices would overlap (2·fold + 1 > l: n_div ≤ 2) is a ValueError.
-  """
-  rows, length, _ = x.shape
-  if rows % num_frames:
-    raise ValueError(f'temporal_roll: {rows} rows are not a multiple of {num_frames} frames')
-  fold = length // n_div
-  if 2 * fold + 1 > length:
-    raise ValueError(
-      f'temporal_roll: n_div {n_div} rolls {fold} tokens each way, which overlap in {length} '
-      'tokens (n_div must be >= 3)'
-    )
-  if fold == 0 or num_frames == 1:
-    return x
-  x = x.reshape(rows // num_frames, num_frames, *x.shape[1:])
-  previous = jnp.roll(x[:, :, 1 : fold + 1], 1, axis=1)
-  following = jnp.roll(x[:, :, length - fold :], -1, axis=1)
-  out = jnp.concatenate([x[:, :, :1], previous, x[:, :, fold + 1 : length - fold], following], 2)
-  return out.reshape(rows, *out.shape[2:])
 
 
 def _dense(features: int, axes: tuple, name: str, dtype=jnp.float32, use_bias: bool = True):
@@ -132,7 +93,7 @@ class AllInOne(nn.Module):
     dropout_rate: the hidden dropout (embeddings, blocks); attention_dropout_rate: on the
       attention weights; drop_path_rate: stochastic depth, linear in depth from 0 (timm's ViT).
     mlm_tied: the MLM decoder is the word table (else its own matrix).
-    pair_score: PAIR_SCORES.
+    pair_score: allinone_config.PAIR_SCORES.
   """
 
   size: EncoderSize
@@ -401,52 +362,8 @@ class AllInOne(nn.Module):
 # ---- config → module --------------------------------------------------------------------------
 
 
-def get_size(cfg: ml_collections.ConfigDict) -> EncoderSize:
-  """SIZES[model.size] with model.num_layers / width / mlp_dim / num_heads overrides (0: the
-  preset's)."""
-  if cfg.get('size') not in SIZES:
-    raise ValueError(f'config model.size must be one of {sorted(SIZES)}, got {cfg.get("size")!r}')
-  size = SIZES[cfg.size]
-  overrides = {f: int(cfg.get(f, 0) or 0) for f in ('num_layers', 'width', 'mlp_dim', 'num_heads')}
-  size = dataclasses.replace(size, **{f: v for f, v in overrides.items() if v > 0})
-  if size.width % size.num_heads:
-    raise ValueError(
-      f'config model.width {size.width} is not a multiple of model.num_heads {size.num_heads}'
-    )
-  return size
-
-
-def _check(cfg: ml_collections.ConfigDict) -> None:
-  choices = (('dtype', DTYPES, 'float32'), ('remat', REMAT_POLICIES, 'none'),
-             ('temporal', TEMPORAL, 'roll'), ('pair_score', PAIR_SCORES, 'match_logit'))  # fmt: skip
-  for field, allowed, default in choices:
-    if cfg.get(field, default) not in allowed:
-      raise ValueError(
-        f'config model.{field} must be one of {sorted(allowed)}, got {cfg.get(field)!r}'
-      )
-  if cfg.text.get('num_narrations', 1) != 1:
-    raise ValueError(
-      f'config model.text.num_narrations must be 1 for model allinone (one caption per clip), '
-      f'got {cfg.text.num_narrations}'
-    )
-  if cfg.text.vocab_size < 2 or cfg.text.max_words < 1:
-    raise ValueError(
-      f'config model.text.vocab_size must be >= 2 and max_words >= 1, got '
-      f'{cfg.text.vocab_size}, {cfg.text.max_words}'
-    )
-  height, width = frame_hw(cfg.video.frame_size)
-  patch = cfg.video.patch_size
-  if not isinstance(patch, int) or patch < 1 or height % patch or width % patch:
-    raise ValueError(
-      f'config model.video.patch_size {patch!r} must be an int dividing the frame size '
-      f'{height}×{width}'
-    )
-  if cfg.get('roll_div', 8) < 3:  # 2·fold + 1 <= tokens: the two rolled slices never overlap
-    raise ValueError(f'config model.roll_div must be >= 3, got {cfg.roll_div}')
-
-
 def build_module(cfg: ml_collections.ConfigDict) -> AllInOne:
-  _check(cfg)
+  check_model_config(cfg)
   return AllInOne(
     size=get_size(cfg),
     vocab_size=cfg.text.vocab_size,

@@ -17,7 +17,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from vatt_jax.models.allinone import TEMPORAL, AllInOne, AllInOneModel
+from vatt_jax.models.allinone import AllInOne, AllInOneModel
+from vatt_jax.models.allinone_config import TEMPORAL
 from vatt_jax.models.vatt import VATT, VattModel
 from vatt_jax.models.vatt_config import MODALITIES
 
