@@ -29,7 +29,7 @@ from vatt_jax.models import build_model
 from vatt_jax.models.vatt_pretrained import resize_positions
 from vatt_jax.optim import build_optimizer
 from vatt_jax.train import checkpoint as ckpt
-from vatt_jax.train import sharding, trainer
+from vatt_jax.train import init_from, sharding, trainer
 from vatt_jax.train.augment import mixup, mixup_draw
 from vatt_jax.train.state import init_train_state
 
@@ -271,7 +271,7 @@ def test_init_from_loads_the_tower_resizes_positions_and_keeps_the_head(pretrain
   batch = next(data_pipelines.build(config.data, 'train', batch_size=config.batch_size))
   program = trainer.build_program(config, mesh, batch)
   fresh = program.init(jax.random.key(0))
-  state = trainer.init_from_pretrained(fresh, program, str(pretrained))
+  state = init_from.init_from_pretrained(fresh, program, str(pretrained))
   _, _, stored = workdir_lib.load_model(str(pretrained))
   source = jax.device_get(stored['params'])
   params = jax.device_get(state.params)
@@ -308,7 +308,7 @@ def test_init_from_loads_the_tower_resizes_positions_and_keeps_the_head(pretrain
 
 def test_init_from_errors_name_the_problem(pretrained, tmp_path):
   with pytest.raises(ValueError, match='not a training workdir'):
-    trainer.init_from_pretrained(None, None, str(tmp_path / 'nowhere'))
+    init_from.init_from_pretrained(None, None, str(tmp_path / 'nowhere'))
   config = _finetune_config(pretrained)
   config.model.video.size = 'small'  # another tower width than the checkpoint's
   model = build_model(config.model)
@@ -319,7 +319,7 @@ def test_init_from_errors_name_the_problem(pretrained, tmp_path):
   with pytest.raises(
     ValueError, match=r'init_from=.*video_tower/agg: checkpoint \(64,\), this model'
   ):
-    trainer.init_from_pretrained(fresh, program, str(pretrained))
+    init_from.init_from_pretrained(fresh, program, str(pretrained))
 
 
 def test_classification_evaluator_averages_the_views_of_each_example(ramp_shards):

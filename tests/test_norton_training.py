@@ -16,7 +16,7 @@ from tests.test_finetune import _pretraining_workdir
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.models import vatt_pretrained
 from vatt_jax.optim import TRAINABLE, build_optimizer, trainable_labels
-from vatt_jax.train import sharding, trainer
+from vatt_jax.train import init_from, sharding, trainer
 
 NORTON = ROOT / 'configs' / 'norton_demo.py'
 
@@ -78,7 +78,7 @@ def test_trainable_errors():
 
 def test_post_training_loads_the_vatt_with_its_statistics_and_trains_only_layer_norms(pretrained):
   config, program, batch = _program('runlocal,layernorm', init_from=pretrained)
-  state = trainer.init_from_pretrained(program.init(jax.random.key(0)), program, str(pretrained))
+  state = init_from.init_from_pretrained(program.init(jax.random.key(0)), program, str(pretrained))
   _, _, stored = workdir_lib.load_model(str(pretrained))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), stored['params'])
   jax.tree.map(
@@ -116,7 +116,7 @@ def test_post_training_on_video_and_text_only_loads_a_vatt_pretrained_with_audio
     'runlocal', init_from=pretrained, keep=lambda k: not k.startswith('audio')
   )
   assert not any(k.startswith('audio') for k in _paths(program.abstract.params['head']))
-  state = trainer.init_from_pretrained(program.init(jax.random.key(0)), program, str(pretrained))
+  state = init_from.init_from_pretrained(program.init(jax.random.key(0)), program, str(pretrained))
   _, _, stored = workdir_lib.load_model(str(pretrained))
   have, want = _paths(jax.device_get(state.params)), _paths(stored['params'])
   assert have.keys() < want.keys()
