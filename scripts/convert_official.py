@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipelines.manifest import check_output_dir
-from vatt_jax import cli, official
+from vatt_jax import cli, official, official_workdir
 from vatt_jax.models import build_model
 from vatt_jax.models.contract import abstract_variables
 from vatt_jax.provenance import file_sha256
@@ -74,7 +74,7 @@ def main(argv):
 
   # Everything that can refuse the command runs before anything is written.
   if output_dir:
-    official.check_new_workdir(output_dir)
+    official_workdir.check_new_workdir(output_dir)
   if outputs_path:
     if os.path.exists(outputs_path):
       raise cli.UserError(f'--embed_outputs={outputs_path} exists; give a new file')
@@ -96,18 +96,18 @@ def main(argv):
   model = build_model(config.model)
   checkpoint = official.read_checkpoint(_CHECKPOINT.value)
   variables = official.convert(checkpoint, config.model, abstract_variables(model))
-  inputs = official.read_inputs(inputs_path, model) if inputs_path else None
+  inputs = official_workdir.read_inputs(inputs_path, model) if inputs_path else None
   step = _STEP.value if _STEP.value is not None else (checkpoint.step or 0)
   logging.info(
     'read %d tensors (%d values) of %s, optimizer step %s',
     len(checkpoint.variables),
-    official.total_size(variables),
+    official_workdir.total_size(variables),
     checkpoint.path,
     checkpoint.step,
   )
 
   if inputs is not None:
-    outputs = official.embed(model, jax.device_put(variables), inputs)
+    outputs = official_workdir.embed(model, jax.device_put(variables), inputs)
     np.savez(outputs_path, **outputs)
     print(
       f'wrote {", ".join(outputs)} of {len(next(iter(inputs.values())))} examples to {outputs_path}'
@@ -119,7 +119,7 @@ def main(argv):
       'index_sha256': file_sha256(checkpoint.path + '.index'),
       'vocab': config.data.get('tokenizer') or None,
     }
-    official.write_workdir(config, variables, output_dir, step=step, source=source)
+    official_workdir.write_workdir(config, variables, output_dir, step=step, source=source)
     print(f'wrote the workdir {output_dir} (step {step})')
   return 0
 

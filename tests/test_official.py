@@ -23,7 +23,7 @@ import pytest
 
 from configs import vatt_bbs, vatt_ma_medium
 from tests import official_vatt as ov
-from vatt_jax import official
+from vatt_jax import official, official_workdir
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.cli import UserError
 from vatt_jax.models import build_model
@@ -93,7 +93,7 @@ def test_converted_model_matches_the_official_reference(tmp_path, kind, seed):
   model, variables = convert(path, jax_config(kind, ocfg))
   video, audio, text = ov.random_inputs(ocfg, batch=3, rng=seed + 10, num_pad=(0, 3, 7))
   want = ov.forward(kind, weights, ocfg, video, audio, text)
-  got = official.embed(model, variables, {'video': video, 'audio': audio, 'text': text})
+  got = official_workdir.embed(model, variables, {'video': video, 'audio': audio, 'text': text})
   assert sorted(got) == sorted(ov.OUTPUTS)
   for name in ov.OUTPUTS:
     assert got[name].shape == want[name].shape, name
@@ -281,7 +281,7 @@ def test_the_command_writes_outputs_and_a_workdir_and_refuses_before_writing(tmp
 
   # The workdir reads back through the workdir layer every script uses: the same outputs.
   config, model, variables = workdir_lib.load_model(str(workdir))
-  again = official.embed(model, variables, {'video': video, 'audio': audio, 'text': text})
+  again = official_workdir.embed(model, variables, {'video': video, 'audio': audio, 'text': text})
   for name in ov.OUTPUTS:
     np.testing.assert_allclose(again[name], got[name], rtol=1e-6, atol=1e-7)
   assert config.data.tokenizer == str(workdir / 'tokenizer.model')  # the run's copy of --vocab

@@ -28,7 +28,7 @@ from tests import official_vatt as ov
 from tests.test_ingest import RED, _write_video
 from tests.test_official import ROOT, _cli_config_flags, official_config, write_official
 from tests.test_pipeline import SAMPLE_RATE, WORDS, _record, _write
-from vatt_jax import official
+from vatt_jax import official_workdir
 from vatt_jax import workdir as workdir_lib
 from vatt_jax.models import build_model
 from vatt_jax.optim import build_schedule
@@ -121,7 +121,7 @@ def _text_ids(converted, captions) -> np.ndarray:
 
 
 def _official_text(converted, captions) -> dict[str, np.ndarray]:
-  return official.embed(
+  return official_workdir.embed(
     converted.model, converted.variables, {'text': _text_ids(converted, captions)}
   )
 
