@@ -16,9 +16,11 @@ interrupted run), the missing files are written.
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import app, flags
 
-from data_pipelines import demo
+from data_pipelines import demo, demo_noise
 from vatt_jax import cli
 
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Directory to write media and manifests to.')
@@ -55,7 +57,7 @@ _MC_SPLITS = flags.DEFINE_list(
 )
 _NOISE = {
   field.name: flags.DEFINE_float(field.name, 0.0, f'Fraction in [0, 1]: {field.name} noise.')
-  for field in demo.dataclasses.fields(demo.NoiseConfig)
+  for field in dataclasses.fields(demo_noise.NoiseConfig)
 }
 flags.mark_flag_as_required('output_dir')
 
@@ -73,7 +75,7 @@ def main(argv):
       fps=_FPS.value,
       size=_SIZE.value,
       sample_rate=_SAMPLE_RATE.value,
-      noise=demo.NoiseConfig(**{name: flag.value for name, flag in _NOISE.items()}),
+      noise=demo_noise.NoiseConfig(**{name: flag.value for name, flag in _NOISE.items()}),
       workers=_WORKERS.value,
       num_segments=tuple(int(v) for v in _SEGMENTS.value),
       tags=_TAGS.value,

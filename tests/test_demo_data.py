@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -12,7 +13,7 @@ import av
 import numpy as np
 import pytest
 
-from data_pipelines import demo, demo_media, demo_questions, demo_vocab
+from data_pipelines import demo, demo_media, demo_noise, demo_questions, demo_vocab
 from data_pipelines.manifest import read_manifest
 from tests.conftest import ROOT
 
@@ -162,7 +163,7 @@ def test_digit_is_visible_and_moves_as_captioned(clean):
 
 
 def test_irrelevant_captions_and_audio_swap(tmp_path):
-  noise = demo.NoiseConfig(caption_irrelevant=1.0, audio_swap=1.0)
+  noise = demo_noise.NoiseConfig(caption_irrelevant=1.0, audio_swap=1.0)
   summary = demo.generate(tmp_path, num_videos={'train': 3}, noise=noise, workers=1)
   rows = _rows(tmp_path, 'train.jsonl')
   by_media = {r['media']: r for r in rows}
@@ -186,7 +187,7 @@ def test_irrelevant_captions_and_audio_swap(tmp_path):
 
 def test_caption_shift_swap_and_exact_fractions():
   clean_rows = demo.plan({'train': 20}, seed=3)['train'][1]
-  noise = demo.NoiseConfig(caption_shift=1.0, caption_swap=1.0, caption_irrelevant=0.25)
+  noise = demo_noise.NoiseConfig(caption_shift=1.0, caption_swap=1.0, caption_irrelevant=0.25)
   _, rows = demo.plan({'train': 20}, seed=3, noise=noise)['train']
   assert [r['segments'] for r in rows] == [r['segments'] for r in clean_rows]
   num_captions = sum(len(r['captions']) for r in rows)
@@ -242,12 +243,12 @@ def test_bad_arguments_name_the_flag(tmp_path, kwargs, flag):
   assert not list(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.parametrize('name', [f.name for f in demo.dataclasses.fields(demo.NoiseConfig)])
+@pytest.mark.parametrize('name', [f.name for f in dataclasses.fields(demo_noise.NoiseConfig)])
 def test_noise_fractions_are_checked(name):
   with pytest.raises(ValueError, match=f'--{name}'):
-    demo.NoiseConfig(**{name: 1.5})
+    demo_noise.NoiseConfig(**{name: 1.5})
   with pytest.raises(ValueError, match=f'--{name}'):
-    demo.NoiseConfig(**{name: -0.1})
+    demo_noise.NoiseConfig(**{name: -0.1})
 
 
 def test_script(tmp_path):
@@ -318,7 +319,7 @@ def test_taxonomy_tags_every_clean_caption_with_its_digit_and_direction(tmp_path
 
 
 def test_caption_tags_are_the_classes_the_text_names():
-  noise = demo.NoiseConfig(caption_swap=1.0, caption_irrelevant=0.3, caption_shift=0.5)
+  noise = demo_noise.NoiseConfig(caption_swap=1.0, caption_irrelevant=0.3, caption_shift=0.5)
   taxonomy = demo_vocab.taxonomy()
   clean_rows = demo.plan({'train': 12}, seed=4)['train'][1]
   for row in clean_rows:

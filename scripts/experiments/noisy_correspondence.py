@@ -51,7 +51,7 @@ import jax
 from absl import flags, logging
 
 from configs import noisy_correspondence as nc_config
-from data_pipelines import decode, demo, ingest, manifest, text
+from data_pipelines import decode, demo, demo_noise, ingest, manifest, text
 from data_pipelines.ingest_shard import write_json_atomic
 from data_pipelines.options import TOKENIZER_FILENAME
 from vatt_jax import cli, plots
@@ -182,10 +182,10 @@ def make_data(workdir: str, name: str, runlocal: bool) -> str:
   size = SIZES['runlocal' if runlocal else 'full']
   base = os.path.join(workdir, 'data', name)
   media, shards = os.path.join(base, 'media'), os.path.join(base, 'shards')
-  noise = demo.NoiseConfig()
+  noise = demo_noise.NoiseConfig()
   if name != 'clean':
     kind = next(k for k in KINDS if name.startswith(k))
-    noise = demo.NoiseConfig(**{kind: int(name[len(kind) :]) / 100})
+    noise = demo_noise.NoiseConfig(**{kind: int(name[len(kind) :]) / 100})
   demo.generate(
     media, num_videos=size['num_videos'], seed=0, size=size['size'], sample_rate=SAMPLE_RATE,
     noise=noise, num_segments=(nc_config.SEGMENTS, nc_config.SEGMENTS), tags=False,
