@@ -16,6 +16,10 @@ from absl import flags
 
 from tests.conftest import ROOT
 
+# The script imports its report module as a sibling (scripts/experiments on the path when it runs).
+sys.path.insert(0, str(ROOT / 'scripts' / 'experiments'))
+import noisy_correspondence_report as report  # noqa: E402
+
 _spec = importlib.util.spec_from_file_location(
   '_noisy_correspondence', ROOT / 'scripts' / 'experiments' / 'noisy_correspondence.py'
 )
@@ -96,15 +100,55 @@ def test_tables_and_plots_of_the_results(tmp_path):
       found.setdefault((name, 'cl'), {})[seed] = {k: v + 2 for k, v in base.items()}
       found.setdefault((name, 'norton'), {})[seed] = _summary(rng)
   results = {'command': 'python x', 'setup': 'Setup.', 'entries': nc.entries(grid, found)}
+  results['pooled'] = nc.pooled(grid, results['entries'])
   text = nc.markdown(grid, results)
   assert text.startswith('Command: `python x`')
-  assert '| GR | **+10.5 ± 1.2 ▲** | **+10.5 ± 1.2 ▲** |' in text
-  assert '| CL | +2.0 ± 0.0 | +2.0 ± 0.0 |' in text
+  # Pooled over 2 conditions × 3 seeds: GR 10, 10.5, 11 twice (± 2.57 · 0.447 / √6 = ± 0.5).
+  assert '| GR | **+10.5 ± 1.2 ▲** | **+10.5 ± 1.2 ▲** | **+10.5 ± 0.5 ▲** |' in text
+  assert '| CL | +2.0 ± 0.0 | +2.0 ± 0.0 | +2.0 ± 0.0 |' in text
   assert '| method | clean | captions swapped 60 % |' in text
   assert '(n=3)' in text and 'Steps with conflicting gradients' in text
+  assert '| method | clean | captions swapped 60 % | pooled |' in text
   paths = nc.plot(grid, results, str(tmp_path))
-  assert sorted(os.path.basename(p) for p in paths) == sorted(f'{k}.png' for k in nc.HEADLINE)
+  assert sorted(os.path.basename(p) for p in paths) == sorted(f'{k}.png' for k in report.HEADLINE)
   assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_a_method_is_paired_with_its_control_and_pooled_over_conditions_and_seeds():
+  """Norton against post_milnce (its control) per condition, and every comparison pooled over
+  (condition, seed) pairs with the clean runs counted once, against a float64 reference."""
+  from scipy import stats
+
+  rng = np.random.default_rng(2)
+  grid = nc.Grid(('caption_swap', 'audio_swap'), (0.0, 0.3), ('baseline', 'norton', 'post_milnce'),
+                 (0, 1, 2))  # fmt: skip
+  found = {(name, m): {s: _summary(rng) for s in grid.seeds}
+           for name in grid.conditions() for m in grid.methods}  # fmt: skip
+  entries = nc.entries(grid, found)
+  by = {(e['method'], e['condition']): e for e in entries}
+  for name in grid.conditions():
+    cell = by[('norton', name)]['metrics']['p2v_ot_R5']
+    expected = [found[(name, 'norton')][s]['p2v_ot_R5'] - found[(name, 'post_milnce')][s]['p2v_ot_R5']
+                for s in grid.seeds]  # fmt: skip
+    np.testing.assert_allclose(cell['diff_vs_control']['values'], expected, rtol=1e-12)
+    assert 'diff_vs_control' not in by[('post_milnce', name)]['metrics']['p2v_ot_R5']
+  pools = {(p['method'], p['reference'], p['metric']): p for p in nc.pooled(grid, entries)}
+  assert set(pools) == {(m, r, k) for m, r in (('norton', 'baseline'), ('post_milnce', 'baseline'),
+                                               ('norton', 'post_milnce')) for k in nc.METRICS}  # fmt: skip
+  for (method, reference, key), pool in pools.items():
+    diffs = np.array([found[(c, method)][s][key] - found[(c, reference)][s][key]
+                      for c in grid.conditions() for s in grid.seeds], np.float64)  # fmt: skip
+    assert pool['conditions'] == grid.conditions() and pool['n'] == 9  # clean once, not per kind
+    half = stats.t.ppf(0.975, 8) * diffs.std(ddof=1) / np.sqrt(9)
+    np.testing.assert_allclose(pool['mean'], diffs.mean(), rtol=1e-12)
+    np.testing.assert_allclose(pool['ci95'], [diffs.mean() - half, diffs.mean() + half], rtol=1e-9)
+    lo, hi = pool['ci95']
+    higher = nc.METRICS[key][2]
+    assert pool['call'] == ('no difference' if lo <= 0 <= hi else
+                            'better' if (lo > 0) == higher else 'worse')  # fmt: skip
+  text = nc.markdown(grid, {'command': 'x', 'setup': 'S.', 'entries': entries,
+                            'pooled': list(pools.values())})  # fmt: skip
+  assert '| Norton post-training − MIL-NCE post-training |' in text
 
 
 @pytest.mark.slow  # 8 tiny training runs with their evaluations, in a subprocess (~4 min)
@@ -128,7 +172,7 @@ def test_quick_setting_at_runlocal_size_runs_resumes_and_reports(tmp_path):
   assert config['init_from'] == str(tmp_path / 'runs/clean/baseline/seed1')
   assert config['init_from_step'] == 2 and config['seed'] == 1
   assert (tmp_path / 'results.md').read_text().count('(n=2)') > 0
-  assert all((tmp_path / 'plots' / f'{k}.png').exists() for k in nc.HEADLINE)
+  assert all((tmp_path / 'plots' / f'{k}.png').exists() for k in report.HEADLINE)
   # Everything finished: a second call trains nothing and reports the same figures.
   summary = tmp_path / 'runs/caption_swap60/baseline/seed0/summary.json'
   before = summary.stat().st_mtime_ns

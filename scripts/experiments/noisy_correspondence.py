@@ -26,9 +26,10 @@ and 384 test segments, 10 digits), text→video retrieval over the 384 test segm
 retrieval over the 96 test videos (by optimal transport and by the mean similarity) and
 caption→clip retrieval.
 
-Statistics (vatt_jax.evaluation.statistics): per cell the mean and a Student-t 95 % interval over
-seeds; per method the paired difference from the baseline with its interval, called better or
-worse only when the interval excludes 0.
+Statistics (vatt_jax.evaluation.statistics; noisy_correspondence_report.py): per cell the mean and
+a Student-t 95 % interval over seeds; per method the paired difference from the baseline (and
+Norton's from its control) with its interval, called better or worse only when the interval
+excludes 0; the same pooled over every (condition, seed) pair.
 
 Every stage resumes (finished data and runs are kept; a killed run resumes from its checkpoint).
 Writes WORKDIR/results.json (one entry per method × noise kind × level), WORKDIR/results.md and a
@@ -50,12 +51,14 @@ import time
 import jax
 from absl import flags, logging
 
+# scripts/experiments/noisy_correspondence_report.py: the statistics, tables and plots
+from noisy_correspondence_report import METRICS, condition, entries, markdown, plot, pooled
+
 from configs import noisy_correspondence as nc_config
 from data_pipelines import decode, demo, demo_noise, ingest, manifest, text
 from data_pipelines.ingest_shard import write_json_atomic
 from data_pipelines.options import TOKENIZER_FILENAME
-from vatt_jax import cli, plots
-from vatt_jax.evaluation import statistics
+from vatt_jax import cli
 from vatt_jax.plots import read_metrics
 from vatt_jax.train import trainer
 
@@ -72,33 +75,6 @@ METHODS = {
 DEFAULT_METHODS = ('baseline', 'gr', 'cl', 'gr_cl', 'norton', 'post_milnce')
 QUICK_METHODS = ('baseline', 'gr', 'cl', 'gr_cl', 'norton')
 POST = ('norton', 'post_milnce')  # post-training methods: they start from the baseline run
-LABELS = {
-  'baseline': 'MIL-NCE (baseline)',
-  'gr': 'GR',
-  'cl': 'CL',
-  'gr_cl': 'GR+CL',
-  'norton': 'Norton post-training',
-  'post_milnce': 'MIL-NCE post-training',
-}
-KIND_LABELS = {
-  'caption_swap': 'captions swapped',
-  'caption_shift': 'captions shifted',
-  'caption_irrelevant': 'captions irrelevant',
-  'audio_swap': 'audio swapped',
-}
-# result key → (metrics.jsonl name, label, higher is better)
-METRICS = {
-  'probe_top1': ('linear_probe/top1', 'video linear probe top-1 (%)', True),
-  't2v_R1': ('retrieval/t2v/R1', 'text→video R@1 (%)', True),
-  't2v_R5': ('retrieval/t2v/R5', 'text→video R@5 (%)', True),
-  't2v_R10': ('retrieval/t2v/R10', 'text→video R@10 (%)', True),
-  't2v_MedR': ('retrieval/t2v/MedR', 'text→video median rank', False),
-  'p2v_ot_R1': ('long_video/p2v_ot/R1', 'paragraph→video R@1, OT (%)', True),
-  'p2v_ot_R5': ('long_video/p2v_ot/R5', 'paragraph→video R@5, OT (%)', True),
-  'p2v_mean_R5': ('long_video/p2v_mean/R5', 'paragraph→video R@5, mean sim. (%)', True),
-  't2c_R5': ('long_video/t2c/R5', 'caption→clip R@5 (%)', True),
-}
-HEADLINE = ('probe_top1', 't2v_R5', 'p2v_ot_R5')
 SIZES = {  # videos per split, frame side (px), shards per split
   'full': dict(num_videos={'train': 192, 'val': 0, 'test': 96}, size=64, shards=4, workers=2),
   'runlocal': dict(num_videos={'train': 8, 'val': 0, 'test': 4}, size=32, shards=1, workers=1),
@@ -143,11 +119,6 @@ class Grid:
     """(seed, condition, method) in training order: seed-major, so an interrupted grid has whole
     seeds; the baseline first in each condition (post-training starts from it)."""
     return [(s, c, m) for s in self.seeds for c in self.conditions() for m in self.methods]
-
-
-def condition(kind: str, level: float) -> str:
-  """A data condition's name: 'clean' at level 0, else e.g. caption_swap30."""
-  return 'clean' if level == 0 else f'{kind}{round(100 * level):02d}'
 
 
 def grid_from_flags() -> Grid:
@@ -333,131 +304,6 @@ def collect(grid: Grid, workdir: str) -> dict:
   return found
 
 
-def entries(grid: Grid, found: dict) -> list[dict]:
-  """One entry per method × noise kind × level (level 0: the clean runs, under every kind)."""
-  out = []
-  for kind in grid.kinds:
-    for level in grid.levels:
-      name = condition(kind, level)
-      base = found.get((name, 'baseline'), {})
-      for method in grid.methods:
-        runs = found.get((name, method), {})
-        if not runs:
-          continue
-        seeds = sorted(runs)
-        entry = {'method': method, 'noise_kind': kind, 'noise_level': level,
-                 'condition': name, 'seeds': seeds, 'metrics': {}}  # fmt: skip
-        for key in (*METRICS, 'conflict_fraction', 'skipped_fraction'):
-          if not all(key in runs[s] for s in seeds):
-            continue
-          values = [runs[s][key] for s in seeds]
-          cell = {'values': values, **statistics.interval(values)}
-          higher = METRICS[key][2] if key in METRICS else False
-          paired = [s for s in seeds if s in base and key in base[s]]
-          if method != 'baseline' and paired:
-            cell['diff_vs_baseline'] = statistics.paired_difference(
-              [runs[s][key] for s in paired], [base[s][key] for s in paired],
-              higher_is_better=higher,
-            )  # fmt: skip
-            cell['diff_vs_baseline']['seeds'] = paired
-          entry['metrics'][key] = cell
-        out.append(entry)
-  return out
-
-
-def _fmt(cell: dict, signed: bool = False) -> str:
-  mean = f'{cell["mean"]:+.1f}' if signed else f'{cell["mean"]:.1f}'
-  if cell['ci95'] is None:
-    return mean
-  return f'{mean} ± {(cell["ci95"][1] - cell["ci95"][0]) / 2:.1f}'
-
-
-def markdown(grid: Grid, results: dict) -> str:
-  """The tables: per headline metric, mean ± 95 % half-interval per method and condition, then
-  the paired difference from the baseline (**bold ▲/▼** where the interval excludes 0)."""
-  columns = [(k, p) for k in grid.kinds for p in grid.levels if p > 0]
-  if 0.0 in grid.levels:
-    columns.insert(0, (grid.kinds[0], 0.0))
-  by = {(e['method'], e['condition']): e for e in results['entries']}
-  head = ['clean' if p == 0 else f'{KIND_LABELS[k]} {round(100 * p)} %' for k, p in columns]
-  lines = [f'Command: `{results["command"]}`', '', results['setup'], '']
-  for key in (*HEADLINE, *(k for k in METRICS if k not in HEADLINE)):
-    label = METRICS[key][1]
-    for diff in (False, True):
-      title = f'**{label}**' + (
-        ', difference from the baseline (paired over seeds)' if diff else ''
-      )
-      lines += [title, '', '| method | ' + ' | '.join(head) + ' |',
-                '|---|' + '---|' * len(head)]  # fmt: skip
-      for method in grid.methods:
-        if diff and method == 'baseline':
-          continue
-        cells = []
-        for kind, level in columns:
-          entry = by.get((method, condition(kind, level)))
-          cell = entry['metrics'].get(key) if entry else None
-          if cell is None or (diff and 'diff_vs_baseline' not in cell):
-            cells.append('–')
-            continue
-          if not diff:
-            cells.append(f'{_fmt(cell)} (n={cell["n"]})')
-            continue
-          d = cell['diff_vs_baseline']
-          mark = {'better': ' ▲', 'worse': ' ▼'}.get(d['call'], '')
-          text_ = _fmt(d, signed=True) + mark
-          cells.append(f'**{text_}**' if mark else text_)
-        lines.append(f'| {LABELS[method]} | ' + ' | '.join(cells) + ' |')
-      lines.append('')
-  conflict = [m for m in grid.methods if any('conflict_fraction' in e['metrics']
-                                             for e in results['entries'] if e['method'] == m)]  # fmt: skip
-  if conflict:
-    lines += ['**Steps with conflicting gradients (cos(g_va, g_vt) < 0), %**', '',
-              '| method | ' + ' | '.join(head) + ' |', '|---|' + '---|' * len(head)]  # fmt: skip
-    for method in conflict:
-      cells = []
-      for kind, level in columns:
-        entry = by.get((method, condition(kind, level)))
-        cell = entry['metrics'].get('conflict_fraction') if entry else None
-        cells.append(f'{100 * cell["mean"]:.0f}' if cell else '–')
-      lines.append(f'| {LABELS[method]} | ' + ' | '.join(cells) + ' |')
-    lines.append('')
-  return '\n'.join(lines)
-
-
-def plot(grid: Grid, results: dict, out_dir: str) -> list[str]:
-  """One figure per headline metric: a panel per noise kind, methods × level with 95 % intervals."""
-  from matplotlib.figure import Figure
-
-  os.makedirs(out_dir, exist_ok=True)
-  paths = []
-  for key in HEADLINE:
-    fig = Figure(figsize=(3.4 * len(grid.kinds), 3.2), layout='constrained')
-    axes = fig.subplots(1, len(grid.kinds), sharey=True, squeeze=False)[0]
-    for ax, kind in zip(axes, grid.kinds, strict=True):
-      for j, method in enumerate(grid.methods):
-        xs, ys, errs = [], [], []
-        for level in grid.levels:
-          entry = next((e for e in results['entries'] if e['method'] == method
-                        and e['noise_kind'] == kind and e['noise_level'] == level), None)  # fmt: skip
-          cell = entry['metrics'].get(key) if entry else None
-          if cell is None:
-            continue
-          xs.append(100 * level + (j - (len(grid.methods) - 1) / 2) * 1.2)
-          ys.append(cell['mean'])
-          errs.append(0.0 if cell['ci95'] is None else (cell['ci95'][1] - cell['ci95'][0]) / 2)
-        if xs:
-          ax.errorbar(xs, ys, yerr=errs, marker='o', ms=4, capsize=2, label=LABELS[method])
-      ax.set_title(KIND_LABELS[kind], fontsize=10)
-      ax.set_xlabel('noise level (%)')
-      ax.set_xticks([100 * p for p in grid.levels])
-    axes[0].set_ylabel(METRICS[key][1])
-    axes[-1].legend(fontsize=7)
-    path = os.path.join(out_dir, f'{key}.png')
-    plots._save(fig, path)
-    paths.append(path)
-  return paths
-
-
 def setup_text(grid: Grid) -> str:
   config = run_config(grid, '', 0, 'clean', 'baseline')
   size = SIZES['runlocal' if grid.runlocal else 'full']['num_videos']
@@ -481,6 +327,7 @@ def report(grid: Grid, workdir: str) -> dict:
     },  # fmt: skip
     'entries': entries(grid, collect(grid, workdir)),
   }
+  results['pooled'] = pooled(grid, results['entries'])
   write_json_atomic(os.path.join(workdir, 'results.json'), results)
   text_ = markdown(grid, results)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
