@@ -74,17 +74,19 @@ def entries(grid, found: dict) -> list[dict]:
         seeds = sorted(runs)
         entry = {'method': method, 'noise_kind': kind, 'noise_level': level,
                  'condition': name, 'seeds': seeds, 'metrics': {}}  # fmt: skip
+        references = {  # diff_vs_{what} → the reference method's runs in this condition
+          what: found.get((name, reference), {})
+          for what, reference in (('baseline', 'baseline'), ('control', CONTROLS.get(method)))
+          if reference is not None and reference != method
+        }
         for key in (*METRICS, 'conflict_fraction', 'skipped_fraction'):
           if not all(key in runs[s] for s in seeds):
             continue
           values = [runs[s][key] for s in seeds]
           cell = {'values': values, **statistics.interval(values)}
           higher = METRICS[key][2] if key in METRICS else False
-          references = {'baseline': 'baseline', 'control': CONTROLS.get(method)}
-          for what, reference in references.items():
-            if reference is None or method == reference:
-              continue
-            diff = _paired(runs, found.get((name, reference), {}), key, higher)
+          for what, reference_runs in references.items():
+            diff = _paired(runs, reference_runs, key, higher)
             if diff is not None:
               cell[f'diff_vs_{what}'] = diff
           entry['metrics'][key] = cell
